@@ -1,0 +1,18 @@
+"""Shared fixtures. Tests never touch the network: the hub is switched off before any import."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402  (after the environment is set, so nothing reads it earlier)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny SD1.5-family pipeline folder, built once per test session."""
+    from sdtune.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15"))
