@@ -1,0 +1,65 @@
+"""Typed settings: a dataclass is the single place for each default and its help text.
+
+`add_arguments` turns a dataclass into command-line flags (each accepted with underscores and
+with hyphens); `from_args` builds the dataclass back. Types are checked by argparse, so a wrong
+type or an unknown flag is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def field(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with its help text (and allowed values) for the command line."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _flag_type(annotation: Any) -> tuple[Any, str | None]:
+    """(argparse type, nargs) for a field annotation such as `int`, `str | None`, `list[str]`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return args[0], "+"
+    if args:  # Optional[X] / X | None
+        return _flag_type(args[0])
+    return annotation, None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field: `--name_with_underscores` and `--name-with-hyphens` both work."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        kind, nargs = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if kind is bool:
+            # `--flag` turns it on, `--flag false` turns it off: shell wrappers pass values.
+            group.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=default, help=help_text)
+        else:
+            group.add_argument(
+                *names, dest=f.name, type=kind, nargs=nargs, default=default,
+                choices=f.metadata.get("choices"), help=help_text,
+            )
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**values)

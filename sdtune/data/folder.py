@@ -1,0 +1,49 @@
+"""The tutorial's layout: `images/NAME.jpg` with its caption in `NAME.txt` beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtune.data.records import Example, Problem
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, what is wrong and what to do)."""
+    if not path.is_file():
+        return None, f"no caption file {path.name}: write the image's caption into it"
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # tolerate a BOM, as Windows editors write one
+    except UnicodeDecodeError as err:
+        return None, f"caption {path.name} is not UTF-8 (byte {err.start}): re-save it as UTF-8"
+    text = " ".join(text.split())  # one line, single spaces: captions are prompts
+    if not text:
+        return None, f"caption {path.name} is empty: write the image's caption into it"
+    return text, None
+
+
+def read_image_folder(root: str | Path, captions_dir: str | Path | None = None) -> tuple[list[Example], list[Problem]]:
+    """Every image under `root` (recursively) with its same-stem .txt caption.
+
+    `root` is the images folder, or a data folder holding `images/`. Captions sit beside the
+    images, or in `captions_dir` at the same relative path. Files are taken in sorted order, so
+    the dataset is the same on every machine.
+    """
+    root = Path(root).expanduser().resolve()
+    if (root / "images").is_dir():
+        root = root / "images"
+    captions_root = Path(captions_dir).expanduser().resolve() if captions_dir else root
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+    examples, problems = [], []
+    for image in images:
+        relative = image.relative_to(root)
+        caption, error = read_caption(captions_root / relative.with_suffix(".txt"))
+        if error:
+            problems.append(Problem(str(relative), error))
+        else:
+            examples.append(Example(image=image, caption=caption, source=str(relative)))
+    if not images:
+        problems.append(Problem(str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
+    return examples, problems

@@ -1,0 +1,55 @@
+"""Settings dataclasses become strict command-line flags."""
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from sdtune.config import add_arguments, field, from_args
+
+
+@dataclass
+class Demo:
+    """Demo settings."""
+
+    learning_rate: float = field(1e-4, "step size")
+    lora_rank: int = field(4, "LoRA rank")
+    mixed_precision: str = field("no", "precision", choices=("no", "fp16", "bf16"))
+    use_ema: bool = field(False, "keep an EMA copy")
+    lora_target_modules: list[str] = field(["to_q", "to_k"], "modules to adapt")
+    revision: str | None = field(None, "hub revision")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser, Demo)
+    return from_args(Demo, parser.parse_args(argv))
+
+
+def test_defaults():
+    assert _parse([]) == Demo()
+    assert Demo().lora_target_modules is not Demo().lora_target_modules  # no shared mutable default
+
+
+def test_underscores_and_hyphens_and_types():
+    cfg = _parse(["--learning-rate", "5e-6", "--lora_rank=8", "--mixed-precision", "bf16",
+                  "--lora_target_modules", "to_v", "to_out.0", "--revision", "main"])
+    assert cfg == Demo(5e-6, 8, "bf16", False, ["to_v", "to_out.0"], "main")
+
+
+@pytest.mark.parametrize("argv, expected", [(["--use_ema"], True), (["--use-ema", "false"], False), (["--use_ema", "1"], True)])
+def test_booleans(argv, expected):
+    assert _parse(argv).use_ema is expected
+
+
+@pytest.mark.parametrize("argv", [["--lora_rank", "four"], ["--mixed_precision", "fp8"], ["--use_ema", "maybe"]])
+def test_wrong_values_are_errors(argv):
+    with pytest.raises((argparse.ArgumentError, SystemExit)):
+        _parse(argv)
+
+
+def test_unknown_flags_are_errors():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Demo)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora_rnak", "8"])
