@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdtune.data.images import IMAGE_SUFFIXES
 from sdtune.data.records import Example, Problem
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")
 
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:

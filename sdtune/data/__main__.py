@@ -1,0 +1,101 @@
+"""Check a dataset, or export a table-based one to the tutorial's layout or to metadata.jsonl.
+
+    python -m sdtune.data check  --train_data_dir data/CheXpert-v1.0-small/train.csv
+    python -m sdtune.data export --train_data_dir data/.../train.csv --output_dir data/export --layout folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from sdtune.config import add_arguments, from_args
+from sdtune.data.dataset import DataConfig, inspect_dataset, summarize, write_report
+from sdtune.data.images import load_image
+from sdtune.data.records import DatasetError, Example, errors_only
+from sdtune.errors import UserError, run_cli
+
+
+def check(cfg: DataConfig) -> int:
+    """Print counts, label distribution, caption examples and every problem; 1 if any error."""
+    examples, problems = inspect_dataset(cfg)
+    errors = errors_only(problems)
+    stats = summarize(examples)
+    print(f"{cfg.source}: {stats['images']} usable images, {len(errors)} error(s), "
+          f"{stats['groups']} patients/groups, {stats['distinct_captions']} distinct captions")
+    for name, count in stats["positives"].items():
+        print(f"  {name}: {count} positive ({count / max(1, stats['images']):.1%})")
+    for caption, count in stats["common_captions"]:
+        print(f"  {count:6d} x {caption!r}")
+    for p in problems:
+        print(f"  {p}")
+    return 1 if errors else 0
+
+
+def _flat_names(examples: list[Example]) -> list[str]:
+    """Collision-free file names: the path below the images' common folder, joined with '_'."""
+    root = Path(os.path.commonpath([ex.image.parent for ex in examples]))
+    return ["_".join(ex.image.relative_to(root).parts) for ex in examples]
+
+
+def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
+    """Copy the checked dataset to `output_dir` as images + .txt captions, or images + metadata.jsonl.
+
+    DICOM files are decoded to PNG, which also leaves every header (and identifier) behind.
+    """
+    examples, problems = inspect_dataset(cfg)
+    errors = errors_only(problems)
+    if errors and not cfg.skip_bad_files:
+        raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
+    if not examples:
+        raise UserError(f"nothing to export from {cfg.source}")
+
+    images_dir = output_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ex, name in zip(examples, _flat_names(examples)):
+        if ex.image.suffix.lower() == ".dcm":
+            name = str(Path(name).with_suffix(".png"))
+            load_image(ex.image).save(images_dir / name)
+        else:
+            shutil.copyfile(ex.image, images_dir / name)
+        if layout == "folder":
+            (images_dir / name).with_suffix(".txt").write_text(ex.caption + "\n", encoding="utf-8")
+        else:
+            row = {"file_name": f"images/{name}", "text": ex.caption}
+            if ex.group is not None:
+                row["group"] = ex.group  # keeps patient-level splits possible after export
+            rows.append(row)
+    if layout == "jsonl":
+        with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if problems:
+        write_report(problems, output_dir / "skipped.txt")
+    print(f"exported {len(examples)} images to {output_dir} ({layout} layout)"
+          + (f"; {len(errors)} skipped, listed in {output_dir / 'skipped.txt'}" if errors else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdtune.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check_parser = commands.add_parser("check", help="counts, label distribution, caption examples and every problem")
+    add_arguments(check_parser, DataConfig)
+    export_parser = commands.add_parser("export", help="write images + .txt captions, or images + metadata.jsonl")
+    add_arguments(export_parser, DataConfig)
+    export_parser.add_argument("--output_dir", "--output-dir", required=True, help="folder to write the export to")
+    export_parser.add_argument("--layout", choices=("folder", "jsonl"), default="folder",
+                               help="folder: images/NAME.ext + NAME.txt (the tutorial's); jsonl: images/ + metadata.jsonl")
+    args = parser.parse_args(argv)
+    cfg = from_args(DataConfig, args)
+    if args.command == "check":
+        return check(cfg)
+    return export(cfg, Path(args.output_dir), args.layout)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: sys.exit(main()))

@@ -1,0 +1,486 @@
+"""Clinical tables and generic metadata to Examples, with every row problem reported at once.
+
+Formats (REFERENCE.md section 5): CheXpert train.csv/valid.csv, MIMIC-CXR-JPG (chexpert.csv
+joined with metadata.csv), HAM10000_metadata.csv, the ISIC 2019 ground truth, and the diffusers
+imagefolder convention (metadata.jsonl/.csv with file_name and text).
+
+Every reader returns (examples, problems). A bad row becomes a Problem and is left out; only a
+whole-file problem (unreadable, missing columns) raises DatasetError. Problems and
+Example.source name rows as "train.csv line 13": the line of the file, header = line 1, which
+is also the row number a spreadsheet shows. Table paths are checked lexically against the image
+root, so "../../etc/passwd" or an absolute path elsewhere is an error and never opened; symlinks
+inside the root are trusted (datasets often live on another disk). Images are only checked to
+exist here; decoding is images.py's job.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sdtune.data.captions import (NO_FINDING, CaptionTemplate, add_demographics, apply_uncertainty, build_caption,
+                                  load_template)
+from sdtune.data.records import DatasetError, Example, Problem
+from sdtune.errors import UserError
+
+TABLE_FORMATS = ("chexpert", "mimic", "ham10000", "isic", "metadata")
+
+CHEXPERT_LABELS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+]
+CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + CHEXPERT_LABELS
+MIMIC_LABELS = sorted(CHEXPERT_LABELS)  # the same 14 labels, alphabetical in mimic-cxr-2.0.0-chexpert.csv
+MIMIC_FRONTAL, MIMIC_LATERAL = ("PA", "AP"), ("LATERAL", "LL")
+
+# Diagnosis codes -> the names captions use; the same name for the same disease in both datasets.
+HAM10000_DX = {
+    "akiec": "actinic keratosis", "bcc": "basal cell carcinoma", "bkl": "benign keratosis",
+    "df": "dermatofibroma", "mel": "melanoma", "nv": "melanocytic nevus", "vasc": "vascular lesion",
+}
+ISIC2019_DX = {
+    "MEL": "melanoma", "NV": "melanocytic nevus", "BCC": "basal cell carcinoma", "AK": "actinic keratosis",
+    "BKL": "benign keratosis", "DF": "dermatofibroma", "VASC": "vascular lesion",
+    "SCC": "squamous cell carcinoma", "UNK": "unknown",  # UNK: none of the others (caption: negative text)
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what the HAM10000/ISIC image search indexes
+
+DEFAULT_TEMPLATE = {"chexpert": "chexpert", "mimic": "chexpert", "ham10000": "dermoscopy", "isic": "dermoscopy"}
+
+Read = tuple[list[Example], list[Problem]]  # what every reader returns
+Found = list[tuple[str, int, Problem]]  # internal: (file, line, Problem), to list problems in file order
+
+
+def read_table(path: str | Path, format: str = "auto", image_root: str | Path | None = None,  # noqa: A002
+               template: str | Path | CaptionTemplate | None = None, findings: Sequence[str] | None = None,
+               uncertainty: str = "ignore", views: str | Sequence[str] = "frontal", demographics: bool = False,
+               check_files: bool = True) -> Read:
+    """Read any supported table: (examples, every row problem), in file order.
+
+    template: preset name, JSON file or CaptionTemplate (default: "chexpert" for chest X-ray
+    tables, "dermoscopy" for skin; metadata files bring their own text). findings: the labels
+    captions use (default: the template's, else all). uncertainty: "ignore", "ones" or "zeros"
+    for -1.0 labels. U-Ignore keeps a row whose findings are all uncertain: its caption names
+    only certain positives, so it reads as the negative text ("ignore" and "zeros" give the same
+    captions and differ in Example.labels, where an ignored label is absent). views: "frontal",
+    "lateral", "all" or positions such as ("AP", "PA"); tables without views ignore it.
+    demographics: wrap captions with age and sex where the table has them. check_files=False
+    skips the existence check of CheXpert/MIMIC/metadata images (HAM10000 and ISIC images are
+    found by searching, so they are always checked).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass the table file itself (e.g. train.csv)")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt not in TABLE_FORMATS:
+        raise UserError(f"unsupported table format {fmt!r}: use auto or one of {', '.join(TABLE_FORMATS)}")
+    apply_uncertainty(0.0, uncertainty)  # an unknown policy fails here, before any reading
+    if fmt == "metadata":
+        if demographics:
+            raise UserError("demographics=True needs a clinical table: metadata files carry their captions in 'text'")
+        return read_metadata(path, image_root, check_files)
+    reader = {"chexpert": read_chexpert, "mimic": read_mimic, "ham10000": read_ham10000, "isic": read_isic2019}[fmt]
+    kwargs = dict(image_root=image_root, template=template, findings=findings, demographics=demographics)
+    if fmt in ("chexpert", "mimic"):
+        kwargs.update(uncertainty=uncertainty, views=views, check_files=check_files)
+    return reader(path, **kwargs)
+
+
+def detect_format(path: str | Path) -> str:
+    """The table format, told from the file's columns (CSV header or the first JSONL record)."""
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        return "metadata"
+    columns = set(_read_csv(path, [], nrows=0).columns)
+    for fmt, needs in (("chexpert", {"Path", "Frontal/Lateral"}), ("mimic", {"dicom_id", "ViewPosition"}),
+                       ("mimic", {"subject_id", "study_id", NO_FINDING}), ("ham10000", {"image_id", "dx"}),
+                       ("isic", {"image", "MEL"}), ("metadata", {"file_name"})):
+        if needs <= columns:
+            return fmt
+    raise UserError(f"cannot tell the format of {path} from its columns ({', '.join(sorted(columns)) or 'none'}): "
+                    f"pass the format, one of {', '.join(TABLE_FORMATS)}")
+
+
+# ------------------------------------------------------------------------------- readers
+
+
+def read_chexpert(path: str | Path, image_root: str | Path | None = None, template: str | CaptionTemplate | None = None,
+                  findings: Sequence[str] | None = None, uncertainty: str = "ignore",
+                  views: str | Sequence[str] = "frontal", demographics: bool = False,
+                  check_files: bool = True) -> Read:
+    """CheXpert train.csv/valid.csv. Paths are relative to the folder holding CheXpert-v1.0-small/.
+
+    Default image root: the table's parent's parent (CheXpert's layout), else its parent,
+    whichever holds the first images. group = the patient ("patient00001") from the path.
+    """
+    path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["chexpert"])
+    df = _read_csv(path, CHEXPERT_COLUMNS, dtype={"Path": str})
+    df = _keep_views(df, path, views, "Frontal/Lateral", "AP/PA")
+    rels = df["Path"]
+    root = _chexpert_root(path, rels, image_root)
+    images, found = _resolve(path.name, df.index, rels, root, check_files)
+    groups = rels.str.extract(r"(patient\d+)", expand=False)
+    for line, group, image in zip(df.index, groups, images):
+        if image is not None and not isinstance(group, str):  # a bad path is reported once, above
+            found.append(_row(path.name, line, "no patientNNNNN in Path, so the patient-level split cannot use it"))
+    values, bad = _label_values(path.name, df, CHEXPERT_LABELS, blank_ok=True)
+    found += bad
+    values = apply_uncertainty(values, uncertainty)
+    people = (df["Age"], df["Sex"]) if demographics else None
+    captions = _captions(values, CHEXPERT_LABELS, template, findings, people)
+    return _finish(path.name, df.index, images, captions, groups.tolist(), CHEXPERT_LABELS, values, found)
+
+
+def read_mimic(path: str | Path, image_root: str | Path | None = None, template: str | CaptionTemplate | None = None,
+               findings: Sequence[str] | None = None, uncertainty: str = "ignore",
+               views: str | Sequence[str] = "frontal", demographics: bool = False,
+               check_files: bool = True) -> Read:
+    """MIMIC-CXR-JPG from mimic-cxr-2.0.0-chexpert.csv or -metadata.csv; the other is found beside it.
+
+    One example per image (metadata row), labelled by its study. Images are
+    files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg under the image root
+    (default: the tables' folder, as PhysioNet ships it). group = subject_id. The tables hold no
+    age or sex (those are in MIMIC-IV), so demographics are not available.
+    """
+    if demographics:
+        raise UserError("MIMIC-CXR-JPG tables carry no age or sex: run without demographics")
+    path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["mimic"])
+    ids = {"subject_id": str, "study_id": str, "dicom_id": str}
+    given = "metadata" if "dicom_id" in _read_csv(path, [], nrows=0).columns else "chexpert"
+    other = _beside(path, given, "chexpert" if given == "metadata" else "metadata")
+    labels_csv, meta_csv = (other, path) if given == "metadata" else (path, other)
+    labels = _read_csv(labels_csv, ["subject_id", "study_id"] + MIMIC_LABELS, dtype=ids)
+    meta = _read_csv(meta_csv, ["dicom_id", "subject_id", "study_id", "ViewPosition"], dtype=ids)
+    meta = _keep_views(meta, meta_csv, views, None, "ViewPosition")
+
+    # Label problems are reported once per study, at its chexpert.csv line; its images are left out.
+    values, found = _label_values(labels_csv.name, labels, MIMIC_LABELS, blank_ok=True)
+    bad_lines = {line for _, line, _ in found}
+    labels = labels.assign(_row=np.arange(len(labels)), _ok=~labels.index.isin(bad_lines))
+    labels = labels.drop_duplicates(["subject_id", "study_id"])  # a repeated study would duplicate its images
+    joined = meta.reset_index(names="_line").merge(labels[["subject_id", "study_id", "_row", "_ok"]], how="left",
+                                                   on=["subject_id", "study_id"], validate="many_to_one")
+    joined = joined.set_index("_line").rename_axis(None)
+    unlabelled = joined["_ok"].isna()
+    if unlabelled.any():
+        n_images, n_studies = int(unlabelled.sum()), joined[unlabelled].study_id.nunique()
+        found.append(_file(meta_csv.name, f"{n_images} image(s) of {n_studies} study(ies) have no labels in "
+                                          f"{labels_csv.name} (first: line {joined.index[unlabelled][0]}); left out",
+                           "warning"))
+    joined = joined[joined["_ok"].eq(True)]
+
+    root = _root(image_root, meta_csv.parent)
+    sid, study = joined["subject_id"].astype(str), joined["study_id"].astype(str)
+    rels = "files/p" + sid.str[:2] + "/p" + sid + "/s" + study + "/" + joined["dicom_id"].astype(str) + ".jpg"
+    images, more = _resolve(meta_csv.name, joined.index, rels, root, check_files)
+    values = apply_uncertainty(values[joined["_row"].to_numpy(dtype=int)], uncertainty)
+    captions = _captions(values, MIMIC_LABELS, template, findings, None)
+    return _finish(meta_csv.name, joined.index, images, captions, sid.tolist(), MIMIC_LABELS, values, found + more)
+
+
+def read_ham10000(path: str | Path, image_root: str | Path | None = None, template: str | CaptionTemplate | None = None,
+                  findings: Sequence[str] | None = None, demographics: bool = False) -> Read:
+    """HAM10000_metadata.csv. Images {image_id}.jpg are searched for once, recursively, under
+    the image root (default: the table's folder), so HAM10000_images_part_1/2 both count.
+    group = lesion_id (several images show one lesion). Labels: one-hot over HAM10000_DX names.
+    """
+    path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["ham10000"])
+    df = _read_csv(path, ["lesion_id", "image_id", "dx"] + (["age", "sex"] if demographics else []),
+                   dtype={"lesion_id": str, "image_id": str, "dx": str})
+    names = list(HAM10000_DX.values())
+    dx = df["dx"].str.strip().str.lower().map(HAM10000_DX)
+    found = [_row(path.name, line, f"unknown dx {code!r}: use one of {', '.join(HAM10000_DX)}")
+             for line, code in df["dx"][dx.isna()].items()]
+    values = (dx.to_numpy()[:, None] == np.array(names)[None, :]).astype(float)
+    images, more = _search(path.name, df.index, df["image_id"], _root(image_root, path.parent))
+    people = (df["age"], df["sex"]) if demographics else None
+    captions = _captions(values, names, template, findings, people)
+    return _finish(path.name, df.index, images, captions, df["lesion_id"].tolist(), names, values, found + more)
+
+
+def read_isic2019(path: str | Path, image_root: str | Path | None = None, template: str | CaptionTemplate | None = None,
+                  findings: Sequence[str] | None = None, demographics: bool = False) -> Read:
+    """ISIC_2019_Training_GroundTruth.csv (image + one-hot MEL ... UNK).
+
+    The ground truth has no lesion key: group comes from ISIC_2019_Training_Metadata.csv's
+    lesion_id when that file sits beside it (its age_approx/sex give demographics); otherwise
+    group is None and splits are image-level. UNK is kept in labels but never named in captions.
+    """
+    path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["isic"])
+    codes = list(ISIC2019_DX)
+    df = _read_csv(path, ["image"] + codes, dtype={"image": str})
+    values, found = _label_values(path.name, df, codes, blank_ok=False, allowed=(0.0, 1.0))
+    bad_lines = {line for _, line, _ in found}
+    for line, row in zip(df.index, values):
+        on = [c for c, v in zip(codes, row) if v == 1.0]
+        if len(on) != 1 and line not in bad_lines:
+            found.append(_row(path.name, line, f"{len(on)} diagnoses ({', '.join(on) or 'none'}): "
+                                               "exactly one column must be 1.0"))
+    metadata = path.with_name(path.name.replace("GroundTruth", "Metadata"))
+    groups, people = [None] * len(df), None
+    if metadata != path and metadata.is_file():
+        meta = _read_csv(metadata, ["image", "lesion_id"] + (["age_approx", "sex"] if demographics else []),
+                         dtype={"image": str, "lesion_id": str}).drop_duplicates("image").set_index("image")
+        meta = meta.reindex(df["image"])
+        groups = [g if isinstance(g, str) else None for g in meta["lesion_id"]]
+        people = (meta["age_approx"], meta["sex"]) if demographics else None
+    elif demographics:
+        raise UserError(f"demographics need {metadata.name} beside {path} (age_approx, sex): add it or run without")
+    names = [ISIC2019_DX[c] for c in codes]
+    images, more = _search(path.name, df.index, df["image"], _root(image_root, path.parent))
+    findings = findings if findings is not None else (template.findings or names[:-1])  # not "unknown"
+    captions = _captions(values, names, template, findings, people)
+    return _finish(path.name, df.index, images, captions, groups, names, values, found + more)
+
+
+def read_metadata(path: str | Path, image_root: str | Path | None = None,
+                  check_files: bool = True) -> Read:
+    """metadata.jsonl/.csv (diffusers imagefolder): file_name relative to the file's folder, text.
+
+    An optional `group` (or `patient_id`) column is the split key; other numeric columns are
+    kept as labels. Empty text is an error; a file listed twice is a warning (first kept).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        df, found = _read_jsonl(path)
+    else:
+        strings = dict.fromkeys(["file_name", "text", "group", "patient_id"], str)
+        df, found = _read_csv(path, ["file_name", "text"], dtype=strings), []
+    images, more = _resolve(path.name, df.index, df["file_name"], _root(image_root, path.parent), check_files)
+    text = [" ".join(t.split()) if isinstance(t, str) else "" for t in df["text"]]  # one line: captions are prompts
+    found += more + [_row(path.name, line, "empty or missing text: write the image's caption")
+                     for line, t in zip(df.index, text) if not t]
+    key = next((c for c in ("group", "patient_id") if c in df.columns), None)
+    groups = [None if pd.isna(g) else str(g) for g in df[key]] if key else [None] * len(df)
+    names = [c for c in df.columns if c not in ("file_name", "text", key) and pd.api.types.is_numeric_dtype(df[c])]
+    values = df[names].to_numpy(dtype=float) if names else np.zeros((len(df), 0))
+    return _finish(path.name, df.index, images, text, groups, names, values, found)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _read_csv(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
+    """The table with index = file line number (header = 1); all-blank lines dropped."""
+    try:
+        df = pd.read_csv(path, skip_blank_lines=False, low_memory=False, **kwargs)
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
+        raise DatasetError([Problem(str(path), f"cannot read the table: {err}")], context=str(path)) from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DatasetError([Problem(str(path), f"missing column(s) {', '.join(missing)}; the table needs "
+                                               f"{', '.join(required)}")], context=str(path))
+    df.index = df.index + 2
+    return df.dropna(how="all")
+
+
+def _read_jsonl(path: Path) -> tuple[pd.DataFrame, Found]:
+    """One record per line; a line that is not a JSON object is a row problem, not a crash."""
+    records, lines, found = [], [], []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError([Problem(str(path), f"cannot read the metadata: {err}")], context=str(path)) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            found.append(_row(path.name, number, f"not JSON ({err.msg}): fix or remove the line"))
+            continue
+        if not isinstance(record, dict):
+            found.append(_row(path.name, number, "not a JSON object with file_name and text"))
+            continue
+        records.append(record)
+        lines.append(number)
+    df = pd.DataFrame.from_records(records, index=lines)
+    missing = [c for c in ("file_name", "text") if c not in df.columns]
+    if missing:
+        raise DatasetError([Problem(str(path), f"no record has {' or '.join(missing)}; each line needs "
+                                               "{\"file_name\": ..., \"text\": ...}")], context=str(path))
+    return df, found
+
+
+def _row(name: str, line: int, what: str, severity: str = "error") -> tuple[str, int, Problem]:
+    return name, int(line), Problem(f"{name} line {line}", what, severity)
+
+
+def _file(name: str, what: str, severity: str = "error") -> tuple[str, int, Problem]:
+    return name, 0, Problem(name, what, severity)
+
+
+def _root(image_root: str | Path | None, default: Path) -> str:
+    return os.path.abspath(os.path.expanduser(image_root if image_root is not None else default))
+
+
+def _chexpert_root(table: Path, rels: pd.Series, image_root: str | Path | None) -> str:
+    """image_root, else the first of parent.parent / parent holding any of the first 20 images."""
+    if image_root is not None:
+        return _root(image_root, table.parent)
+    candidates = [_root(None, table.parent.parent), _root(None, table.parent)]
+    sample = [r for r in rels.head(20) if isinstance(r, str) and ".." not in r and not os.path.isabs(r)]
+    for root in candidates:
+        if any(os.path.isfile(os.path.join(root, r)) for r in sample):
+            return root
+    return candidates[0]  # nothing found: the problems will name the paths under CheXpert's layout
+
+
+def _beside(path: Path, given: str, wanted: str) -> Path:
+    """MIMIC's other table: same name with `given` replaced by `wanted`, .csv or .csv.gz."""
+    stem = path.name.replace(given, wanted).removesuffix(".gz").removesuffix(".csv")
+    for name in (stem + ".csv", stem + ".csv.gz"):
+        if (path.parent / name).is_file() and name != path.name:
+            return path.parent / name
+    raise UserError(f"{path} needs its {wanted} table beside it ({stem}.csv or .csv.gz): put them in one folder")
+
+
+def _keep_views(df: pd.DataFrame, path: Path, views: str | Sequence[str], frontal_lateral: str | None,
+                position: str) -> pd.DataFrame:
+    """Rows of the wanted views: "frontal", "lateral", "all", or positions such as ("AP", "PA")."""
+    if isinstance(views, str) and views.strip().lower() in ("all", "frontal", "lateral"):
+        views = views.strip().lower()
+    if views == "all":
+        return df
+    if views in ("frontal", "lateral") and frontal_lateral:  # CheXpert says it in its own column
+        keep = df[frontal_lateral].astype(str).str.lower() == views
+    else:
+        if views in ("frontal", "lateral"):
+            wanted = MIMIC_FRONTAL if views == "frontal" else MIMIC_LATERAL
+        else:
+            wanted = [v.upper() for v in ([views] if isinstance(views, str) else views)]
+        keep = df[position].astype(str).str.upper().isin(wanted)
+    if len(df) and not keep.any():
+        seen = sorted(set(df[position].astype(str).str.upper()) - {"NAN", ""})
+        raise UserError(f"{path}: no rows with views {views!r} (its {position} values: {', '.join(seen) or 'none'})")
+    return df[keep]
+
+
+def _resolve(name: str, lines, rels, root: str, check_files: bool) -> tuple[list[str | None], Found]:
+    """Absolute image paths (None for a bad row) and the problems: empty, outside the root, missing."""
+    images, found = [], []
+    inside = root.rstrip(os.sep) + os.sep
+    for line, rel in zip(lines, rels):
+        image = None
+        if not isinstance(rel, str) or not rel.strip():
+            found.append(_row(name, line, "empty image path"))
+        elif not (full := os.path.normpath(os.path.join(root, rel))).startswith(inside):
+            found.append(_row(name, line, f"image path {rel!r} leads outside the image root {root}: not read"))
+        elif check_files and not os.path.isfile(full):
+            found.append(_row(name, line, f"image {full} does not exist: fix the path or set image_root"))
+        else:
+            image = full
+        images.append(image)
+    return images, found
+
+
+def _search(name: str, lines, ids: pd.Series, root: str) -> tuple[list[str | None], Found]:
+    """Images named {id}.jpg/.jpeg/.png anywhere under root: one walk, then a lookup per row."""
+    index, repeated = {}, 0
+    visited = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink loop, or a folder linked twice
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders.sort()  # sorted walk: the same file wins on every machine
+        for file in sorted(files):
+            stem, suffix = os.path.splitext(file)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                repeated += stem in index
+                index.setdefault(stem, os.path.join(folder, file))
+    images, found = [], []
+    for line, image_id in zip(lines, ids):
+        image = index.get(image_id) if isinstance(image_id, str) else None
+        if not isinstance(image_id, str) or not image_id.strip():
+            found.append(_row(name, line, "empty image id"))
+        elif "/" in image_id or "\\" in image_id:
+            found.append(_row(name, line, f"image id {image_id!r} is a path, not a name: not read"))
+        elif image is None:
+            found.append(_row(name, line, f"no image {image_id}.jpg under {root}: set image_root to their folder"))
+        images.append(image)
+    if repeated:  # Kaggle's HAM10000 copy ships every image twice (HAM10000_ and ham10000_images_part_*)
+        found.append(_file(name, f"{repeated} image name(s) occur more than once under {root}; "
+                                 "the first in sorted order is used", "warning"))
+    return images, found
+
+
+def _label_values(name: str, df: pd.DataFrame, labels: Sequence[str], blank_ok: bool,
+                  allowed: Sequence[float] = (1.0, 0.0, -1.0)) -> tuple[np.ndarray, Found]:
+    """The label cells as floats (blank = NaN) and one problem per row holding any other value."""
+    raw = df[list(labels)]
+    values = raw.apply(pd.to_numeric, errors="coerce")
+    bad = (values.notna() & ~values.isin(list(allowed))) | (values.isna() & raw.notna())
+    if not blank_ok:
+        bad |= raw.isna()
+    found = []
+    for line in df.index[bad.any(axis=1).to_numpy()]:
+        cells = ", ".join(f"{c}={raw.at[line, c]!r}" for c in labels if bad.at[line, c])
+        accepted = ", ".join(map(str, allowed)) + (" or blank" if blank_ok else "")
+        found.append(_row(name, line, f"unknown label value(s) {cells}: use {accepted}"))
+    return values.to_numpy(dtype=float), found
+
+
+def _captions(values: np.ndarray, names: Sequence[str], template: CaptionTemplate,
+              findings: Sequence[str] | None, people: tuple[pd.Series, pd.Series] | None) -> list[str]:
+    """build_caption for every row, called once per distinct (positives, age, sex)."""
+    chosen = list(findings if findings is not None else template.findings or names)
+    unknown = [f for f in chosen if f not in names]
+    if unknown:
+        raise UserError(f"finding(s) {', '.join(unknown)} are not labels of this table ({', '.join(names)})")
+    positive = values[:, [names.index(f) for f in chosen]] == 1.0
+    # Few distinct combinations of positives: caption each once. A bit code per row is much
+    # faster than np.unique(axis=0); tables have at most 14 findings, far below 63 bits.
+    codes = positive @ (2 ** np.arange(len(chosen), dtype=np.int64))
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    patterns = positive[first]
+    bodies = [build_caption(dict(zip(chosen, map(float, p))), template, chosen) for p in patterns]
+    if people is None:
+        return [bodies[i] for i in inverse]
+    # build_caption's own wrapping, once per distinct (caption, age, sex).
+    ages = pd.to_numeric(people[0], errors="coerce").round().tolist()
+    cache, captions = {}, []
+    for i, age, sex in zip(inverse.tolist(), ages, people[1].tolist()):
+        key = (i, age if age == age else None, sex if isinstance(sex, str) else None)
+        if key not in cache:
+            cache[key] = add_demographics(bodies[i], template, {"age": key[1], "sex": key[2]})
+        captions.append(cache[key])
+    return captions
+
+
+def _finish(name: str, lines, images: list[str | None], captions: list[str], groups: list, names: Sequence[str],
+            values: np.ndarray, found: Found) -> Read:
+    """Examples for the rows without an error (first of any duplicate image); problems in file order."""
+    bad = {problem.where for _, _, problem in found if problem.severity == "error"}
+    examples, first = [], {}
+    # The cyclic GC would rescan every Example, Path and label dict made so far, again and
+    # again; none of them form cycles, so pausing it halves the time for 200k rows.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for line, image, caption, group, row in zip(lines, images, captions, groups, values.tolist()):
+            source = f"{name} line {line}"
+            if source in bad or image is None:
+                continue
+            if image in first:
+                found.append(_row(name, line, f"{image} is already listed at {first[image]}; this row is left out",
+                                  "warning"))
+                continue
+            first[image] = source
+            labels = {k: v for k, v in zip(names, row) if v == v}  # NaN (U-Ignore) = unknown: left out
+            examples.append(Example(Path(image), caption, group if isinstance(group, str) else None, labels, source))
+    finally:
+        if collecting:
+            gc.enable()
+    found.sort(key=lambda f: (f[0], f[1]))
+    return examples, [problem for _, _, problem in found]

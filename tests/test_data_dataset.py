@@ -1,0 +1,171 @@
+"""One entry for all sources: read, check every image, stop with all problems or skip them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from sdtune.data.dataset import DataConfig, ImageCaptionDataset, inspect_dataset, load_examples
+from sdtune.data.folder import read_image_folder
+from sdtune.data.records import DatasetError
+from sdtune.data.tables import read_table
+
+PATIENT_NAME, PATIENT_ID = "DOE^JANE", "MRN12345"
+
+
+def _radiograph(size=(80, 64), seed=0):
+    """A grey gradient with noise: passes every image check."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(40, 200, size[0])[None, :] + rng.normal(0, 10, (size[1], size[0]))
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), "L")
+
+
+def _dicom(path: Path) -> None:
+    """A small MONOCHROME2 DICOM carrying patient identifiers in its header."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientName, ds.PatientID, ds.InstitutionName = PATIENT_NAME, PATIENT_ID, "General Hospital"
+    ds.Rows, ds.Columns = 64, 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """The tutorial's layout with one good image, one DICOM, and four kinds of bad input."""
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    _radiograph().save(images / "good.png")
+    (images / "good.txt").write_text("Chest x-ray of a patient with Edema")
+    _dicom(images / "scan.dcm")
+    (images / "scan.txt").write_text("Chest x-ray of a patient with no significant findings")
+    _radiograph(seed=1).save(images / "nocaption.png")
+    Image.new("L", (64, 64), 255).save(images / "white.png")
+    (images / "white.txt").write_text("Chest x-ray of a patient with Cardiomegaly")
+    full = images / "truncated.jpg"
+    _radiograph(seed=2).save(full, quality=95)
+    full.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (images / "truncated.txt").write_text("Chest x-ray of a patient with Pneumothorax")
+    return tmp_path / "data"
+
+
+def test_all_problems_are_reported_at_once(messy_folder):
+    cfg = DataConfig(train_data_dir=str(messy_folder), resolution=64)
+    with pytest.raises(DatasetError) as caught:
+        load_examples(cfg)
+    message = str(caught.value)
+    assert message.startswith("3 problem(s) in ") and "--skip_bad_files" in message
+    assert {p.where for p in caught.value.problems} == {"nocaption.png", "white.png", "truncated.jpg"}
+    assert all(len(line.strip()) and "Traceback" not in line for line in message.splitlines())
+
+
+def test_skip_bad_files_keeps_the_good_and_lists_the_rest(messy_folder, tmp_path):
+    cfg = DataConfig(train_data_dir=str(messy_folder), resolution=64, skip_bad_files=True)
+    report = tmp_path / "report" / "skipped.txt"
+    examples = load_examples(cfg, report_path=report)
+    assert sorted(e.source for e in examples) == ["good.png", "scan.dcm"]
+    lines = report.read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == ["nocaption.png", "truncated.jpg", "white.png"]
+
+
+def test_dataset_items_are_vae_ready(messy_folder):
+    examples = load_examples(DataConfig(train_data_dir=str(messy_folder), resolution=32, skip_bad_files=True))
+    item = ImageCaptionDataset(examples, resolution=32)[0]
+    assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.float32
+    assert -1.0 <= item["pixel_values"].min() < item["pixel_values"].max() <= 1.0
+    assert item["caption"] in {e.caption for e in examples}
+
+
+def test_phantom_chexpert_through_the_table_reader(phantom_chexpert):
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    examples = load_examples(DataConfig(train_data_dir=str(table), resolution=64))
+    assert examples and all(e.image.is_file() and "frontal" in e.image.name for e in examples)
+    assert all(e.group and e.group.startswith("patient") for e in examples)
+    assert all(e.caption.startswith("Chest x-ray of a patient with") for e in examples)
+    batch = ImageCaptionDataset(examples[:2], resolution=64)
+    assert batch[1]["pixel_values"].shape == (3, 64, 64)
+
+
+def test_folder_with_metadata_jsonl_is_read_as_metadata(tmp_path):
+    _radiograph().save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "Chest x-ray"}) + "\n")
+    examples, problems = inspect_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=32))
+    assert problems == [] and [e.caption for e in examples] == ["Chest x-ray"]
+
+
+def test_missing_source_is_one_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist: check --train_data_dir"):
+        load_examples(DataConfig(train_data_dir=str(tmp_path / "nowhere")))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sdtune.data", *map(str, args)], capture_output=True, text=True)
+
+
+def test_check_prints_counts_and_every_problem_without_traceback(messy_folder):
+    result = _cli("check", "--train_data_dir", messy_folder, "--resolution", 64)
+    assert result.returncode == 1
+    assert "2 usable images, 3 error(s)" in result.stdout
+    for name in ("nocaption.png", "white.png", "truncated.jpg"):
+        assert name in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert PATIENT_NAME not in result.stdout and PATIENT_ID not in result.stdout
+
+
+def test_check_on_phantom_reports_label_distribution(phantom_chexpert):
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    result = _cli("check", "--train-data-dir", table, "--resolution", 64)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Cardiomegaly:" in result.stdout and "positive" in result.stdout
+    assert "patients/groups" in result.stdout
+
+
+def test_export_without_skip_stops_with_all_problems(messy_folder, tmp_path):
+    result = _cli("export", "--train_data_dir", messy_folder, "--output_dir", tmp_path / "out", "--resolution", 64)
+    assert result.returncode == 2 and result.stderr.startswith("error: 3 problem(s)")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["folder", "jsonl"])
+def test_export_round_trips_and_leaves_identifiers_behind(messy_folder, tmp_path, layout):
+    out = tmp_path / "out"
+    result = _cli("export", "--train_data_dir", messy_folder, "--output_dir", out, "--layout", layout,
+                  "--resolution", 64, "--skip_bad_files")
+    assert result.returncode == 0, result.stderr
+    assert "exported 2 images" in result.stdout and "3 skipped" in result.stdout
+    if layout == "folder":
+        examples, problems = read_image_folder(out)
+    else:
+        examples, problems = read_table(out / "metadata.jsonl")
+    assert problems == []
+    assert sorted(e.caption for e in examples) == [
+        "Chest x-ray of a patient with Edema", "Chest x-ray of a patient with no significant findings"]
+    assert sorted(e.image.name for e in examples) == ["good.png", "scan.png"]  # DICOM decoded to PNG
+    for f in out.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert PATIENT_NAME.encode() not in data and PATIENT_ID.encode() not in data, f
+
+
+def test_export_keeps_patient_groups_in_jsonl(phantom_chexpert, tmp_path):
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    out = tmp_path / "out"
+    assert _cli("export", "--train_data_dir", table, "--output_dir", out, "--layout", "jsonl", "--resolution", 64).returncode == 0
+    original = load_examples(DataConfig(train_data_dir=str(table), resolution=64))
+    exported, problems = read_table(out / "metadata.jsonl")
+    assert problems == [] and len(exported) == len(original)
+    assert sorted(e.group for e in exported) == sorted(e.group for e in original)

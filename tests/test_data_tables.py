@@ -1,0 +1,381 @@
+"""Clinical tables to Examples: paths, captions, groups, labels per format; every problem at once."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sdtune.data import tables
+from sdtune.data.records import DatasetError
+from sdtune.data.tables import CHEXPERT_COLUMNS, CHEXPERT_LABELS, MIMIC_LABELS, detect_format, read_table
+from sdtune.errors import UserError
+
+NEGATIVE = "Chest x-ray of a patient with no significant findings"
+
+
+def write_csv(path: Path, columns, rows) -> Path:
+    """rows: dicts; missing cells are blank, as in CheXpert."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def touch(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+def chexpert_row(patient: int, view: str = "frontal", ap: str = "AP", sex: str = "Female", age: int = 50, **labels):
+    rel = f"CheXpert-v1.0-small/train/patient{patient:05d}/study1/view{1 if view == 'frontal' else 2}_{view}.jpg"
+    return {"Path": rel, "Sex": sex, "Age": age, "Frontal/Lateral": view.title(), "AP/PA": ap,
+            **{k.replace("_", " "): v for k, v in labels.items()}}
+
+
+@pytest.fixture
+def chexpert(tmp_path):
+    """tmp/CheXpert-v1.0-small/train.csv: frontal AP (Cardiomegaly, Edema uncertain), its lateral, frontal PA normal."""
+    rows = [
+        chexpert_row(1, Cardiomegaly=1.0, Edema=-1.0, Fracture=0.0),
+        chexpert_row(1, view="lateral", ap="LL", Cardiomegaly=1.0, Edema=-1.0),
+        chexpert_row(2, ap="PA", sex="Male", age=61, No_Finding=1.0),
+    ]
+    touch(*(tmp_path / r["Path"] for r in rows))
+    return write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", CHEXPERT_COLUMNS, rows)
+
+
+def test_chexpert_examples(chexpert):
+    examples, problems = read_table(chexpert)
+    assert problems == []
+    root = chexpert.parent.parent
+    assert [ex.image for ex in examples] == [root / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
+                                             root / "CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg"]
+    assert all(ex.image.is_absolute() for ex in examples)
+    assert [ex.caption for ex in examples] == ["Chest x-ray of a patient with Cardiomegaly", NEGATIVE]
+    assert [ex.group for ex in examples] == ["patient00001", "patient00002"]
+    assert [ex.source for ex in examples] == ["train.csv line 2", "train.csv line 4"]  # file lines, header = 1
+    # U-Ignore: the uncertain Edema is unknown (absent); blanks are negative.
+    assert examples[0].labels == {name: 1.0 if name == "Cardiomegaly" else 0.0 for name in CHEXPERT_LABELS if name != "Edema"}
+    assert examples[1].labels["No Finding"] == 1.0 and sum(examples[1].labels.values()) == 1.0
+
+
+def test_chexpert_uncertainty_template_and_demographics(chexpert):
+    examples, _ = read_table(chexpert, uncertainty="ones", demographics=True)
+    assert examples[0].labels["Edema"] == 1.0
+    assert [ex.caption for ex in examples] == ["50 year old female. Chest x-ray of a patient with Cardiomegaly and Edema",
+                                               f"61 year old male. {NEGATIVE}"]
+    assert not any("patient0" in ex.caption or "study1" in ex.caption for ex in examples)
+    examples, _ = read_table(chexpert, uncertainty="zeros", template="study")
+    assert examples[0].labels["Edema"] == 0.0
+    assert [ex.caption for ex in examples] == ["Chest X-ray showing Cardiomegaly",
+                                               "Normal chest X-ray with no significant findings"]
+    examples, _ = read_table(chexpert, uncertainty="ones", findings=["Edema"])
+    assert examples[0].caption == "Chest x-ray of a patient with Edema"
+    with pytest.raises(UserError, match="Melanoma"):
+        read_table(chexpert, findings=["Melanoma"])
+
+
+def test_u_ignore_keeps_a_row_whose_only_finding_is_uncertain(tmp_path):
+    rows = [chexpert_row(1, Edema=-1.0)]
+    table = write_csv(tmp_path / "CheXpert-v1.0-small" / "valid.csv", CHEXPERT_COLUMNS, rows)
+    examples, problems = read_table(table, check_files=False)  # no image files: existence not checked
+    assert problems == [] and [ex.caption for ex in examples] == [NEGATIVE] and "Edema" not in examples[0].labels
+    examples, problems = read_table(table)
+    assert examples == [] and "does not exist" in problems[0].what
+
+
+@pytest.mark.parametrize("views, lines", [
+    ("frontal", [2, 4]), ("all", [2, 3, 4]), ("lateral", [3]), ("AP", [2]), (("PA",), [4]), (["AP", "PA"], [2, 4]),
+])
+def test_chexpert_views(chexpert, views, lines):
+    examples, _ = read_table(chexpert, views=views)
+    assert [ex.source for ex in examples] == [f"train.csv line {n}" for n in lines]
+
+
+def test_chexpert_view_that_matches_nothing_is_an_error(chexpert):
+    with pytest.raises(UserError, match="no rows with views 'RL'.*AP, LL, PA"):
+        read_table(chexpert, views="RL")
+
+
+def test_chexpert_image_root(chexpert, tmp_path):
+    # The table moved away from the images: image_root says where Paths start.
+    moved = tmp_path / "tables" / "train.csv"
+    moved.parent.mkdir()
+    moved.write_bytes(chexpert.read_bytes())
+    examples, problems = read_table(moved, image_root=tmp_path)
+    assert problems == [] and examples[0].image == tmp_path / pd.read_csv(chexpert).Path[0]
+    # Table beside CheXpert-v1.0-small/ (not inside it): found via the table's own folder.
+    beside = tmp_path / "train.csv"
+    beside.write_bytes(chexpert.read_bytes())
+    examples, problems = read_table(beside)
+    assert problems == [] and len(examples) == 2
+
+
+def test_every_bad_row_is_reported_at_once_and_nothing_outside_the_root_is_touched(tmp_path, monkeypatch):
+    rows = [
+        chexpert_row(1, Edema=1.0),                                   # line 2: fine
+        chexpert_row(2),                                              # line 3: image missing
+        {**chexpert_row(3), "Path": "../../etc/passwd"},              # line 4: escapes the root
+        chexpert_row(4, Edema="yes"),                                 # line 5: unknown label value
+        {**chexpert_row(5), "Path": "/etc/hosts"},                    # line 6: absolute path elsewhere
+        chexpert_row(6, Cardiomegaly=2.0, Fracture=-2),               # line 7: two unknown values
+        chexpert_row(1, Edema=1.0),                                   # line 8: same image again
+        {**chexpert_row(7), "Path": "CheXpert-v1.0-small/train/anon/study1/view1_frontal.jpg"},  # line 9: no patient
+    ]
+    table = write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", CHEXPERT_COLUMNS, rows)
+    touch(*(tmp_path / rows[i]["Path"] for i in (0, 3, 5, 7)))
+    checked = []
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(tables.os.path, "isfile", lambda p: checked.append(str(p)) or real_isfile(p))
+
+    examples, problems = read_table(table)
+
+    assert [ex.source for ex in examples] == ["train.csv line 2"]
+    assert [(p.where, p.severity) for p in problems] == [
+        ("train.csv line 3", "error"), ("train.csv line 4", "error"), ("train.csv line 5", "error"),
+        ("train.csv line 6", "error"), ("train.csv line 7", "error"), ("train.csv line 8", "warning"),
+        ("train.csv line 9", "error")]
+    what = [p.what for p in problems]
+    assert "patient00002/study1/view1_frontal.jpg does not exist" in what[0]
+    assert "'../../etc/passwd' leads outside the image root" in what[1]
+    assert what[2] == "unknown label value(s) Edema='yes': use 1.0, 0.0, -1.0 or blank"
+    assert "'/etc/hosts' leads outside" in what[3]
+    assert "Cardiomegaly=" in what[4] and "Fracture=" in what[4]
+    assert "already listed at train.csv line 2" in what[5]
+    assert "no patientNNNNN in Path" in what[6]
+    assert all(p.startswith(str(tmp_path)) for p in checked), checked
+
+
+def test_missing_columns_name_the_columns_and_the_file(tmp_path):
+    columns = [c for c in CHEXPERT_COLUMNS if c not in ("AP/PA", "Edema")]
+    table = write_csv(tmp_path / "train.csv", columns, [])
+    with pytest.raises(DatasetError, match=r"train.csv: missing column\(s\) AP/PA, Edema"):
+        read_table(table, format="chexpert")
+
+
+def test_unreadable_table_and_unknown_format(tmp_path):
+    table = tmp_path / "train.csv"
+    table.write_bytes(b"")
+    with pytest.raises(DatasetError, match="cannot read the table"):
+        read_table(table, format="chexpert")
+    write_csv(table, ["a", "b"], [{"a": 1, "b": 2}])
+    with pytest.raises(UserError, match=r"cannot tell the format .*\(a, b\)"):
+        read_table(table)
+    with pytest.raises(UserError, match="unsupported table format 'dicom'"):
+        read_table(table, format="dicom")
+
+
+# ----------------------------------------------------------------------------- MIMIC-CXR-JPG
+
+SUBJECT, STUDY_1, STUDY_2, STUDY_3 = "10000032", "50414267", "53189527", "56699142"
+
+
+@pytest.fixture
+def mimic(tmp_path):
+    labels = [
+        {"subject_id": SUBJECT, "study_id": STUDY_1, "Pleural Effusion": 1.0, "Edema": -1.0},
+        {"subject_id": SUBJECT, "study_id": STUDY_2, "No Finding": 1.0},
+    ]
+    meta = [  # dicom_id, study, view; study 3 has no labels
+        ("02aa804e-bde0afdd", STUDY_1, "PA"), ("174413ec-4ec4c1f7", STUDY_1, "LATERAL"),
+        ("2a2277a9-b0ded155", STUDY_2, "AP"), ("68b5c4b1-227d0485", STUDY_3, "PA"),
+    ]
+    write_csv(tmp_path / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + MIMIC_LABELS, labels)
+    write_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv",
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns"],
+              [{"dicom_id": d, "subject_id": SUBJECT, "study_id": s, "ViewPosition": v, "Rows": 3056, "Columns": 2544}
+               for d, s, v in meta])
+    touch(*(tmp_path / f"files/p10/p{SUBJECT}/s{s}/{d}.jpg" for d, s, _ in meta))
+    return tmp_path
+
+
+@pytest.mark.parametrize("given", ["mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-metadata.csv"])
+def test_mimic_examples_from_either_table(mimic, given):
+    examples, problems = read_table(mimic / given)
+    assert [ex.image for ex in examples] == [mimic / f"files/p10/p{SUBJECT}/s{STUDY_1}/02aa804e-bde0afdd.jpg",
+                                             mimic / f"files/p10/p{SUBJECT}/s{STUDY_2}/2a2277a9-b0ded155.jpg"]
+    assert [ex.caption for ex in examples] == ["Chest x-ray of a patient with Pleural Effusion", NEGATIVE]
+    assert [ex.group for ex in examples] == [SUBJECT, SUBJECT]
+    assert [ex.source for ex in examples] == ["mimic-cxr-2.0.0-metadata.csv line 2", "mimic-cxr-2.0.0-metadata.csv line 4"]
+    assert examples[0].labels["Pleural Effusion"] == 1.0 and "Edema" not in examples[0].labels
+    assert [(p.where, p.severity) for p in problems] == [("mimic-cxr-2.0.0-metadata.csv", "warning")]
+    assert "1 image(s) of 1 study(ies) have no labels" in problems[0].what
+
+
+def test_mimic_views_uncertainty_and_no_identifier_in_captions(mimic):
+    examples, _ = read_table(mimic / "mimic-cxr-2.0.0-chexpert.csv", views="all", uncertainty="ones", template="study")
+    assert [ex.caption for ex in examples] == ["Chest X-ray showing Edema, Pleural Effusion"] * 2 + \
+        ["Normal chest X-ray with no significant findings"]
+    examples, _ = read_table(mimic / "mimic-cxr-2.0.0-chexpert.csv", views=["LATERAL"])
+    assert [ex.image.name for ex in examples] == ["174413ec-4ec4c1f7.jpg"]
+    for ex in read_table(mimic / "mimic-cxr-2.0.0-chexpert.csv", views="all")[0]:
+        assert not any(key in ex.caption for key in (SUBJECT, STUDY_1, STUDY_2, "02aa804e", "p10"))
+    with pytest.raises(UserError, match="no age or sex"):
+        read_table(mimic / "mimic-cxr-2.0.0-chexpert.csv", demographics=True)
+
+
+def test_mimic_bad_label_is_reported_once_at_its_study_line(mimic):
+    table = mimic / "mimic-cxr-2.0.0-chexpert.csv"
+    df = pd.read_csv(table, dtype=str)
+    df.loc[0, "Cardiomegaly"] = "maybe"
+    df.to_csv(table, index=False)
+    examples, problems = read_table(table, views="all")
+    assert [ex.image.name for ex in examples] == ["2a2277a9-b0ded155.jpg"]
+    assert [p.where for p in problems] == ["mimic-cxr-2.0.0-chexpert.csv line 2", "mimic-cxr-2.0.0-metadata.csv"]
+    assert "Cardiomegaly='maybe'" in problems[0].what
+
+
+def test_mimic_needs_its_other_table(mimic):
+    (mimic / "mimic-cxr-2.0.0-metadata.csv").unlink()
+    with pytest.raises(UserError, match="needs its metadata table beside it"):
+        read_table(mimic / "mimic-cxr-2.0.0-chexpert.csv")
+
+
+# ----------------------------------------------------------------------------- dermoscopy
+
+@pytest.fixture
+def ham(tmp_path):
+    rows = [
+        {"lesion_id": "HAM_0000118", "image_id": "ISIC_0027419", "dx": "bkl", "age": 80.0, "sex": "male"},
+        {"lesion_id": "HAM_0000118", "image_id": "ISIC_0025030", "dx": "bkl", "age": 80.0, "sex": "male"},
+        {"lesion_id": "HAM_0002730", "image_id": "ISIC_0026769", "dx": "mel", "age": 50.0, "sex": "female"},
+        {"lesion_id": "HAM_0001466", "image_id": "ISIC_0031633", "dx": "xyz", "age": 75.0, "sex": "male"},
+        {"lesion_id": "HAM_0001467", "image_id": "ISIC_0099999", "dx": "nv", "age": "", "sex": "unknown"},
+    ]
+    touch(tmp_path / "HAM10000_images_part_1/ISIC_0027419.jpg", tmp_path / "HAM10000_images_part_1/ISIC_0031633.jpg",
+          tmp_path / "HAM10000_images_part_2/ISIC_0025030.jpg", tmp_path / "HAM10000_images_part_2/ISIC_0026769.jpg")
+    columns = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
+    return write_csv(tmp_path / "HAM10000_metadata.csv", columns, rows)
+
+
+def test_ham10000_examples_and_problems(ham):
+    examples, problems = read_table(ham)
+    root = ham.parent
+    assert [ex.image for ex in examples] == [root / "HAM10000_images_part_1/ISIC_0027419.jpg",
+                                             root / "HAM10000_images_part_2/ISIC_0025030.jpg",
+                                             root / "HAM10000_images_part_2/ISIC_0026769.jpg"]
+    assert [ex.caption for ex in examples] == ["a dermoscopic image of benign keratosis"] * 2 + \
+        ["a dermoscopic image of melanoma"]
+    assert [ex.group for ex in examples] == ["HAM_0000118", "HAM_0000118", "HAM_0002730"]
+    assert not any("HAM_" in ex.caption or "ISIC_" in ex.caption for ex in examples)
+    assert examples[2].labels == {name: float(name == "melanoma") for name in tables.HAM10000_DX.values()}
+    assert [p.where for p in problems] == ["HAM10000_metadata.csv line 5", "HAM10000_metadata.csv line 6"]
+    assert "unknown dx 'xyz'" in problems[0].what and "no image ISIC_0099999.jpg" in problems[1].what
+
+
+def test_ham10000_demographics_and_a_copy_in_another_folder(ham):
+    touch(ham.parent / "ham10000_images_part_1/ISIC_0027419.jpg")  # Kaggle's second copy
+    examples, problems = read_table(ham, demographics=True)
+    assert [ex.caption for ex in examples][1:] == ["a dermoscopic image of benign keratosis, 80 year old male",
+                                                   "a dermoscopic image of melanoma, 50 year old female"]
+    assert examples[0].image.parent.name == "HAM10000_images_part_1"  # first in sorted order
+    assert (problems[0].where, problems[0].severity) == ("HAM10000_metadata.csv", "warning")
+
+
+ISIC_CODES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+
+
+@pytest.fixture
+def isic(tmp_path):
+    def row(image, *on):
+        return {"image": image, **{c: float(c in on) for c in ISIC_CODES}}
+    rows = [row("ISIC_0000000", "NV"), row("ISIC_0000001", "MEL"), row("ISIC_0000002", "MEL", "NV"),
+            row("ISIC_0000003"), row("ISIC_0000004", "SCC")]
+    touch(*(tmp_path / "ISIC_2019_Training_Input" / f"{r['image']}.jpg" for r in rows))
+    return write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image"] + ISIC_CODES, rows)
+
+
+def test_isic2019_examples_and_one_hot_check(isic):
+    examples, problems = read_table(isic)
+    assert [ex.image for ex in examples] == [isic.parent / f"ISIC_2019_Training_Input/ISIC_000000{i}.jpg" for i in (0, 1, 4)]
+    assert [ex.caption for ex in examples] == ["a dermoscopic image of melanocytic nevus", "a dermoscopic image of melanoma",
+                                               "a dermoscopic image of squamous cell carcinoma"]
+    assert [ex.group for ex in examples] == [None, None, None]  # no lesion key in the ground truth
+    assert examples[1].labels["melanoma"] == 1.0 and sum(examples[1].labels.values()) == 1.0
+    assert [(p.where, p.what) for p in problems] == [
+        ("ISIC_2019_Training_GroundTruth.csv line 4", "2 diagnoses (MEL, NV): exactly one column must be 1.0"),
+        ("ISIC_2019_Training_GroundTruth.csv line 5", "0 diagnoses (none): exactly one column must be 1.0")]
+
+
+def test_isic2019_groups_and_demographics_from_its_metadata(isic):
+    write_csv(isic.parent / "ISIC_2019_Training_Metadata.csv", ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"],
+              [{"image": "ISIC_0000000", "age_approx": 55.0, "lesion_id": "BCN_0000001", "sex": "female"},
+               {"image": "ISIC_0000001", "age_approx": 30.0, "sex": "male"}])
+    examples, _ = read_table(isic, demographics=True)
+    assert [ex.group for ex in examples] == ["BCN_0000001", None, None]
+    assert [ex.caption for ex in examples] == ["a dermoscopic image of melanocytic nevus, 55 year old female",
+                                               "a dermoscopic image of melanoma, 30 year old male",
+                                               "a dermoscopic image of squamous cell carcinoma"]
+
+
+# ----------------------------------------------------------------------------- generic metadata
+
+def test_metadata_jsonl(tmp_path):
+    touch(tmp_path / "a.png", tmp_path / "sub/b.png", tmp_path / "c.png")
+    lines = [
+        {"file_name": "a.png", "text": "  Chest x-ray\n of A "},
+        {"file_name": "sub/b.png", "text": "B", "group": "p1", "Edema": 1},
+        {"file_name": "../outside.png", "text": "C"},
+        {"file_name": "c.png", "text": ""},
+        "{not json",
+        {"file_name": "a.png", "text": "again"},
+        {"file_name": "missing.png", "text": "D"},
+    ]
+    path = tmp_path / "metadata.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    assert detect_format(path) == "metadata"
+    examples, problems = read_table(path)
+    assert [(ex.image, ex.caption, ex.group, ex.source) for ex in examples] == [
+        (tmp_path / "a.png", "Chest x-ray of A", None, "metadata.jsonl line 1"),
+        (tmp_path / "sub/b.png", "B", "p1", "metadata.jsonl line 2")]
+    assert examples[1].labels == {"Edema": 1.0} and examples[0].labels == {}
+    assert [(p.where, p.severity) for p in problems] == [(f"metadata.jsonl line {n}", s) for n, s in
+                                                         [(3, "error"), (4, "error"), (5, "error"), (6, "warning"), (7, "error")]]
+    assert "leads outside" in problems[0].what and "empty or missing text" in problems[1].what and "not JSON" in problems[2].what
+
+
+def test_metadata_csv_and_missing_text_column(tmp_path):
+    touch(tmp_path / "img/a.png")
+    path = write_csv(tmp_path / "metadata.csv", ["file_name", "text", "patient_id"],
+                     [{"file_name": "img/a.png", "text": "an x-ray", "patient_id": "p7"}])
+    examples, problems = read_table(path)
+    assert problems == [] and [(ex.image, ex.caption, ex.group) for ex in examples] == [(tmp_path / "img/a.png", "an x-ray", "p7")]
+    write_csv(path, ["file_name"], [{"file_name": "img/a.png"}])
+    with pytest.raises(DatasetError, match=r"missing column\(s\) text"):
+        read_table(path)
+
+
+# ----------------------------------------------------------------------------- detection, phantom
+
+@pytest.mark.parametrize("name, columns, expected", [
+    ("train.csv", CHEXPERT_COLUMNS, "chexpert"),
+    ("mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + MIMIC_LABELS, "mimic"),
+    ("mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"], "mimic"),
+    ("HAM10000_metadata.csv", ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"], "ham10000"),
+    ("ISIC_2019_Training_GroundTruth.csv", ["image"] + ISIC_CODES, "isic"),
+    ("metadata.csv", ["file_name", "text"], "metadata"),
+])
+def test_detect_format(tmp_path, name, columns, expected):
+    assert detect_format(write_csv(tmp_path / name, columns, [])) == expected
+
+
+def test_phantom_chexpert_reads_frontal_images_that_exist(request, tmp_path):
+    try:
+        out = Path(request.getfixturevalue("phantom_chexpert"))
+    except pytest.FixtureLookupError:
+        phantom = pytest.importorskip("sdtune.phantom")
+        out = phantom.write_phantom_chexpert(tmp_path, n=30, size=64, seed=0)
+    table = out / "CheXpert-v1.0-small" / "train.csv"
+    examples, problems = read_table(table)
+    rows = pd.read_csv(table)
+    assert problems == []
+    assert len(examples) == (rows["Frontal/Lateral"] == "Frontal").sum() > 0
+    assert all(ex.image.is_file() and ex.image.name.endswith("_frontal.jpg") for ex in examples)
+    assert all(ex.group == ex.image.parts[-3] for ex in examples)
+    assert all("patient0" not in ex.caption for ex in examples)
