@@ -6,6 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars flood captured test output
 
 import pytest  # noqa: E402  (after the environment is set, so nothing reads it earlier)
 
@@ -16,3 +17,12 @@ def tiny_model(tmp_path_factory):
     from sdtune.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def phantom_chexpert(tmp_path_factory):
+    """OUT_DIR of a phantom CheXpert (sdtune.phantom) built once per test session: 100 images
+    (90 train, 10 valid), 128 px, seed 0. CSV Paths are relative to it."""
+    from sdtune.phantom import write_phantom_chexpert
+
+    return write_phantom_chexpert(tmp_path_factory.mktemp("phantom"), n=100, size=128, seed=0)
