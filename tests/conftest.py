@@ -26,3 +26,23 @@ def phantom_chexpert(tmp_path_factory):
     from sdtune.phantom import write_phantom_chexpert
 
     return write_phantom_chexpert(tmp_path_factory.mktemp("phantom"), n=100, size=128, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tiny model's ops are too small to gain from threads; one thread is faster and steadier."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one process-wide state; each in-process training run gets a fresh one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

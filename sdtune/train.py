@@ -1,0 +1,488 @@
+"""Fine-tune SD1.5 with any strategy of the table: one loop, read top to bottom.
+
+Set-up resolves every option once (strategy, learning rates, dtypes, trainable parameters);
+the loop then only computes the loss, steps, logs and checkpoints. Entry point:
+`train_text_to_image.py`, launched with `accelerate launch` for one or many GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sdtune import SD15_MODEL_ID, __version__
+from sdtune.adapters import AdapterConfig, get_adapter
+from sdtune.config import field
+from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
+from sdtune.errors import UserError
+from sdtune.loss import diffusion_loss, reconstruction_loss
+from sdtune.models import load_components
+from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
+
+SD15_TOTAL_PARAMETERS = 859_520_964 + 83_653_863 + 123_060_480  # U-Net + VAE + text encoder
+
+
+@dataclass
+class TrainConfig:
+    """Model, strategy, optimisation, precision and output settings of a training run."""
+
+    # model
+    pretrained_model_name_or_path: str = field(SD15_MODEL_ID, "hub id or local diffusers folder of the base model")
+    revision: str | None = field(None, "hub revision of the base model")
+    variant: str | None = field(None, "weights variant of the base model, e.g. fp16")
+    # what trains
+    strategy: str | None = field(None, "a row of the study's table", choices=tuple(STRATEGIES))
+    train_unet: bool = field(False, "custom run: train the whole U-Net")
+    train_text_encoder: bool = field(False, "custom run: train the text encoder")
+    train_vae: bool = field(False, "custom run: train the VAE")
+    peft: str | None = field(None, "custom run: a PEFT adapter on the U-Net", choices=("lora", "dora", "bitfit", "difffit"))
+    # optimisation
+    learning_rate: float | None = field(None, "learning rate of every trained component (default: the strategy's)")
+    unet_lr: float | None = field(None, "U-Net (or U-Net adapter) learning rate (default: --learning_rate, else the strategy's)")
+    text_encoder_lr: float | None = field(None, "text encoder learning rate (default: --learning_rate, else the strategy's)")
+    vae_lr: float | None = field(None, "VAE learning rate (default: --learning_rate, else the strategy's)")
+    adam_beta1: float = field(0.9, "AdamW beta1")
+    adam_beta2: float = field(0.999, "AdamW beta2")
+    adam_weight_decay: float = field(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = field(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = field(False, "8-bit AdamW from bitsandbytes: a quarter of AdamW's optimizer memory")
+    lr_scheduler: str = field("constant", "learning-rate schedule", choices=(
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: int = field(0, "warm-up steps of the schedule")
+    max_grad_norm: float = field(1.0, "clip the gradient norm of ALL trainable parameters to this")
+    train_batch_size: int = field(4, "images per device per micro-step")
+    gradient_accumulation_steps: int = field(1, "micro-steps per optimizer step")
+    max_train_steps: int | None = field(None, "optimizer steps to train (overrides --num_train_epochs)")
+    num_train_epochs: int = field(1, "passes over the data when --max_train_steps is not given")
+    seed: int = field(42, "seed of noise, timesteps, caption dropout and data order")
+    # diffusion objective
+    prediction_type: str | None = field(None, "training target (default: the model's scheduler's)",
+                                        choices=("epsilon", "v_prediction"))
+    snr_gamma: float | None = field(None, "min-SNR weighting gamma (Hang et al. 2023; 5.0 is typical); none: plain MSE")
+    noise_offset: float = field(0.0, "offset-noise strength (0.05-0.1 typical); 0 is off")
+    caption_dropout_prob: float = field(0.0, "probability of training on the empty prompt, for classifier-free guidance")
+    vae_recon_weight: float = field(1.0, "weight of the VAE reconstruction MSE when the VAE trains")
+    use_ema: bool = field(False, "keep an exponential moving average of the trained weights; it is what gets saved")
+    ema_decay: float = field(0.9999, "EMA decay")
+    # precision and memory
+    mixed_precision: str = field("no", "autocast precision; trained weights stay fp32, frozen parts run in it",
+                                 choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass to save memory")
+    allow_tf32: bool = field(False, "TF32 matmuls on Ampere+ GPUs")
+    enable_xformers_memory_efficient_attention: bool = field(False, "use xFormers attention (default: PyTorch SDPA)")
+    dataloader_num_workers: int = field(0, "data loading worker processes")
+    # outputs
+    output_dir: str = field("outputs", "run folder: checkpoint-STEP/, final_model/, training_summary.json")
+    logging_dir: str = field("logs", "tensorboard folder, relative to --output_dir")
+    report_to: str = field("tensorboard", "where to log", choices=("tensorboard", "wandb", "none"))
+    checkpointing_steps: int = field(500, "save a resumable checkpoint every N optimizer steps")
+    checkpoints_total_limit: int | None = field(None, "keep at most this many checkpoints (oldest deleted)")
+    resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint-STEP folder to continue from")
+    validation_prompts: list[str] | None = field(None, "prompts rendered every --validation_steps into the logs")
+    validation_steps: int = field(500, "render the validation prompts every N optimizer steps")
+    validation_inference_steps: int = field(25, "denoising steps of validation images")
+
+
+def resolve_learning_rates(cfg: TrainConfig, strategy: Strategy) -> dict[str, float]:
+    """Per-component learning rate: the component's flag, else --learning_rate, else the strategy's."""
+    defaults = {"unet": strategy.unet_lr, "text_encoder": strategy.text_encoder_lr, "vae": strategy.vae_lr}
+    given = {"unet": cfg.unet_lr, "text_encoder": cfg.text_encoder_lr, "vae": cfg.vae_lr}
+    return {c: next(v for v in (given[c], cfg.learning_rate, defaults[c]) if v is not None) for c in COMPONENTS}
+
+
+def select_trainable(models, strategy: Strategy, adapter_cfg: AdapterConfig):
+    """Freeze everything, then unfreeze what the strategy trains. Returns ({component: [params]}, adapter)."""
+    for c in COMPONENTS:
+        getattr(models, c).requires_grad_(False)
+    adapter = get_adapter(strategy.peft, adapter_cfg) if strategy.peft else None
+    trainable = {}
+    for c in COMPONENTS:
+        model = getattr(models, c)
+        if c == "unet" and adapter is not None:
+            adapter.apply(model)
+            trainable[c] = adapter.trainable_parameters(model)
+        elif strategy.trains[c]:
+            model.requires_grad_(True)
+            trainable[c] = list(model.parameters())
+        else:
+            trainable[c] = []
+    return trainable, adapter
+
+
+def optimizer_groups(models, trainable, adapter, lrs: dict[str, float]) -> list[dict]:
+    groups = []
+    for c, params in trainable.items():
+        if not params:
+            continue
+        if c == "unet" and adapter is not None:
+            groups += adapter.param_groups(models.unet, lrs[c])  # DiffFit gives its scales their own rate
+        else:
+            groups.append({"params": params, "lr": lrs[c]})
+    return groups
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trained tensors of a component, by name: all of a fully trained model, the adapter's otherwise."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, path: Path) -> None:
+    state = load_file(path)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise UserError(f"{path} does not match this run's trainable parameters (missing {missing}, unexpected "
+                        f"{unexpected}): resume with the strategy and adapter settings it was saved with")
+    model.load_state_dict(state, strict=False)
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+
+
+def collate(batch: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "captions": [b["caption"] for b in batch]}
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    return {"sdtune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "peft": peft.__version__}
+
+
+def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
+    """Train, save final_model/ (and the adapter file) and training_summary.json.
+
+    Returns (summary, models): the summary dict and the in-memory components as trained
+    (adapter not merged), for callers that go on to sample or evaluate.
+    """
+    # ---------------------------------------------------------------- resolve every option once
+    try:
+        strategy = resolve_strategy(cfg.strategy, cfg.train_unet, cfg.train_text_encoder, cfg.train_vae, cfg.peft)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    lrs = resolve_learning_rates(cfg, strategy)
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+        # Each epoch's order comes from (seed, epoch) alone, so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and strategy.peft in ("bitfit", "difffit"):
+        # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
+        raise UserError(f"--mixed_precision {cfg.mixed_precision} with {strategy.peft} needs a GPU: use --mixed_precision no on CPU")
+    set_seed(cfg.seed)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---------------------------------------------------------------- models and what trains
+    models = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    prediction_type = cfg.prediction_type or models.noise_scheduler.config.prediction_type
+    models.noise_scheduler.register_to_config(prediction_type=prediction_type)
+    trainable, adapter = select_trainable(models, strategy, adapter_cfg)
+    for c in COMPONENTS:
+        model = getattr(models, c)
+        if not strategy.full[c] and weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)  # frozen (or adapter-carrying) parts run in half precision...
+        for p in trainable[c]:
+            p.data = p.data.float()  # ...trained tensors stay fp32, so the fp16 GradScaler can unscale them
+        model.to(accelerator.device)
+        # Gradients flow back through the U-Net whenever anything trains.
+        if c == "unet" or trainable[c]:
+            model.train()
+            if cfg.gradient_checkpointing:
+                model.enable_gradient_checkpointing() if c != "text_encoder" else model.gradient_checkpointing_enable()
+    if cfg.enable_xformers_memory_efficient_attention:
+        models.unet.enable_xformers_memory_efficient_attention()
+        models.vae.enable_xformers_memory_efficient_attention()
+    all_trainable = [p for params in trainable.values() for p in params]
+
+    # ---------------------------------------------------------------- optimizer and data
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(
+        optimizer_groups(models, trainable, adapter, lrs),
+        betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+    )
+    examples = load_examples(data, report_path=output_dir / "data_problems.txt")
+    if data.validation_fraction > 0:
+        examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "held_out.txt").write_text("".join(f"{e.source or e.image}\n" for e in held_out))
+    if not examples:
+        raise UserError(f"no training images left in {data.source}")
+    dataset = ImageCaptionDataset(examples, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
+                                  modality=None if data.data_format in ("ham10000", "isic") else "chest_xray")
+    # The loader draws from its own generator, not the global RNG, so that starting an epoch's
+    # iterator (also after a resume) never shifts the noise and timesteps the loss draws.
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
+                                             num_workers=cfg.dataloader_num_workers, drop_last=False,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+    # Steps are optimizer steps; the scheduler is stepped once per process by accelerate, hence the factor.
+    updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    trained_models = [getattr(models, c) for c in COMPONENTS if trainable[c]]
+    *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained_models, optimizer, dataloader, lr_scheduler)
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(all_trainable, decay=cfg.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    # Checkpoints hold only the trained tensors (safetensors) plus optimizer/scheduler/RNG state.
+    def save_hook(hook_models, weights, folder):
+        for model in hook_models:
+            name = next(c for c in COMPONENTS if accelerator.unwrap_model(model) is getattr(models, c))
+            save_file(trainable_state(accelerator.unwrap_model(model)), Path(folder) / f"{name}_trained.safetensors")
+        weights.clear()
+
+    def load_hook(hook_models, folder):
+        while hook_models:
+            model = accelerator.unwrap_model(hook_models.pop())
+            name = next(c for c in COMPONENTS if model is getattr(models, c))
+            load_trainable_state(model, Path(folder) / f"{name}_trained.safetensors")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    # ---------------------------------------------------------------- resume
+    global_step = 0
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint == "latest":
+            steps = checkpoint_steps(output_dir)
+            path = output_dir / f"checkpoint-{steps[-1]}" if steps else None
+        else:
+            path = Path(cfg.resume_from_checkpoint)
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting from scratch")
+        elif not path.is_dir():
+            raise UserError(f"checkpoint {path} does not exist: pass 'latest' or a checkpoint-STEP folder")
+        else:
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[-1])
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
+
+    # ---------------------------------------------------------------- derived numbers, once
+    counts = {c: count_parameters(trainable[c]) for c in COMPONENTS}
+    total_batch = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    accelerator.print(
+        f"strategy {strategy.name} ({strategy.description}); {len(dataset)} images, {updates_per_epoch} steps/epoch\n"
+        f"global batch {total_batch} = {cfg.train_batch_size} per device x {accelerator.num_processes} processes x "
+        f"{cfg.gradient_accumulation_steps} accumulation; {max_train_steps} steps ({num_epochs} epochs)\n"
+        "trainable: " + ", ".join(f"{c} {n:,} (lr {lrs[c]:g})" for c, n in counts.items() if n)
+        + f"; total {sum(counts.values()):,} = {sum(counts.values()) / SD15_TOTAL_PARAMETERS:.3%} of SD1.5"
+    )
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("sdtune", config={k: str(v) if isinstance(v, (list, type(None))) else v
+                                                    for k, v in {**asdict(cfg), **asdict(data)}.items()})
+
+    # ---------------------------------------------------------------- the loop
+    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+    last_loss = float("nan")
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
+        for batch in batches:
+            with accelerator.accumulate(*prepared):
+                captions = [c if torch.rand(()).item() >= cfg.caption_dropout_prob else "" for c in batch["captions"]]
+                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids.to(accelerator.device)
+                pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype if not trainable["vae"] else torch.float32)
+                with accelerator.autocast():
+                    # The diffusion loss reaches the VAE encoder and text encoder only when they train.
+                    with torch.set_grad_enabled(bool(trainable["vae"])):
+                        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                    with torch.set_grad_enabled(bool(trainable["text_encoder"])):
+                        encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+                    loss = diffusion_loss(unet, models.noise_scheduler, latents, encoder_hidden_states,
+                                          prediction_type, cfg.snr_gamma, cfg.noise_offset)
+                    if trainable["vae"]:
+                        loss = loss + cfg.vae_recon_weight * reconstruction_loss(vae, latents, pixels)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(all_trainable, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().item()
+            loss_count += 1
+            samples_seen += len(captions) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # one optimizer step done
+            global_step += 1
+            if ema is not None:
+                ema.step(all_trainable)
+            last_loss, loss_sum, loss_count = loss_sum / loss_count, 0.0, 0
+            logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                    "samples_per_second": samples_seen / (time.time() - start)}
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
+                save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+            if cfg.validation_prompts and global_step % cfg.validation_steps == 0:
+                log_validation(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    wall_time = time.time() - start
+
+    # ---------------------------------------------------------------- save
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(all_trainable)
+        save_final_model(models, strategy, adapter, cfg, output_dir, prediction_type)
+        summary = {
+            "strategy": asdict(strategy),
+            "trainable_parameters": {**counts, "total": sum(counts.values())},
+            "trainable_percent_of_sd15": 100 * sum(counts.values()) / SD15_TOTAL_PARAMETERS,
+            "learning_rates": lrs,
+            "steps": global_step,
+            "final_loss": last_loss,
+            "samples_per_second": samples_seen / wall_time if wall_time > 0 else None,
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "wall_time_seconds": wall_time,
+            "global_batch_size": total_batch,
+            "versions": library_versions(),
+            "arguments": {"train": asdict(cfg), "data": asdict(data), "adapter": asdict(adapter_cfg)},
+        }
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        accelerator.print(f"final model in {output_dir / 'final_model'}; summary in {output_dir / 'training_summary.json'}")
+    accelerator.end_training()
+    return summary, models
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
+    if accelerator.is_main_process and total_limit is not None:
+        # Make room first, so a full disk never costs the newest checkpoint.
+        for old in checkpoint_steps(output_dir)[: max(0, len(checkpoint_steps(output_dir)) - total_limit + 1)]:
+            shutil.rmtree(output_dir / f"checkpoint-{old}")
+    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+
+
+def build_pipeline(base: str, cfg: TrainConfig, **components):
+    """A StableDiffusionPipeline of the base model with the given components swapped in."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(base, revision=cfg.revision, variant=cfg.variant, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False, **components)
+
+
+def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, output_dir: Path, prediction_type: str) -> None:
+    """final_model/: a complete fp32 pipeline; untouched components are reloaded from the base model.
+
+    An adapter is saved on its own (e.g. pytorch_lora_weights.safetensors), then loaded onto a
+    fresh fp32 base U-Net and merged, so half-precision training never rounds the base weights.
+    """
+    from diffusers import UNet2DConditionModel
+
+    components = {c: getattr(models, c).float() for c in COMPONENTS if strategy.full[c]}
+    if adapter is not None:
+        adapter_file = adapter.save(models.unet, output_dir)
+        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet",
+                                                    revision=cfg.revision, variant=cfg.variant)
+        adapter.load(unet, adapter_file)
+        unet = adapter.merge(unet)
+        components["unet"] = unet
+    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, **components)
+    pipeline.scheduler.register_to_config(prediction_type=prediction_type)
+    pipeline.save_pretrained(output_dir / "final_model", safe_serialization=True)
+
+
+@torch.no_grad()
+def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step: int, ema, params) -> None:
+    """Render the validation prompts with the current (EMA) weights into the logs and OUTPUT_DIR/validation/."""
+    if not accelerator.is_main_process:
+        return
+    import numpy as np
+
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, unet=models.unet, vae=models.vae,
+                              text_encoder=models.text_encoder, tokenizer=models.tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    folder = output_dir / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    with accelerator.autocast():
+        for i, prompt in enumerate(cfg.validation_prompts):
+            image = pipeline(prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator).images[0]
+            image.save(folder / f"{i:02d}.png")
+            images.append(np.asarray(image))
+    (folder / "prompts.txt").write_text("".join(f"{i:02d}.png\t{p}\n" for i, p in enumerate(cfg.validation_prompts)))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, cfg.validation_prompts)]}, step=step)
+    if ema is not None:
+        ema.restore(params)
+    del pipeline
+
+
+SETTINGS = (TrainConfig, DataConfig, AdapterConfig)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, AdapterConfig]:
+    import argparse
+
+    from sdtune.config import add_arguments, from_args
+
+    parser = argparse.ArgumentParser(
+        prog="train_text_to_image.py",
+        description="Fine-tune Stable Diffusion 1.5 with one of the study's strategies (--strategy) or a custom one.",
+    )
+    for cls in SETTINGS:
+        add_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    return tuple(from_args(cls, args) for cls in SETTINGS)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(*parse_args(argv))[0]

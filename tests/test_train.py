@@ -1,0 +1,198 @@
+"""train_text_to_image.py on the tiny model and phantom X-rays: what trains, what is saved, resume, overfit."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from sdtune.adapters import ADAPTERS
+from sdtune.errors import UserError
+from sdtune.loss import diffusion_loss
+from sdtune.models import load_components
+from sdtune.strategies import COMPONENTS, STRATEGIES
+from sdtune.train import main, parse_args, train
+
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors"}
+PROMPT = "Chest x-ray of a patient with Pleural Effusion"
+
+
+@pytest.fixture(scope="module")
+def table(phantom_chexpert):
+    return phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+
+
+def _argv(tiny_model, table, out, *extra, steps=2):
+    return ["--pretrained_model_name_or_path", str(tiny_model), "--train_csv", str(table), "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-3",
+            "--output_dir", str(out), "--report_to", "none", "--checkpointing_steps", "1000", *map(str, extra)]
+
+
+def _weights(folder, component):
+    return load_file(folder / component / WEIGHT_FILES[component])
+
+
+def _norm_keys(unet):
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    return {f"{name}.{p}" for name, m in unet.named_modules() if isinstance(m, norms) for p in ("weight", "bias")
+            if getattr(m, p, None) is not None}
+
+
+def _expected_unet_changes(strategy, keys, tiny_model):
+    """Which U-Net tensors of final_model differ from the base, computed from names alone."""
+    attention = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    if strategy.unet in (None,):
+        return set()
+    if strategy.unet == "full":
+        return set(keys)
+    if strategy.unet in ("lora", "dora"):
+        return {k for k in keys if k.endswith(attention)}
+    biases = {k for k in keys if k.endswith(".bias")}
+    if strategy.unet == "bitfit":
+        return biases
+    # DiffFit: biases, norms, and the output projections its scales gamma are folded into
+    folded = {k for k in keys if k.endswith(("attn1.to_out.0.weight", "attn2.to_out.0.weight", "ff.net.2.weight"))}
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    return biases | _norm_keys(unet) | folded
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_exactly_the_strategys_tensors_change(name, tiny_model, table, tmp_path):
+    strategy = STRATEGIES[name]
+    summary = main(_argv(tiny_model, table, tmp_path, "--strategy", name))
+    final = tmp_path / "final_model"
+    for component in COMPONENTS:
+        base, trained = _weights(tiny_model, component), _weights(final, component)
+        assert base.keys() == trained.keys(), component  # a plain diffusers pipeline, adapters merged
+        changed = {k for k in base if not torch.equal(base[k], trained[k])}
+        if component == "unet":
+            expected = _expected_unet_changes(strategy, base.keys(), tiny_model)
+        else:
+            expected = set(base) if strategy.trains[component] else set()
+        assert changed == expected, (component, sorted(changed ^ expected)[:5])
+
+    # the counts in the summary match the model
+    counts = summary["trainable_parameters"]
+    for component in COMPONENTS:
+        if strategy.full[component]:
+            assert counts[component] == sum(t.numel() for t in _weights(tiny_model, component).values())
+        elif not strategy.trains[component]:
+            assert counts[component] == 0
+    if strategy.peft:
+        saved = load_file(tmp_path / ADAPTERS[strategy.peft].weights_name)
+        assert counts["unet"] == sum(t.numel() for t in saved.values())
+    assert counts["total"] == sum(counts[c] for c in COMPONENTS)
+    on_disk = json.loads((tmp_path / "training_summary.json").read_text())
+    assert on_disk["trainable_parameters"] == counts and on_disk["strategy"]["name"] == name
+    assert on_disk["steps"] == 2 and np.isfinite(on_disk["final_loss"])
+    assert on_disk["arguments"]["train"]["strategy"] == name and "versions" in on_disk
+
+
+def _eval_loss(unet, models, latents, states, seeds=range(8)):
+    losses = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            losses.append(diffusion_loss(unet, models.noise_scheduler, latents, states).item())
+    return float(np.mean(losses))
+
+
+# The tiny U-Net's attention is too small for LoRA on it alone to memorise images within a test's
+# budget, so the LoRA run also adapts the feed-forward and convolution layers (same code path).
+LORA_EVERYWHERE = ["--lora_rank", "8", "--lora_alpha", "8", "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0",
+                   "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, lr, extra", [("unet", "2e-3", []), ("lora", "1e-2", LORA_EVERYWHERE)])
+def test_overfits_a_small_batch(strategy, lr, extra, tiny_model, phantom_chexpert, tmp_path):
+    # two images, one caption each: the model should memorise them
+    images = tmp_path / "data"
+    images.mkdir()
+    table_dir = phantom_chexpert / "CheXpert-v1.0-small" / "train"
+    for i, src in enumerate(sorted(table_dir.rglob("*_frontal.jpg"))[:2]):
+        (images / f"{i}.jpg").write_bytes(src.read_bytes())
+        (images / f"{i}.txt").write_text(PROMPT)
+    out = tmp_path / "run"
+    argv = _argv(tiny_model, images, out, "--strategy", strategy, *extra, steps=120)
+    argv[argv.index("--train_csv")] = "--train_data_dir"
+    argv[argv.index("--learning_rate") + 1] = lr
+    cfg, data, adapter_cfg = parse_args(argv)
+
+    base = load_components(tiny_model)
+    from sdtune.data.dataset import ImageCaptionDataset, load_examples
+
+    pixels = torch.stack([ImageCaptionDataset(load_examples(data), 64)[i]["pixel_values"] for i in range(2)])
+    with torch.no_grad():
+        latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
+        ids = base.tokenizer([PROMPT] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = base.text_encoder(ids)[0]
+    before = _eval_loss(base.unet, base, latents, states)
+    _, trained = train(cfg, data, adapter_cfg)
+    after = _eval_loss(trained.unet.eval(), base, latents, states)
+    assert after <= 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("strategy, extra", [("unet", ["--use_ema"]), ("lora", [])])
+def test_resume_equals_a_straight_run(strategy, extra, tiny_model, table, tmp_path):
+    argv = _argv(tiny_model, table, tmp_path, "--strategy", strategy, "--checkpointing_steps", "2",
+                 "--lr_scheduler", "linear", "--caption_dropout_prob", "0.3", *extra, steps=4)
+    main(argv)
+    straight = _weights(tmp_path / "final_model", "unet")
+    # a crash right after step 2: its checkpoint is all that is left
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    shutil.rmtree(tmp_path / "final_model")
+    summary = main(argv + ["--resume_from_checkpoint", "latest"])
+    assert summary["steps"] == 4
+    resumed, base = _weights(tmp_path / "final_model", "unet"), _weights(tiny_model, "unet")
+    for k in straight:  # weights, optimizer, schedule, EMA, RNG and data position all restored
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(straight[k], base[k]) for k in straight)
+
+
+def test_final_model_and_lora_file_reproduce_the_trained_model(tiny_model, table, tmp_path):
+    cfg, data, adapter_cfg = parse_args(_argv(tiny_model, table, tmp_path, "--strategy", "lora", steps=3))
+    _, models = train(cfg, data, adapter_cfg)
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(PROMPT, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+
+    in_memory = image(StableDiffusionPipeline.from_pretrained(tiny_model, unet=models.unet.eval()))
+    final = image(StableDiffusionPipeline.from_pretrained(tmp_path / "final_model", torch_dtype=torch.float32))
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    untrained = image(base)
+    base.load_lora_weights(tmp_path)
+    with_lora = image(base)
+    assert np.abs(in_memory - untrained).max() > 1e-3  # training changed the picture...
+    np.testing.assert_allclose(final, in_memory, atol=1e-4)  # ...and both saved forms reproduce it
+    np.testing.assert_allclose(with_lora, in_memory, atol=1e-4)
+
+
+def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
+    cfg, data, adapter_cfg = parse_args(_argv(tiny_model, table, tmp_path, "--strategy", "lora", "--mixed_precision", "bf16"))
+    summary, models = train(cfg, data, adapter_cfg)
+    assert np.isfinite(summary["final_loss"])
+    dtypes = {n: p.dtype for n, p in models.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}  # trained: fp32 for the optimizer
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}  # frozen: half the memory
+    assert models.vae.dtype == models.text_encoder.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "lora", "--train_unet"], "not both"),
+    (["--strategy", "lora", "--resume_from_checkpoint", "/nowhere/checkpoint-3"], "does not exist"),
+    (["--strategy", "bitfit", "--mixed_precision", "bf16"], "needs a GPU"),
+])
+def test_user_errors(extra, message, tiny_model, table, tmp_path):
+    with pytest.raises(UserError, match=message):
+        main(_argv(tiny_model, table, tmp_path, *extra))
+
+
+def test_missing_table_is_one_clear_error(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="does not exist: check --train_csv"):
+        main(_argv(tiny_model, tmp_path / "train.csv", tmp_path / "out", "--strategy", "lora"))
