@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "strategy": asdict(strategy),
             "trainable_parameters": {**counts, "total": sum(counts.values())},
             "trainable_percent_of_sd15": 100 * sum(counts.values()) / SD15_TOTAL_PARAMETERS,
-            "learning_rates": lrs,
+            "learning_rates": {c: lr for c, lr in lrs.items() if trainable[c]},
             "steps": global_step,
             "final_loss": last_loss,
             "samples_per_second": samples_seen / wall_time if wall_time > 0 else None,

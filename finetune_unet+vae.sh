@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Strategy 5 of the study: U-Net and VAE fine-tuned together.
+# Every variable below can be overridden from the environment, e.g.
+#   MAX_TRAIN_STEPS=2000 ./finetune_unet+vae.sh --validation_prompts "Chest x-ray of a patient with Pleural Effusion"
+# Extra arguments go straight to train_text_to_image.py (see --help).
+set -euo pipefail
+STRATEGY=unet+vae
+: "${MODEL_NAME:=stable-diffusion-v1-5/stable-diffusion-v1-5}"
+: "${DATA_DIR:=data}"                  # images + same-stem .txt captions (or set TRAIN_CSV to a clinical table)
+: "${TRAIN_CSV:=}"
+: "${OUTPUT_DIR:=outputs/$STRATEGY}"
+: "${UNET_LR:=1e-5}"
+: "${VAE_LR:=1e-6}"
+: "${TRAIN_BATCH_SIZE:=4}"
+: "${GRADIENT_ACCUMULATION_STEPS:=4}"
+: "${MAX_TRAIN_STEPS:=1000}"
+: "${RESOLUTION:=512}"
+: "${MIXED_PRECISION:=fp16}"
+: "${CHECKPOINTING_STEPS:=500}"
+: "${USE_8BIT_ADAM:=true}"
+: "${GRADIENT_CHECKPOINTING:=true}"
+
+source "$(dirname "$0")/scripts/train_args.sh"
+exec accelerate launch "${LAUNCH_ARGS[@]}" "$TRAIN_SCRIPT" "${TRAIN_ARGS[@]}" "$@"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Strategy 1 of the study: the whole U-Net fine-tuned (859.5M parameters).
+# Every variable below can be overridden from the environment, e.g.
+#   MAX_TRAIN_STEPS=2000 ./finetune_unet.sh --validation_prompts "Chest x-ray of a patient with Pleural Effusion"
+# Extra arguments go straight to train_text_to_image.py (see --help).
+set -euo pipefail
+STRATEGY=unet
+: "${MODEL_NAME:=stable-diffusion-v1-5/stable-diffusion-v1-5}"
+: "${DATA_DIR:=data}"                  # images + same-stem .txt captions (or set TRAIN_CSV to a clinical table)
+: "${TRAIN_CSV:=}"
+: "${OUTPUT_DIR:=outputs/$STRATEGY}"
+: "${LEARNING_RATE:=1e-5}"
+: "${TRAIN_BATCH_SIZE:=4}"
+: "${GRADIENT_ACCUMULATION_STEPS:=4}"
+: "${MAX_TRAIN_STEPS:=1000}"
+: "${RESOLUTION:=512}"
+: "${MIXED_PRECISION:=fp16}"
+: "${CHECKPOINTING_STEPS:=500}"
+: "${USE_8BIT_ADAM:=true}"
+: "${GRADIENT_CHECKPOINTING:=true}"
+
+source "$(dirname "$0")/scripts/train_args.sh"
+exec accelerate launch "${LAUNCH_ARGS[@]}" "$TRAIN_SCRIPT" "${TRAIN_ARGS[@]}" "$@"
