@@ -312,6 +312,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
 
     # ---------------------------------------------------------------- the loop
     unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    train_reconstruction = bool(trainable["vae"]) and cfg.vae_recon_weight > 0
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
     last_loss = float("nan")
@@ -332,7 +333,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                         encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
                     loss = diffusion_loss(unet, models.noise_scheduler, latents, encoder_hidden_states,
                                           prediction_type, cfg.snr_gamma, cfg.noise_offset)
-                    if trainable["vae"]:
+                    if train_reconstruction:
                         loss = loss + cfg.vae_recon_weight * reconstruction_loss(vae, latents, pixels)
                 accelerator.backward(loss)
                 grad_norm = None
