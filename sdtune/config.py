@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind, nargs = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f.metadata.get("help", "")
+        if "(default" not in help_text:
+            help_text += f" (default: {default})"
         if kind is bool:
             # `--flag` turns it on, `--flag false` turns it off: shell wrappers pass values.
             group.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=default, help=help_text)
