@@ -502,3 +502,14 @@ def test_flip_on_chest_xrays_warns_once_at_construction():
 def test_transform_rejects_unknown_settings(kwargs):
     with pytest.raises(ValueError, match="unsupported|positive"):
         ImageTransform(**{"resolution": 32, **kwargs})
+
+
+def test_an_inverted_radiograph_is_flagged_and_a_normal_one_is_not(tmp_path):
+    from sdtune.phantom import render_chest_xray
+
+    radiograph = render_chest_xray({}, 96, np.random.default_rng(0))
+    radiograph.save(tmp_path / "normal.png")
+    Image.fromarray(255 - np.asarray(radiograph)).save(tmp_path / "inverted.png")
+    assert check_image(tmp_path / "normal.png") == []
+    (problem,) = check_image(tmp_path / "inverted.png")
+    assert problem.severity == "warning" and "looks inverted" in problem.what and "invert it" in problem.what

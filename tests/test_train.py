@@ -163,7 +163,7 @@ def test_final_model_and_lora_file_reproduce_the_trained_model(tiny_model, table
         return pipe(PROMPT, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
 
     in_memory = image(StableDiffusionPipeline.from_pretrained(tiny_model, unet=models.unet.eval()))
-    final = image(StableDiffusionPipeline.from_pretrained(tmp_path / "final_model", torch_dtype=torch.float32))
+    final = image(StableDiffusionPipeline.from_pretrained(tmp_path / "final_model"))
     base = StableDiffusionPipeline.from_pretrained(tiny_model)
     untrained = image(base)
     base.load_lora_weights(tmp_path)

@@ -28,6 +28,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")
 CONSTANT_STD = 2.0  # grey levels; a blank page with JPEG noise stays under it, a radiograph is far above
 SATURATED_FRACTION = 0.5  # pure-white pixels; above this the file was almost surely clipped from 16 bits
 DARK_MAX = 32  # brightest pixel; 12-bit data saved in a 16-bit PNG without scaling peaks at 16
+INVERTED_MARGIN = 60  # grey levels the edges outshine the centre by, in a radiograph saved inverted
 
 # Pillow modes that hold more than 8 bits per pixel; `.convert("RGB")` clips them instead of rescaling.
 _HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
@@ -83,8 +84,9 @@ def check_image(path: str | Path, resolution: int | None = None, min_size: int |
     Errors: unreadable; short side under `min_size`; near-constant (blank white or black page);
     more than half the pixels pure white (the mark of a 16-bit image clipped by an 8-bit
     conversion elsewhere: training on it teaches clipping, so it is an error, not a warning);
-    brightest pixel under DARK_MAX (12-bit data in a 16-bit file). Warning: short side under
-    `resolution` (it will be upscaled).
+    brightest pixel under DARK_MAX (12-bit data in a 16-bit file). Warnings: short side under
+    `resolution` (it will be upscaled); edges much brighter than the centre (a radiograph saved
+    inverted: air outside the body is dark in a radiograph, and dermoscopy vignettes are dark too).
     """
     where = str(path)
     try:
@@ -115,6 +117,13 @@ def check_image(path: str | Path, resolution: int | None = None, min_size: int |
     if pixels.max() < DARK_MAX:
         problems.append(Problem(where, f"nearly black (brightest pixel {pixels.max()}/255): if it is 12-bit data "
                                 "saved unscaled in a 16-bit PNG, multiply it by 16 and re-save; otherwise remove it"))
+    grey = pixels.mean(axis=2)
+    h, w = grey.shape
+    edge = np.concatenate([grey[: h // 10].ravel(), grey[-(h // 10):].ravel(), grey[:, : w // 10].ravel(), grey[:, -(w // 10):].ravel()])
+    centre = grey[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
+    if edge.size and edge.mean() - centre.mean() > INVERTED_MARGIN:
+        problems.append(Problem(where, f"looks inverted (edges {edge.mean():.0f}, centre {centre.mean():.0f}): if it is "
+                                "a MONOCHROME1 radiograph exported without inversion, invert it", "warning"))
     return problems
 
 
