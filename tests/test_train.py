@@ -137,12 +137,14 @@ def test_overfits_a_small_batch(strategy, lr, extra, tiny_model, phantom_chexper
     assert after <= 0.5 * before, (before, after)
 
 
-@pytest.mark.parametrize("strategy, extra", [("unet", ["--use_ema"]), ("lora", [])])
+@pytest.mark.parametrize("strategy, extra", [("unet", ["--use_ema"]), ("lora", []), ("bitfit", ["--use_8bit_adam"])])
 def test_resume_equals_a_straight_run(strategy, extra, tiny_model, table, tmp_path):
     argv = _argv(tiny_model, table, tmp_path, "--strategy", strategy, "--checkpointing_steps", "2",
                  "--lr_scheduler", "linear", "--caption_dropout_prob", "0.3", *extra, steps=4)
     main(argv)
     straight = _weights(tmp_path / "final_model", "unet")
+    optimizer_state = torch.load(tmp_path / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"]
+    assert any("__bnb_optimizer_quant_state__" in s for s in optimizer_state.values()) == ("--use_8bit_adam" in extra)
     # a crash right after step 2: its checkpoint is all that is left
     shutil.rmtree(tmp_path / "checkpoint-4")
     shutil.rmtree(tmp_path / "final_model")
