@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
+
+
+def sample_seeds(seed: int, micro_step: int, indices: list[int]) -> list[int]:
+    """One seed per sample from (run seed, micro-step, dataset index) alone.
+
+    Noise, timesteps and caption dropout then depend on which sample is drawn when, not on how
+    the batch is split across processes or whether the run was resumed.
+    """
+    return [int(np.random.SeedSequence([seed, micro_step, i]).generate_state(1)[0]) for i in indices]
+
+
+def _randn(shape, generators, device, dtype) -> torch.Tensor:
+    if generators is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generators])
+
+
+def _timesteps(n: int, num_train_timesteps: int, generators, device) -> torch.Tensor:
+    if generators is None:
+        return torch.randint(0, num_train_timesteps, (n,), device=device)
+    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generators])
 
 
 def diffusion_loss(
@@ -15,6 +37,7 @@ def diffusion_loss(
     prediction_type: str = "epsilon",
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Denoising loss of Ho et al. 2020 on uniformly drawn timesteps.
 
@@ -22,12 +45,13 @@ def diffusion_loss(
     snr_gamma: min-SNR-gamma weighting (Hang et al. 2023), None for plain MSE.
     noise_offset: per-channel offset noise (Guttenberg 2023), lets the model make very dark or
     bright images, which matters for radiographs with black borders.
+    generators: one per sample (see sample_seeds); None draws from the global RNG.
     """
-    noise = torch.randn_like(latents)
+    b, c = latents.shape[:2]
+    noise = _randn(latents.shape, generators, latents.device, latents.dtype)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
-                                                   dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noise = noise + noise_offset * _randn((b, c, 1, 1), generators, latents.device, latents.dtype)
+    timesteps = _timesteps(b, noise_scheduler.config.num_train_timesteps, generators, latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if prediction_type == "epsilon":
         target = noise
@@ -46,7 +70,21 @@ def diffusion_loss(
     return (per_sample * weights).mean()
 
 
-def reconstruction_loss(vae, latents: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """MSE between the VAE's decoding of the (scaled) latents and the image, for when the VAE trains."""
-    decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+class LatentEncoder(torch.nn.Module):
+    """The VAE as training uses it, in one forward call, so that DDP synchronises its gradients
+    when it trains (DDP only sees work done through forward, not through vae.encode)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, generators=None, reconstruct: bool = False):
+        scale = self.vae.config.scaling_factor
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=generators) * scale
+        decoded = self.vae.decode(latents / scale, return_dict=False)[0] if reconstruct else None
+        return latents, decoded
+
+
+def reconstruction_loss(decoded: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """MSE between the VAE's decoding of the latents and the image, for when the VAE trains."""
     return F.mse_loss(decoded.float(), pixel_values.float())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -27,7 +27,7 @@ from sdtune.adapters import AdapterConfig, get_adapter
 from sdtune.config import field
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
 from sdtune.errors import UserError
-from sdtune.loss import diffusion_loss, reconstruction_loss
+from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
 from sdtune.models import load_components
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
 
@@ -152,8 +152,31 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
 
 
+def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
+    output_dir = Path(cfg.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+        # Each epoch's order comes from (seed, epoch) alone, the same for every process count and
+        # after a resume; accelerate then shards the batches once, across processes.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # A VAE trained without the reconstruction term leaves its decoder out of the graph.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=strategy.vae and cfg.vae_recon_weight == 0)],
+    )
+
+
+def make_dataloader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
+    # The loader's own seeded generator: nothing else draws from it, so the order is reproducible.
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
+                                       num_workers=cfg.dataloader_num_workers, drop_last=False,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
 def collate(batch: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "captions": [b["caption"] for b in batch]}
+    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "captions": [b["caption"] for b in batch],
+            "indices": [b["index"] for b in batch]}
 
 
 def library_versions() -> dict[str, str]:
@@ -180,14 +203,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
-        # Each epoch's order comes from (seed, epoch) alone, so a resumed run sees the same batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-    )
+    accelerator = make_accelerator(cfg, strategy)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and strategy.peft in ("bitfit", "difffit"):
         # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
@@ -238,11 +254,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(f"no training images left in {data.source}")
     dataset = ImageCaptionDataset(examples, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
                                   modality=None if data.data_format in ("ham10000", "isic") else "chest_xray")
-    # The loader draws from its own generator, not the global RNG, so that starting an epoch's
-    # iterator (also after a resume) never shifts the noise and timesteps the loss draws.
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
-                                             num_workers=cfg.dataloader_num_workers, drop_last=False,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
+    dataloader = make_dataloader(dataset, cfg)
     # Steps are optimizer steps; the scheduler is stepped once per process by accelerate, hence the factor.
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
@@ -252,8 +264,13 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
-    trained_models = [getattr(models, c) for c in COMPONENTS if trainable[c]]
-    *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained_models, optimizer, dataloader, lr_scheduler)
+    # Forward passes go through what accelerate returns (DDP wrappers on several GPUs), so that
+    # gradients are synchronised; the VAE goes in as a LatentEncoder for the same reason.
+    forward = {"unet": models.unet, "text_encoder": models.text_encoder, "vae": LatentEncoder(models.vae)}
+    trained_names = [c for c in COMPONENTS if trainable[c]]
+    *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        *(forward[c] for c in trained_names), optimizer, dataloader, lr_scheduler)
+    forward.update(zip(trained_names, prepared))
     ema = None
     if cfg.use_ema:
         from diffusers.training_utils import EMAModel
@@ -263,17 +280,21 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         accelerator.register_for_checkpointing(ema)
 
     # Checkpoints hold only the trained tensors (safetensors) plus optimizer/scheduler/RNG state.
+    def component(model):
+        model = accelerator.unwrap_model(model)
+        model = model.vae if isinstance(model, LatentEncoder) else model
+        return next((c, m) for c in COMPONENTS if (m := getattr(models, c)) is model)
+
     def save_hook(hook_models, weights, folder):
         for model in hook_models:
-            name = next(c for c in COMPONENTS if accelerator.unwrap_model(model) is getattr(models, c))
-            save_file(trainable_state(accelerator.unwrap_model(model)), Path(folder) / f"{name}_trained.safetensors")
+            name, module = component(model)
+            save_file(trainable_state(module), Path(folder) / f"{name}_trained.safetensors")
         weights.clear()
 
     def load_hook(hook_models, folder):
         while hook_models:
-            model = accelerator.unwrap_model(hook_models.pop())
-            name = next(c for c in COMPONENTS if model is getattr(models, c))
-            load_trainable_state(model, Path(folder) / f"{name}_trained.safetensors")
+            name, module = component(hook_models.pop())
+            load_trainable_state(module, Path(folder) / f"{name}_trained.safetensors")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -311,8 +332,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                                                     for k, v in {**asdict(cfg), **asdict(data)}.items()})
 
     # ---------------------------------------------------------------- the loop
-    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    unet, text_encoder, encode, tokenizer = forward["unet"], forward["text_encoder"], forward["vae"], models.tokenizer
     train_reconstruction = bool(trainable["vae"]) and cfg.vae_recon_weight > 0
+    micro_step = global_step * cfg.gradient_accumulation_steps
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
     last_loss = float("nan")
@@ -321,20 +343,24 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
         for batch in batches:
             with accelerator.accumulate(*prepared):
-                captions = [c if torch.rand(()).item() >= cfg.caption_dropout_prob else "" for c in batch["captions"]]
+                # Every random draw of a sample comes from its own generator (see sample_seeds).
+                generators = [torch.Generator(accelerator.device).manual_seed(seed)
+                              for seed in sample_seeds(cfg.seed, micro_step, batch["indices"])]
+                captions = [c if torch.rand((), generator=g, device=g.device).item() >= cfg.caption_dropout_prob else ""
+                            for c, g in zip(batch["captions"], generators)]
                 ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                                 return_tensors="pt").input_ids.to(accelerator.device)
                 pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype if not trainable["vae"] else torch.float32)
                 with accelerator.autocast():
                     # The diffusion loss reaches the VAE encoder and text encoder only when they train.
                     with torch.set_grad_enabled(bool(trainable["vae"])):
-                        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                        latents, decoded = encode(pixels, generators, reconstruct=train_reconstruction)
                     with torch.set_grad_enabled(bool(trainable["text_encoder"])):
                         encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
                     loss = diffusion_loss(unet, models.noise_scheduler, latents, encoder_hidden_states,
-                                          prediction_type, cfg.snr_gamma, cfg.noise_offset)
+                                          prediction_type, cfg.snr_gamma, cfg.noise_offset, generators)
                     if train_reconstruction:
-                        loss = loss + cfg.vae_recon_weight * reconstruction_loss(vae, latents, pixels)
+                        loss = loss + cfg.vae_recon_weight * reconstruction_loss(decoded, pixels)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -344,6 +370,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().item()
             loss_count += 1
+            micro_step += 1
             samples_seen += len(captions) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from sdtune.loss import diffusion_loss, reconstruction_loss
+from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
 from sdtune.train import main
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -89,16 +89,40 @@ def test_unknown_prediction_type():
         diffusion_loss(ZeroUNet(), SCHEDULER, LATENTS, None, prediction_type="sample")
 
 
-def test_reconstruction_loss_decodes_unscaled_latents():
-    class Decoder(torch.nn.Module):
+def test_latent_encoder_decodes_unscaled_latents():
+    class VAE(torch.nn.Module):
         config = type("C", (), {"scaling_factor": 0.5})
 
+        def encode(self, x):
+            dist = type("D", (), {"sample": lambda self, generator=None: x * 3})()
+            return type("O", (), {"latent_dist": dist})()
+
         def decode(self, z, return_dict=False):
-            return (z,)
+            return (z + 1,)
 
     pixels = torch.randn(2, 4, 8, 8)
-    z = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(reconstruction_loss(Decoder(), z, pixels), ((z / 0.5 - pixels) ** 2).mean())
+    latents, decoded = LatentEncoder(VAE())(pixels, reconstruct=True)
+    torch.testing.assert_close(latents, pixels * 3 * 0.5)
+    torch.testing.assert_close(decoded, pixels * 3 + 1)  # decode sees the unscaled latents
+    torch.testing.assert_close(reconstruction_loss(decoded, pixels), ((pixels * 2 + 1) ** 2).mean())
+    assert LatentEncoder(VAE())(pixels)[1] is None
+
+
+def test_per_sample_generators_make_noise_independent_of_batching():
+    seeds = sample_seeds(7, micro_step=3, indices=[10, 11, 12, 13])
+    assert len(set(seeds)) == 4 and seeds == sample_seeds(7, 3, [10, 11, 12, 13])
+    assert seeds[0] != sample_seeds(7, 4, [10])[0] and seeds[0] != sample_seeds(8, 3, [10])[0]
+
+    def targets(batch_seeds, latents):
+        unet = ZeroUNet()
+        gens = [torch.Generator().manual_seed(s) for s in batch_seeds]
+        diffusion_loss(unet, SCHEDULER, latents, None, noise_offset=0.1, generators=gens)
+        return unet.seen
+
+    whole = targets(seeds, LATENTS)
+    halves = [targets(seeds[:2], LATENTS[:2]), targets(seeds[2:], LATENTS[2:])]
+    torch.testing.assert_close(whole[0], torch.cat([h[0] for h in halves]))
+    assert torch.equal(whole[1], torch.cat([h[1] for h in halves]))
 
 
 def _run(tiny_model, phantom_chexpert, out, *extra):

@@ -152,7 +152,7 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        return {"pixel_values": self.transform(load_image(ex.image)), "caption": ex.caption}
+        return {"pixel_values": self.transform(load_image(ex.image)), "caption": ex.caption, "index": i}
 
 
 __all__ = ["DataConfig", "ImageCaptionDataset", "check_images", "inspect_dataset", "load_examples", "read_examples", "split_examples",

@@ -1,0 +1,84 @@
+"""Two CPU processes (gloo) through `accelerate launch`: sharded once, same result as one process, resumable."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script, processes, *args):
+    # `--multi_gpu` picks torch's elastic launcher; ACCELERATE_USE_CPU=1 makes it gloo on CPUs
+    # (`accelerate launch --cpu` alone starts a single process).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "ACCELERATE_USE_CPU": "1"}
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    command = ["accelerate", "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(script), *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _args(tiny_model, phantom_chexpert, out, strategy, batch, steps, *extra):
+    return ["--pretrained_model_name_or_path", tiny_model, "--train_csv",
+            phantom_chexpert / "CheXpert-v1.0-small" / "train.csv", "--resolution", 64, "--strategy", strategy,
+            "--train_batch_size", batch, "--max_train_steps", steps, "--learning_rate", "1e-3",
+            "--output_dir", out, "--report_to", "none", *extra]
+
+
+def test_ranks_see_disjoint_samples_that_cover_the_dataset(tiny_model, phantom_chexpert, tmp_path):
+    _launch(ROOT / "tests" / "helpers" / "sample_order.py", 2,
+            *_args(tiny_model, phantom_chexpert, tmp_path, "lora", 3, 1))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    from sdtune.data.dataset import DataConfig, load_examples
+
+    n = len(load_examples(DataConfig(train_csv=str(phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"), resolution=64)))
+    # accelerate pads the last uneven batch by repeating samples from the start; apart from that, disjoint
+    padding = len(rank0) + len(rank1) - n
+    assert 0 <= padding < 2 * 3
+    assert set(rank0) | set(rank1) == set(range(n))
+    assert len(set(rank0) & set(rank1)) <= padding
+    assert len(set(rank0[: n // 2 - 3]) & set(rank1[: n // 2 - 3])) == 0
+
+
+@pytest.mark.parametrize("strategy", ["unet", "lora"])
+def test_two_processes_match_one_process_with_twice_the_batch(strategy, tiny_model, phantom_chexpert, tmp_path):
+    train = ROOT / "train_text_to_image.py"
+    # Adam turns gradients near 0 into steps of +-lr whose sign is floating-point noise; a larger
+    # epsilon keeps those steps small, so the comparison below can stay tight.
+    stable = ["--adam_epsilon", "1e-4"]
+    _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path / "two", strategy, 1, 3, *stable))
+    _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path / "one", strategy, 2, 3, *stable))
+    two = load_file(tmp_path / "two" / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+    one = load_file(tmp_path / "one" / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(one[k], base[k]) for k in one)
+    # the runs differ only in the order of floating-point sums
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert summary["global_batch_size"] == 2
+
+
+def test_a_checkpoint_from_two_processes_resumes_on_one(tiny_model, phantom_chexpert, tmp_path):
+    train = ROOT / "train_text_to_image.py"
+    _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 1, 2, "--checkpointing_steps", 2))
+    assert (tmp_path / "checkpoint-2" / "unet_trained.safetensors").is_file()
+    _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 2, 4, "--resume_from_checkpoint", "latest"))
+    assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 4
