@@ -18,6 +18,8 @@ STRATEGY=unet+vae+text
 : "${RESOLUTION:=512}"
 : "${MIXED_PRECISION:=fp16}"
 : "${CHECKPOINTING_STEPS:=500}"
+: "${NUM_GPUS:=1}"                     # processes to launch (one per GPU)
+: "${ACCELERATE_CONFIG:=}"             # e.g. configs/accelerate/ddp.yaml (default: accelerate's own config)
 : "${USE_8BIT_ADAM:=true}"
 : "${GRADIENT_CHECKPOINTING:=true}"
 

@@ -82,3 +82,16 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(tiny_model, phantom_chex
     assert (tmp_path / "checkpoint-2" / "unet_trained.safetensors").is_file()
     _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 2, 4, "--resume_from_checkpoint", "latest"))
     assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 4
+
+
+def test_strategy_script_launches_num_gpus_processes(tiny_model, phantom_chexpert, tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "ACCELERATE_USE_CPU": "1", "NUM_GPUS": "2", "MODEL_NAME": str(tiny_model),
+           "TRAIN_CSV": str(phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"), "OUTPUT_DIR": str(tmp_path),
+           "MAX_TRAIN_STEPS": "1", "RESOLUTION": "64", "TRAIN_BATCH_SIZE": "1", "GRADIENT_ACCUMULATION_STEPS": "1",
+           "MIXED_PRECISION": "no", "ACCELERATE_ARGS": f"--main_process_port {_free_port()} --dynamo_backend no"}
+    result = subprocess.run(["bash", str(ROOT / "bitfit.sh"), "--report_to", "none"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 per device x 2 processes" in result.stdout
+    assert json.loads((tmp_path / "training_summary.json").read_text())["global_batch_size"] == 2

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Synthetic images from strategy 7 of the study: all three components; trained by ./finetune_unet+vae+text.sh.
+# Every variable below can be overridden from the environment, e.g.
+#   LABELS_CSV=labels.csv ./synthesis_unet+vae+text.sh          (a label-combination CSV with a count column)
+#   PROMPTS_FILE=prompts.txt ACCELERATE_ARGS="--multi_gpu --num_processes 4" ./synthesis_unet+vae+text.sh
+# MODEL_PATH may be the run folder (its final_model/), a final_model/, a checkpoint-STEP/ or an
+# adapter file (with BASE_MODEL). Rerunning completes an interrupted dataset.
+# Extra arguments go straight to synthesize_images.py (see --help).
+set -euo pipefail
+STRATEGY=unet+vae+text
+: "${MODEL_PATH:=outputs/$STRATEGY}"          # the training wrapper's OUTPUT_DIR
+: "${OUTPUT_DIR:=synthetic/$STRATEGY}"
+: "${PROMPTS:=}"                               # "prompt a, prompt b"
+: "${PROMPTS_FILE:=}"                          # one prompt a line
+: "${LABELS_CSV:=}"                            # label columns + count: prompts are the training captions
+: "${NUM_INFERENCE_STEPS:=50}"
+: "${GUIDANCE_SCALE:=7.5}"
+: "${NUM_IMAGES_PER_PROMPT:=1}"
+: "${BATCH_SIZE:=1}"
+: "${HEIGHT:=512}"
+: "${WIDTH:=512}"
+: "${SEED:=42}"                                # for reproducible results
+: "${MIXED_PRECISION:=fp16}"
+source "$(dirname "$0")/scripts/synth_args.sh"
+exec accelerate launch "${LAUNCH_ARGS[@]}" "$SYNTH_SCRIPT" "${SYNTH_ARGS[@]}" "$@"
