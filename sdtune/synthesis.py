@@ -1,0 +1,647 @@
+"""Synthetic datasets from any trained strategy: PNG images plus metadata.csv, resumable and sharded.
+
+    accelerate launch synthesize_images.py --model-path outputs/lora --labels-csv labels.csv --output-dir synthetic/lora
+
+The model is a final_model/ pipeline, a run folder (its final_model/), a checkpoint-STEP/
+(its run's training_summary.json names the base model and strategy) or an adapter file with
+--base-model. Every image has an index k; its seed is `image_seed(seed, k)` and its noise comes
+from its own generator, so image k does not depend on the batch size, the number of processes
+or which run (first or resumed) made it. A PNG is written under a temporary name and renamed,
+so a half-written file never counts as done; a rerun makes only what is missing. Prompts are
+encoded as training encodes captions (padded to 77 tokens, no attention mask).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtune.config import field
+from sdtune.errors import UserError
+from sdtune.strategies import COMPONENTS, Strategy
+
+# Short names for diffusers schedulers: (class, extra settings). Each is configured from the
+# model's own scheduler config, so betas and prediction type stay the model's.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "pndm": ("PNDMScheduler", {}),  # SD1.5's own
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COUNT = "count"  # the labels CSV column saying how many images a row asks for
+METADATA_COLUMNS = ["file_name", "prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler"]
+# Settings that change pixels: a resumed run must match them (batch size and device do not count).
+IMAGE_SETTINGS = ("model_path", "base_model", "fuse_lora", "steps", "guidance_scale", "height", "width",
+                  "scheduler", "mixed_precision")
+
+
+@dataclass
+class SynthesisConfig:
+    """Model, prompts, sampling and output settings of a synthetic dataset."""
+
+    model_path: str | None = field(None, "a final_model/ folder, a run folder (its final_model/ is used), a "
+                                         "checkpoint-STEP/ folder, or an adapter file/folder (with --base_model)")
+    base_model: str | None = field(None, "base model for an adapter file or a checkpoint (default: the one named in "
+                                         "the run's training_summary.json)")
+    output_dir: str = field("synthetic", "dataset folder: images/, metadata.csv, synthesis_config.json")
+    prompts: str | None = field(None, "comma-separated prompts, e.g. \"prompt a, prompt b\" (prompts containing "
+                                      "commas: use --prompts_file)")
+    prompts_file: str | None = field(None, "text file with one prompt a line (blank lines skipped)")
+    labels_csv: str | None = field(None, "CSV of label columns plus a 'count' column: each row asks for `count` "
+                                         "images, prompted with the training captions of those labels")
+    caption_template: str | None = field(None, "labels CSV: caption style (chexpert, study, dermoscopy or a JSON "
+                                               "file; default: the run's, else chexpert)")
+    findings: list[str] | None = field(None, "labels CSV: labels named in prompts, in order (default: the run's, "
+                                             "else the template's, else the training table's label order)")
+    num_images: int = field(1, "images per prompt (--prompts, --prompts_file); a labels CSV uses its count column")
+    negative_prompt: str = field("", "negative prompt for every image (empty: none)")
+    steps: int = field(50, "denoising steps")
+    guidance_scale: float = field(7.5, "classifier-free guidance scale (1 turns guidance off)")
+    height: int = field(512, "image height in pixels, a multiple of 8")
+    width: int = field(512, "image width in pixels, a multiple of 8")
+    seed: int = field(42, "base seed; image k's seed is image_seed(seed, k), written to metadata.csv")
+    batch_size: int = field(1, "images per pipeline call, per process (does not change the images' noise)")
+    scheduler: str | None = field(None, f"sampler: {', '.join(SCHEDULERS)} (default: the model's own)")
+    mixed_precision: str = field("no", "weights and sampling in fp16 or bf16, or fp32 (no)", choices=tuple(DTYPES))
+    device: str | None = field(None, "cuda, cuda:1, cpu, ... (default: accelerate's device for this process, "
+                                     "cuda if available)")
+    fuse_lora: bool = field(True, "merge a LoRA/DoRA adapter into the U-Net weights before sampling (faster; same "
+                                  "images within float tolerance); a final_model/ is already merged")
+
+
+def check_config(cfg: SynthesisConfig) -> None:
+    """Fail before loading anything on settings that cannot work."""
+    if not cfg.model_path:
+        raise UserError("--model_path is required: a final_model/ folder, a run folder, a checkpoint-STEP/ folder "
+                        "or an adapter file")
+    sources = [flag for flag, value in (("--prompts", cfg.prompts), ("--prompts_file", cfg.prompts_file),
+                                        ("--labels_csv", cfg.labels_csv)) if value]
+    if len(sources) != 1:
+        raise UserError(f"give exactly one of --prompts, --prompts_file, --labels_csv (got {', '.join(sources) or 'none'})")
+    if cfg.labels_csv and cfg.num_images != 1:
+        raise UserError("--num_images applies to --prompts/--prompts_file; a labels CSV says how many images each "
+                        "row gets in its 'count' column")
+    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {cfg.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
+    if cfg.mixed_precision not in DTYPES:
+        raise UserError(f"unknown mixed precision {cfg.mixed_precision!r}: use one of {', '.join(DTYPES)}")
+    for name in ("num_images", "steps", "batch_size", "height", "width"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("height", "width"):
+        if getattr(cfg, name) % 8:
+            raise UserError(f"--{name} must be a multiple of 8 (the VAE's downsampling), got {getattr(cfg, name)}")
+
+
+# ------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    labels: dict  # label column -> value as written in the labels CSV (empty for plain prompts)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image `index`: the first 63 bits of sha256("seed:index").
+
+    Not seed + index: with that, the datasets of seeds 42 and 43 would share all but one noise.
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big") >> 1
+
+
+def read_prompts(cfg: SynthesisConfig) -> list[str]:
+    if cfg.prompts:
+        prompts = [p.strip() for p in cfg.prompts.split(",")]
+    else:
+        path = Path(cfg.prompts_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"prompts file {path} does not exist")
+        try:
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as err:
+            raise UserError(f"prompts file {path} is not UTF-8 text: {err}") from None
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"no prompts in {'--prompts' if cfg.prompts else cfg.prompts_file}")
+    return prompts
+
+
+def caption_settings(cfg: SynthesisConfig, summary: dict | None):
+    """(template, findings, uncertainty policy, demographics?, label order) as the run made its captions."""
+    from sdtune.data.captions import load_template
+    from sdtune.data.tables import CHEXPERT_LABELS, DEFAULT_TEMPLATE, MIMIC_LABELS, detect_format
+
+    data = (summary or {}).get("arguments", {}).get("data", {})
+    fmt = data.get("data_format")
+    source = data.get("train_csv") or data.get("train_data_dir")
+    if fmt in (None, "auto") and source and Path(source).is_file():
+        try:
+            fmt = detect_format(source)
+        except UserError:
+            fmt = None
+    if cfg.caption_template and data.get("caption_template") not in (None, cfg.caption_template):
+        print(f"note: --caption_template {cfg.caption_template} differs from the run's "
+              f"{data['caption_template']}: prompts will not read like its training captions")
+    template = load_template(cfg.caption_template or data.get("caption_template") or DEFAULT_TEMPLATE.get(fmt, "chexpert"))
+    findings = cfg.findings or data.get("findings")
+    order = {"chexpert": CHEXPERT_LABELS, "mimic": MIMIC_LABELS}.get(fmt)
+    return template, findings, data.get("uncertainty", "ignore"), data.get("demographics") if data else None, order
+
+
+def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[str, dict]]:
+    """(prompt, labels as written) for every image the labels CSV asks for, row by row.
+
+    Prompts come from build_caption, the function that made the training captions, with the
+    run's template, findings, uncertainty policy and demographics (training_summary.json).
+    """
+    import pandas as pd
+
+    from sdtune.data.captions import apply_uncertainty, build_caption
+
+    path = Path(cfg.labels_csv).expanduser()
+    if not path.is_file():
+        raise UserError(f"labels CSV {path} does not exist")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read labels CSV {path}: {err}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if COUNT not in df.columns:
+        raise UserError(f"labels CSV {path} has no '{COUNT}' column: add one saying how many images each row asks "
+                        f"for (columns now: {', '.join(df.columns)})")
+    people = {c.lower(): c for c in df.columns if c.lower() in ("age", "sex")}
+    labels = [c for c in df.columns if c != COUNT and c not in people.values()]
+    clash = sorted(set(labels) & set(METADATA_COLUMNS + ["text"]))
+    if clash:
+        raise UserError(f"labels CSV {path}: column(s) {', '.join(clash)} clash with metadata.csv's own columns")
+    template, findings, uncertainty, run_demographics, order = caption_settings(cfg, summary)
+    demographics = len(people) == 2
+    if run_demographics is not None and demographics != run_demographics:
+        want = "needs 'age' and 'sex' columns" if run_demographics else "must not have 'age'/'sex' columns"
+        raise UserError(f"labels CSV {path} {want}: the run's captions {'started' if run_demographics else 'did not start'} "
+                        "with age and sex")
+    if findings is None and template.findings is None and order and set(labels) <= set(order):
+        findings = [name for name in order if name in labels]  # the training table's caption order
+    unknown = [f for f in (findings or template.findings or []) if f not in labels]
+    if findings and unknown:
+        raise UserError(f"labels CSV {path} lacks finding column(s) {', '.join(unknown)} named by --findings or the run")
+
+    planned = []
+    for line, row in zip(range(2, len(df) + 2), df.to_dict("records")):
+        count = row[COUNT].strip()
+        if not re.fullmatch(r"\d+", count):
+            raise UserError(f"labels CSV {path} line {line}: count {count!r} is not a whole number >= 0")
+        values = {}
+        for name in labels:
+            text = row[name].strip()
+            try:
+                values[name] = apply_uncertainty(float(text) if text else float("nan"), uncertainty)
+            except ValueError:
+                raise UserError(f"labels CSV {path} line {line}: {name} = {text!r} is not a number "
+                                "(1 positive, 0 negative, -1 uncertain, blank unknown)") from None
+        person = {"age": row[people["age"]], "sex": row[people["sex"]]} if demographics else None
+        prompt = build_caption(values, template, findings, person)
+        planned += [(prompt, {name: row[name] for name in labels})] * int(count)
+    if not planned:
+        raise UserError(f"labels CSV {path} asks for no images (every count is 0)")
+    return planned
+
+
+def build_plan(cfg: SynthesisConfig, summary: dict | None) -> list[PlannedImage]:
+    """Every image of the dataset, index k in order: prompt i's num_images, or the CSV's rows' counts."""
+    if cfg.labels_csv:
+        wanted = read_labels_csv(cfg, summary)
+    else:
+        wanted = [(prompt, {}) for prompt in read_prompts(cfg) for _ in range(cfg.num_images)]
+    return [PlannedImage(k, prompt, cfg.negative_prompt, image_seed(cfg.seed, k), labels)
+            for k, (prompt, labels) in enumerate(wanted)]
+
+
+def plan_digest(plan: list[PlannedImage]) -> str:
+    rows = [[p.index, p.prompt, p.negative_prompt, p.seed, p.labels] for p in plan]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ModelSource:
+    """What --model_path turned out to be."""
+
+    kind: str  # "pipeline" (a final_model/ or hub id), "run", "checkpoint" or "adapter"
+    path: str  # what gets loaded: the pipeline folder, checkpoint folder or adapter file
+    summary: dict | None = None  # the run's training_summary.json, when there is one
+    base_model: str | None = None  # checkpoint/adapter: the model the trained tensors go onto
+    adapter: str | None = None  # adapter kind of an adapter file
+
+    @property
+    def strategy(self) -> str | None:
+        return (self.summary or {}).get("strategy", {}).get("name")
+
+
+def read_summary(folder: Path) -> dict | None:
+    path = folder / "training_summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+def _adapter_file(folder: Path) -> Path | None:
+    from sdtune.adapters import ADAPTERS
+
+    found = sorted({folder / a.weights_name for a in ADAPTERS.values() if (folder / a.weights_name).is_file()})
+    if len(found) > 1:
+        raise UserError(f"{folder} holds several adapter files ({', '.join(p.name for p in found)}): pass one of them")
+    return found[0] if found else None
+
+
+def _adapter_kind(path: Path) -> str | None:
+    """The adapter a weights file holds, from the metadata the toolkit (or diffusers) wrote into it."""
+    from sdtune.adapters.base import read_weights
+
+    _, meta = read_weights(path, path.name)
+    if "sdtune_adapter" in meta:
+        return meta["sdtune_adapter"]
+    if "lora_adapter_metadata" in meta:
+        return "dora" if json.loads(meta["lora_adapter_metadata"]).get("unet.use_dora") else "lora"
+    return None
+
+
+def resolve_model(model_path: str, base_model: str | None = None) -> ModelSource:
+    """Tell which kind of thing --model_path is, from its files and the run's summary (never its name)."""
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", model_path) and not model_path.startswith("."):
+            return _no_base(ModelSource("pipeline", model_path), base_model)  # a hub id, e.g. the untrained base
+        raise UserError(f"model path {model_path} does not exist: pass a final_model/ folder, a run folder, "
+                        "a checkpoint-STEP/ folder or an adapter file")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return _no_base(ModelSource("pipeline", str(path), read_summary(path.parent)), base_model)
+    if path.is_dir() and list(path.glob("*_trained.safetensors")):
+        summary = read_summary(path.parent)
+        if summary is None:
+            raise UserError(f"{path} is a checkpoint, but {path.parent / 'training_summary.json'} is missing: it "
+                            "names the strategy and base model the checkpoint belongs to (training writes it when it "
+                            "ends); use a finished run's checkpoint or its final_model/")
+        base = base_model or summary["arguments"]["train"]["pretrained_model_name_or_path"]
+        return ModelSource("checkpoint", str(path), summary, base)
+    if path.is_dir() and (path / "final_model").is_dir():
+        if not (path / "final_model" / "model_index.json").is_file():
+            raise UserError(f"{path / 'final_model'} is incomplete (no model_index.json): did training finish?")
+        return _no_base(ModelSource("run", str(path / "final_model"), read_summary(path)), base_model)
+    adapter_file = _adapter_file(path) if path.is_dir() else path
+    if adapter_file is None or adapter_file.suffix != ".safetensors":
+        raise UserError(f"{path} is none of: a final_model/ folder (model_index.json), a run folder (final_model/), "
+                        "a checkpoint-STEP/ folder (*_trained.safetensors), an adapter .safetensors file")
+    return _adapter_source(adapter_file, base_model)
+
+
+def _no_base(source: ModelSource, base_model: str | None) -> ModelSource:
+    if base_model:
+        raise UserError(f"--base_model is for checkpoints and adapter files; {source.path} is a complete pipeline")
+    return source
+
+
+def _adapter_source(path: Path, base_model: str | None) -> ModelSource:
+    summary = read_summary(path.parent)
+    kind = _adapter_kind(path)
+    if summary is not None:
+        strategy = Strategy(**summary["strategy"])
+        if kind is not None and kind != strategy.peft:
+            raise UserError(f"{path} holds {kind} weights but {path.parent / 'training_summary.json'} describes a "
+                            f"{strategy.name} run: pass the adapter file of that run")
+        if strategy.text_encoder or strategy.vae:
+            raise UserError(f"the run in {path.parent} also trained the {'text encoder' if strategy.text_encoder else 'VAE'}, "
+                            "which the adapter file does not hold: pass the run folder or a checkpoint instead")
+        kind = strategy.peft
+    if kind is None:
+        raise UserError(f"cannot tell which adapter {path} holds: it has no sdtune/peft metadata and no "
+                        "training_summary.json beside it")
+    base = base_model or (summary or {}).get("arguments", {}).get("train", {}).get("pretrained_model_name_or_path")
+    if not base:
+        raise UserError(f"{path} is an adapter file: pass --base_model, the model it was trained on")
+    return ModelSource("adapter", str(path), summary, base, kind)
+
+
+def _adapter_config(source: ModelSource):
+    """The adapter's settings: the run's (training_summary.json), else those stored in the file."""
+    from sdtune.adapters import AdapterConfig
+    from sdtune.adapters.base import read_weights
+
+    known = {f.name for f in dataclasses.fields(AdapterConfig)}
+    if source.summary is not None:
+        return AdapterConfig(**{k: v for k, v in source.summary["arguments"]["adapter"].items() if k in known})
+    _, meta = read_weights(source.path, Path(source.path).name)
+    if "lora_adapter_metadata" in meta:
+        saved = json.loads(meta["lora_adapter_metadata"])
+        return AdapterConfig(lora_rank=saved["unet.r"], lora_alpha=saved["unet.lora_alpha"],
+                             lora_dropout=saved.get("unet.lora_dropout", 0.0),
+                             lora_target_modules=list(saved["unet.target_modules"]))
+    return AdapterConfig(**json.loads(meta.get("sdtune_adapter_config", "{}")))
+
+
+def _train_config(source: ModelSource):
+    from sdtune.train import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = (source.summary or {}).get("arguments", {}).get("train", {})
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def _load_ema(checkpoint: Path, params: list[torch.nn.Parameter]) -> None:
+    """A run with --use_ema saves its EMA weights as final_model; a checkpoint keeps them in
+    accelerate's custom_checkpoint_0.pkl, in the order of the run's trainable-parameter list."""
+    path = checkpoint / "custom_checkpoint_0.pkl"
+    if not path.is_file():
+        raise UserError(f"the run used --use_ema but {path} (its EMA weights) is missing")
+    shadow = torch.load(path, map_location="cpu", weights_only=True)["shadow_params"]
+    if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
+        raise UserError(f"{path} does not match the run's trainable parameters")
+    with torch.no_grad():
+        for param, value in zip(params, shadow):
+            param.copy_(value)
+
+
+def load_pipeline(source: ModelSource, fuse_lora: bool = True):
+    """A StableDiffusionPipeline in fp32 on the CPU, with the trained tensors in place."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from sdtune.adapters import get_adapter
+    from sdtune.adapters.base import copy_checked
+    from sdtune.models import load_components
+    from sdtune.train import build_pipeline
+
+    if source.kind in ("pipeline", "run"):
+        try:
+            return StableDiffusionPipeline.from_pretrained(source.path, safety_checker=None, feature_extractor=None,
+                                                           requires_safety_checker=False)
+        except OSError as err:
+            where = "" if Path(source.path).exists() else " (no such local folder, so it was tried as a hub id)"
+            raise UserError(f"cannot load pipeline {source.path}{where}: {str(err).strip().splitlines()[0]}") from None
+
+    train_cfg = _train_config(source)
+    models = load_components(source.base_model, train_cfg.revision, train_cfg.variant)
+    if source.kind == "adapter":
+        adapter = get_adapter(source.adapter, _adapter_config(source))
+        adapter.load(models.unet, source.path)  # strict: names, shapes and settings must match
+    else:  # a checkpoint: {component}_trained.safetensors onto the base, as the run trained them
+        strategy = Strategy(**source.summary["strategy"])
+        adapter = get_adapter(strategy.peft, _adapter_config(source)) if strategy.peft else None
+        ordered = []  # the run's trainable-parameter list, in its order (for EMA)
+        for c in COMPONENTS:
+            if not strategy.trains[c]:
+                continue
+            model = getattr(models, c)
+            if c == "unet" and adapter is not None:
+                adapter.apply(model)
+                params = adapter.named_trainable(model)
+            else:
+                params = dict(model.named_parameters())
+            path = Path(source.path) / f"{c}_trained.safetensors"
+            if not path.is_file():
+                raise UserError(f"{path} is missing: a {strategy.name} checkpoint holds one file per trained component")
+            copy_checked(params, load_file(path), path)
+            ordered += list(params.values())
+        if train_cfg.use_ema:
+            _load_ema(Path(source.path), ordered)
+    # LoRA/DoRA stay unmerged only when asked; BitFit/DiffFit merges are exact (biases, scaled weights).
+    if adapter is not None and (fuse_lora or adapter.name not in ("lora", "dora")):
+        models.unet = adapter.merge(models.unet)
+    models.unet.requires_grad_(False)
+    pipeline = build_pipeline(source.base_model, train_cfg, unet=models.unet, text_encoder=models.text_encoder,
+                              vae=models.vae, tokenizer=models.tokenizer)
+    if train_cfg.prediction_type:
+        pipeline.scheduler.register_to_config(prediction_type=train_cfg.prediction_type)  # as save_final_model does
+    return pipeline
+
+
+def set_scheduler(pipeline, name: str | None) -> str:
+    """Swap in the named sampler, configured from the model's scheduler; returns the name used."""
+    import diffusers
+
+    if name is None:
+        own = type(pipeline.scheduler).__name__
+        return next((n for n, (cls, extra) in SCHEDULERS.items() if cls == own and not extra), own)
+    cls, extra = SCHEDULERS[name]
+    pipeline.scheduler = getattr(diffusers, cls).from_config(pipeline.scheduler.config, **extra)
+    return name
+
+
+def prepare_pipeline(pipeline, cfg: SynthesisConfig, device: torch.device | str):
+    pipeline.to(device)
+    if cfg.mixed_precision != "no":  # (a cast to fp32 would only print diffusers' cast warning)
+        pipeline.to(dtype=DTYPES[cfg.mixed_precision])
+    pipeline.set_progress_bar_config(disable=True)
+    if getattr(pipeline.text_encoder.config, "use_attention_mask", False):
+        pipeline.text_encoder.config.use_attention_mask = False  # training encodes captions without a mask
+    return pipeline
+
+
+# ------------------------------------------------------------------------------- images
+
+
+@torch.no_grad()
+def render(pipeline, items: list[PlannedImage], cfg: SynthesisConfig) -> np.ndarray:
+    """Images of `items` as floats in [0, 1], (n, H, W, 3); each from its own CPU generator, so
+    its noise does not depend on the batch it is in (CPU: the same noise on any device)."""
+    negative = [item.negative_prompt for item in items]
+    images = pipeline(
+        prompt=[item.prompt for item in items],
+        negative_prompt=negative if any(negative) else None,
+        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+        generator=[torch.Generator().manual_seed(item.seed) for item in items], output_type="np",
+    ).images
+    if not np.isfinite(images).all():
+        raise UserError(f"the model produced NaN/inf pixels under --mixed_precision {cfg.mixed_precision} "
+                        "(fp16 overflow?): use --mixed_precision bf16 or no")
+    return images
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def is_complete_png(path: Path, width: int, height: int) -> bool:
+    """A PNG of the right size that ends in IEND: a truncated or foreign file is not done."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            f.seek(-len(PNG_END), os.SEEK_END)
+            tail = f.read()
+    except OSError:
+        return False
+    return (len(head) == 24 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+            and struct.unpack(">II", head[16:24]) == (width, height) and tail == PNG_END)
+
+
+def write_png(image, path: Path, info: dict) -> None:
+    """Write under a temporary name and rename: a killed run never leaves a half PNG under the real name."""
+    from PIL.PngImagePlugin import PngInfo
+
+    png_info = PngInfo()
+    png_info.add_text("sdtune", json.dumps(info))  # each image says how it was made, even without the CSV
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def metadata_rows(plan: list[PlannedImage], names: list[str], cfg: SynthesisConfig, scheduler: str) -> list[dict]:
+    """One row per image; `text` repeats the prompt under the column name training readers expect."""
+    return [{"file_name": f"images/{name}", "prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed,
+             "steps": cfg.steps, "guidance": cfg.guidance_scale, "scheduler": scheduler, **p.labels, "text": p.prompt}
+            for p, name in zip(plan, names)]
+
+
+def write_metadata(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue())
+
+
+def check_resume(config_path: Path, fingerprint: dict) -> None:
+    """A folder holding images of other settings is not resumed: the set would mix two datasets."""
+    if not config_path.is_file():
+        return
+    try:
+        saved = json.loads(config_path.read_text()).get("fingerprint", {})
+    except (OSError, json.JSONDecodeError):
+        return  # a config cut short by a kill: nothing to compare, the images are checked one by one
+    differ = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {fingerprint[k]!r} now" for k in differ if k != "plan")
+        if "plan" in differ:
+            detail = ", ".join(filter(None, [detail, "other prompts, counts or seed"]))
+        raise UserError(f"{config_path.parent} holds a dataset made with other settings ({detail}): use another "
+                        "--output_dir, or the same settings to complete it")
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def synthesize(cfg: SynthesisConfig) -> dict:
+    """Make the images of the plan that are not yet in cfg.output_dir, sharded over processes."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    from sdtune.train import library_versions
+
+    check_config(cfg)
+    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))  # cpu: gloo across processes
+    device = torch.device(cfg.device) if cfg.device else state.device
+    if device.type == "cuda" and device.index is None and state.num_processes > 1:
+        device = torch.device("cuda", state.local_process_index)
+
+    source = resolve_model(cfg.model_path, cfg.base_model)
+    plan = build_plan(cfg, source.summary)
+    out, images_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "images"
+    width = max(6, len(str(len(plan) - 1)))
+    names = [f"{p.index:0{width}d}.png" for p in plan]
+    settings = asdict(cfg)
+    local = Path(cfg.model_path).expanduser()
+    settings["model_path"] = str(local.resolve()) if local.exists() else cfg.model_path  # a hub id stays as given
+    fingerprint = {**{k: settings[k] for k in IMAGE_SETTINGS}, "plan": plan_digest(plan)}
+    check_resume(out / "synthesis_config.json", fingerprint)  # every process, before anyone writes
+
+    pipeline = load_pipeline(source, cfg.fuse_lora)
+    scheduler = set_scheduler(pipeline, cfg.scheduler)
+    prepare_pipeline(pipeline, cfg, device)
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        for stale in images_dir.glob("*.tmp"):  # left by a killed run
+            stale.unlink()
+        resolved = {"model": {"kind": source.kind, "path": source.path, "strategy": source.strategy,
+                              "base_model": source.base_model, "adapter": source.adapter},
+                    "scheduler": scheduler, "scheduler_class": type(pipeline.scheduler).__name__,
+                    "num_images": len(plan), "num_processes": state.num_processes, "device": str(device),
+                    "seed_rule": "image k: first 63 bits of sha256('<seed>:<k>')"}
+        write_atomic(out / "synthesis_config.json", json.dumps(
+            {"settings": settings, "resolved": resolved, "fingerprint": fingerprint, "versions": library_versions()},
+            indent=2))
+    state.wait_for_everyone()
+    todo = [p for p, name in zip(plan, names) if not is_complete_png(images_dir / name, cfg.width, cfg.height)]
+    state.wait_for_everyone()  # every process has the same `todo` before anyone writes
+    mine = todo[state.process_index::state.num_processes]
+    state.print(f"{len(plan)} images planned ({source.strategy or source.kind} model {source.path}, {scheduler}, "
+                f"{cfg.steps} steps); {len(plan) - len(todo)} already in {images_dir}; {len(todo)} to make on "
+                f"{state.num_processes} process(es), batch {cfg.batch_size}")
+
+    start = time.time()
+    progress = tqdm(total=len(mine), unit="img", desc="images", disable=not state.is_local_main_process)
+    for first in range(0, len(mine), cfg.batch_size):
+        batch = mine[first:first + cfg.batch_size]
+        for item, image in zip(batch, pipeline.numpy_to_pil(render(pipeline, batch, cfg))):
+            info = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
+                    "steps": cfg.steps, "guidance": cfg.guidance_scale, "scheduler": scheduler}
+            write_png(image, images_dir / names[item.index], info)
+        progress.update(len(batch))
+    progress.close()
+    elapsed = time.time() - start
+    print(f"process {state.process_index}/{state.num_processes}: made {len(mine)} images in {elapsed:.1f} s"
+          + (f" ({len(mine) / elapsed:.2f} images/s)" if mine and elapsed > 0 else ""), flush=True)
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        missing = [name for name in names if not is_complete_png(images_dir / name, cfg.width, cfg.height)]
+        if missing:
+            raise UserError(f"{len(missing)} images missing, e.g. {missing[0]}: rerun the same command to complete the set")
+        write_metadata(out / "metadata.csv", metadata_rows(plan, names, cfg, scheduler))
+        state.print(f"{len(plan)} images and metadata.csv in {out}")
+    return {"output_dir": str(out), "num_images": len(plan), "made": len(mine), "skipped": len(plan) - len(todo),
+            "scheduler": scheduler, "model": source.kind, "strategy": source.strategy}
+
+
+def parse_args(argv: list[str] | None = None) -> SynthesisConfig:
+    import argparse
+
+    from sdtune.config import add_arguments, from_args
+
+    parser = argparse.ArgumentParser(prog="synthesize_images.py",
+                                     description="Make a synthetic image dataset (PNG + metadata.csv) with a trained model.")
+    add_arguments(parser, SynthesisConfig)
+    return from_args(SynthesisConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return synthesize(parse_args(argv))

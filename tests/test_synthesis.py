@@ -1,0 +1,427 @@
+"""synthesize_images.py on the tiny model: determinism, resume, sharding, labels CSV, every model-path kind, wrappers."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from sdtune import synthesis
+from sdtune.data.tables import CHEXPERT_LABELS, read_table
+from sdtune.errors import UserError, run_cli
+from sdtune.strategies import STRATEGIES
+from sdtune.synthesis import (SynthesisConfig, build_plan, image_seed, load_pipeline, main, parse_args,
+                              prepare_pipeline, render, resolve_model)
+from sdtune.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "2", "--height", "64", "--width", "64"]
+PROMPTS = "Chest x-ray of a patient with Edema, Chest x-ray of a patient with no significant findings"
+
+
+@pytest.fixture(scope="module")
+def table(phantom_chexpert):
+    return phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, table, tmp_path_factory):
+    """run(strategy, *extra) -> a finished tiny training run folder, trained once per module.
+    Plain runs sit in ROOT/outputs/<strategy>, where the synthesis wrappers look by default."""
+    root = tmp_path_factory.mktemp("runs")
+    done = {}
+
+    def run(strategy, *extra):
+        key = (strategy, *extra)
+        if key not in done:
+            out = root / "outputs" / strategy if not extra else root / "custom" / f"{strategy}-{len(done)}"
+            train_main(["--pretrained_model_name_or_path", str(tiny_model), "--train_csv", str(table),
+                        "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
+                        "--learning_rate", "1e-3", "--output_dir", str(out), "--report_to", "none",
+                        "--checkpointing_steps", "1000", "--strategy", strategy, *extra])
+            done[key] = out
+        return done[key]
+
+    run.root = root
+    return run
+
+
+def synth(out, model, *extra, prompts=PROMPTS):
+    argv = ["--model_path", str(model), "--output_dir", str(out), *FAST, *map(str, extra)]
+    if prompts is not None:
+        argv += ["--prompts", prompts]
+    return main(argv)
+
+
+def pixels(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((Path(folder) / "images").glob("*.png"))}
+
+
+def metadata(folder):
+    return pd.read_csv(Path(folder) / "metadata.csv", dtype=str, keep_default_na=False)
+
+
+def float_images(model, base=None, fuse_lora=True, **settings):
+    cfg = SynthesisConfig(model_path=str(model), prompts=PROMPTS, steps=2, height=64, width=64, **settings)
+    pipeline = prepare_pipeline(load_pipeline(resolve_model(str(model), base), fuse_lora), cfg, "cpu")
+    return render(pipeline, build_plan(cfg, None), cfg)
+
+
+# ------------------------------------------------------------------------------- plan and seeds
+
+
+def test_image_seed_depends_on_base_seed_and_index_only():
+    assert image_seed(42, 0) == 3042642129590909369  # sha256("42:0"), first 63 bits: a stable, documented rule
+    seeds_42 = {image_seed(42, k) for k in range(1000)}
+    seeds_43 = {image_seed(43, k) for k in range(1000)}
+    assert len(seeds_42) == 1000 and not seeds_42 & seeds_43  # neighbouring base seeds share no image
+    assert all(0 <= s < 2**63 for s in seeds_42)
+
+
+def test_plan_from_prompts_and_prompts_file(tmp_path):
+    cfg = SynthesisConfig(model_path="m", prompts=" a ,b,, c ", num_images=2, seed=7)
+    plan = build_plan(cfg, None)
+    assert [p.prompt for p in plan] == ["a", "a", "b", "b", "c", "c"]
+    assert [p.index for p in plan] == list(range(6)) and [p.seed for p in plan] == [image_seed(7, k) for k in range(6)]
+    (tmp_path / "prompts.txt").write_text("first, with a comma\n\n  second  \n\n")
+    plan = build_plan(SynthesisConfig(model_path="m", prompts_file=str(tmp_path / "prompts.txt")), None)
+    assert [p.prompt for p in plan] == ["first, with a comma", "second"]
+
+
+def test_hyphen_and_underscore_flags_give_the_same_settings():
+    values = {"model_path": "m", "base_model": "b", "output_dir": "o", "prompts": "p", "labels_csv": "l.csv",
+              "caption_template": "study", "negative_prompt": "blurry", "guidance_scale": "3.0", "num_images": "2",
+              "batch_size": "4", "mixed_precision": "bf16", "fuse_lora": "false", "prompts_file": "f.txt"}
+    underscores = [x for k, v in values.items() for x in (f"--{k}", v)]
+    hyphens = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", v)]
+    assert parse_args(underscores) == parse_args(hyphens)
+    cfg = parse_args(hyphens)
+    assert cfg.fuse_lora is False and cfg.guidance_scale == 3.0 and cfg.batch_size == 4 and cfg.mixed_precision == "bf16"
+
+
+# ------------------------------------------------------------------------------- images
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' Euler a + numpy 2
+def test_image_equals_the_pipeline_called_directly(runs, tmp_path):
+    final = runs("lora") / "final_model"
+    synth(tmp_path / "pndm", final, "--num_images", "2")
+    synth(tmp_path / "euler_a", final, "--scheduler", "euler_a", "--negative_prompt", "blurry")  # a stochastic sampler
+    pipeline = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    for out, k in ((tmp_path / "pndm", 3), (tmp_path / "euler_a", 1)):
+        row = metadata(out).iloc[k]
+        if out.name == "euler_a":
+            pipeline.scheduler = EulerAncestralDiscreteScheduler.from_config(pipeline.scheduler.config)
+        assert row["seed"] == str(image_seed(42, k)) and row["scheduler"] == out.name
+        direct = pipeline(row["prompt"], negative_prompt=row["negative_prompt"] or None, num_inference_steps=2,
+                          guidance_scale=7.5, height=64, width=64,
+                          generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
+        assert np.array_equal(np.asarray(direct), pixels(out)[row["file_name"].split("/")[1]])
+
+
+def test_batch_size_does_not_change_the_images(runs, tmp_path):
+    final = runs("lora") / "final_model"
+    synth(tmp_path / "b1", final, "--num_images", "3", "--batch_size", "1")
+    synth(tmp_path / "b3", final, "--num_images", "3", "--batch_size", "3")
+    one, three = pixels(tmp_path / "b1"), pixels(tmp_path / "b3")
+    assert list(one) == list(three) == [f"{k:06d}.png" for k in range(6)]
+    assert metadata(tmp_path / "b1").equals(metadata(tmp_path / "b3"))
+    diff = np.stack([np.abs(one[n].astype(int) - three[n].astype(int)) for n in one])
+    # Same seeds and noise; CPU conv/matmul kernels round differently for batch 1 and 3 (~1e-6),
+    # which can move a pixel across a rounding boundary: at most 1 level, rarely.
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def test_killed_run_resumes_without_duplicates_and_with_identical_images(runs, tmp_path, monkeypatch):
+    final = runs("lora") / "final_model"
+    reference = tmp_path / "reference"
+    synth(reference, final, "--num_images", "3")
+    out = tmp_path / "resumed"
+
+    real_write, written = synthesis.write_png, []
+
+    def killed_after_three(image, path, info):
+        if len(written) == 3:
+            path.with_name(path.name + ".tmp").write_bytes(b"\x89PNG half an ima")  # the kill hits mid-write
+            raise KeyboardInterrupt
+        real_write(image, path, info)
+        written.append(path.name)
+
+    monkeypatch.setattr(synthesis, "write_png", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        synth(out, final, "--num_images", "3")
+    monkeypatch.setattr(synthesis, "write_png", real_write)
+    images = out / "images"
+    assert sorted(p.name for p in images.iterdir()) == ["000000.png", "000001.png", "000002.png", "000003.png.tmp"]
+    assert not (out / "metadata.csv").exists()
+    # a PNG cut short (e.g. copied from a full disk) is not done either
+    images.joinpath("000001.png").write_bytes(images.joinpath("000001.png").read_bytes()[:200])
+    kept = {n: images.joinpath(n).stat().st_mtime_ns for n in ("000000.png", "000002.png")}
+
+    summary = synth(out, final, "--num_images", "3")
+    assert summary["made"] == 4 and summary["skipped"] == 2  # 000001, 000003, 000004, 000005
+    assert sorted(p.name for p in images.iterdir()) == [f"{k:06d}.png" for k in range(6)]  # no .tmp, no extras
+    assert {n: images.joinpath(n).stat().st_mtime_ns for n in kept} == kept  # done images are not redone
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(out).values(), pixels(reference).values()))
+    assert (out / "metadata.csv").read_text() == (reference / "metadata.csv").read_text()
+    # a third run has nothing left to do
+    assert synth(out, final, "--num_images", "3")["made"] == 0
+
+
+def test_resume_refuses_a_folder_made_with_other_settings(runs, tmp_path):
+    final = runs("lora") / "final_model"
+    synth(tmp_path, final)
+    with pytest.raises(UserError, match=r"other settings \(steps: 2 there, 3 now\)"):
+        main(["--model_path", str(final), "--output_dir", str(tmp_path), "--prompts", PROMPTS, "--steps", "3",
+              "--height", "64", "--width", "64"])
+    with pytest.raises(UserError, match="other prompts, counts or seed"):
+        synth(tmp_path, final, "--seed", "1")
+    assert synth(tmp_path, final, "--batch_size", "2")["made"] == 0  # batch size does not change images
+
+
+def test_prompts_are_encoded_as_training_encodes_captions(runs):
+    pipeline = StableDiffusionPipeline.from_pretrained(runs("lora") / "final_model", safety_checker=None)
+    prompt = "Chest x-ray of a patient with Pleural Effusion"
+    tok = pipeline.tokenizer
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        trained_on = pipeline.text_encoder(ids, return_dict=False)[0]  # sdtune.train's call: no attention mask
+        sampled_with = pipeline.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert torch.equal(trained_on, sampled_with)
+
+
+def test_mixed_precision_sets_the_pipeline_dtype(tiny_model):
+    cfg = SynthesisConfig(model_path=str(tiny_model), prompts="a", mixed_precision="bf16")
+    pipeline = prepare_pipeline(load_pipeline(resolve_model(str(tiny_model))), cfg, "cpu")
+    assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------- labels CSV
+
+
+@pytest.mark.parametrize("caption_args", [(), ("--caption_template", "study", "--uncertainty", "ones"),
+                                          ("--demographics", "true")], ids=["chexpert", "study-uones", "demographics"])
+def test_labels_csv_counts_are_exact_and_prompts_are_the_training_captions(caption_args, runs, table, tmp_path):
+    run = runs("lora", *caption_args)
+    template = dict(zip(caption_args[::2], caption_args[1::2]))
+    demographics = "--demographics" in template
+    examples, _ = read_table(table, template=template.get("--caption_template"),
+                             uncertainty=template.get("--uncertainty", "ignore"), demographics=demographics)
+    rows = pd.read_csv(table, dtype=str, keep_default_na=False)
+    chosen = examples[:12]
+    labels = list(reversed(CHEXPERT_LABELS))  # column order must not matter
+    columns = labels + (["Age", "Sex"] if demographics else [])
+    csv_rows = rows.iloc[[int(e.source.split("line ")[1]) - 2 for e in chosen]][columns].copy()
+    counts = [(i * 2) % 5 for i in range(len(chosen))]  # 0, 2, 4, 1, 3, ... (a 0 asks for none)
+    csv_rows["count"] = counts
+    csv_rows.to_csv(tmp_path / "labels.csv", index=False)
+    assert any("-1.0" in row for row in csv_rows[labels].to_numpy())  # uncertain labels are exercised
+
+    out = tmp_path / "synthetic"
+    summary = synth(out, run, "--labels_csv", tmp_path / "labels.csv", "--batch_size", "4", prompts=None)
+    meta = metadata(out)
+    assert summary["num_images"] == len(meta) == sum(counts)
+    expected = [e.caption for e, n in zip(chosen, counts) for _ in range(n)]
+    assert meta["prompt"].tolist() == expected and meta["text"].tolist() == expected
+    expected_labels = [row for row, n in zip(csv_rows[labels].to_dict("records"), counts) for _ in range(n)]
+    assert meta[labels].to_dict("records") == expected_labels  # label columns as written in the CSV
+    assert len(pixels(out)) == sum(counts)
+    # the dataset is a training input as it stands
+    synthetic, problems = read_table(out / "metadata.csv")
+    assert not problems and [e.caption for e in synthetic] == expected
+
+
+# ------------------------------------------------------------------------------- every kind of model path
+
+
+PEFT = ("lora", "dora", "bitfit", "difffit")
+
+
+@pytest.mark.parametrize("strategy", ["unet", "vae+text", *PEFT])
+def test_every_model_path_kind_gives_the_final_models_images(strategy, runs, tiny_model, tmp_path):
+    run = runs(strategy)
+    reference = float_images(run / "final_model")
+    assert np.abs(reference - float_images(tiny_model)).max() > 0.02  # training changed the images
+    assert np.array_equal(float_images(run), reference)  # the run folder means its final_model/
+    assert np.allclose(float_images(run / "checkpoint-2"), reference, atol=1e-5)
+    if strategy in PEFT:
+        adapter_file = next(p for p in run.glob("*.safetensors"))
+        alone = tmp_path / "adapter" / "weights.safetensors"  # no summary beside it, a name that says nothing
+        alone.parent.mkdir()
+        shutil.copy(adapter_file, alone)
+        assert resolve_model(str(alone), str(tiny_model)).adapter == strategy  # told by the file's metadata
+        assert np.allclose(float_images(adapter_file), reference, atol=1e-5)  # base from the run's summary
+        assert np.allclose(float_images(alone, str(tiny_model)), reference, atol=1e-5)
+    if strategy in ("lora", "dora"):
+        unfused = float_images(run / "checkpoint-2", fuse_lora=False)
+        assert np.allclose(unfused, reference, atol=1e-3)
+
+
+def test_the_strategy_comes_from_the_summary_not_the_folder_name(runs, tmp_path):
+    misnamed = tmp_path / "lora"
+    shutil.copytree(runs("dora"), misnamed)
+    for path in (misnamed, misnamed / "checkpoint-2", misnamed / "pytorch_lora_weights.safetensors"):
+        assert resolve_model(str(path)).strategy == "dora"
+    assert resolve_model(str(misnamed / "pytorch_lora_weights.safetensors")).adapter == "dora"
+
+
+def test_checkpoint_of_an_ema_run_uses_the_ema_weights(runs):
+    run = runs("unet", "--use_ema", "--ema_decay", "0.5")
+    assert np.allclose(float_images(run / "checkpoint-2"), float_images(run / "final_model"), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def _bad_labels(tmp_path, text):
+    (tmp_path / "labels.csv").write_text(text)
+    return ["--labels_csv", str(tmp_path / "labels.csv")]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "model path .*nowhere does not exist"),
+    ("no count column", "has no 'count' column"),
+    ("bad count", r"line 3: count '2\.5' is not a whole number"),
+    ("unknown scheduler", "unknown scheduler 'foo': use one of pndm, ddim"),
+    ("two prompt sources", "exactly one of --prompts, --prompts_file, --labels_csv"),
+    ("odd height", "--height must be a multiple of 8"),
+    ("checkpoint without summary", "training_summary.json is missing"),
+    ("adapter without base", "pass --base_model"),
+    ("base for a pipeline", "--base_model is for checkpoints and adapter files"),
+])
+def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, capsys):
+    run = runs("lora")
+    args = {"--model_path": str(run), "--output_dir": str(tmp_path / "out"), "--prompts": "a"}
+    extra = []
+    if case == "missing model":
+        args["--model_path"] = str(tmp_path / "nowhere")
+    elif case == "no count column":
+        del args["--prompts"]
+        extra = _bad_labels(tmp_path, "Edema,Cardiomegaly\n1.0,0.0\n")
+    elif case == "bad count":
+        del args["--prompts"]
+        extra = _bad_labels(tmp_path, "Edema,count\n1.0,1\n0.0,2.5\n")
+    elif case == "unknown scheduler":
+        extra = ["--scheduler", "foo"]
+    elif case == "two prompt sources":
+        extra = _bad_labels(tmp_path, "Edema,count\n1.0,1\n")
+    elif case == "odd height":
+        extra = ["--height", "60"]
+    elif case == "checkpoint without summary":
+        shutil.copytree(run / "checkpoint-2", tmp_path / "checkpoint-2")
+        args["--model_path"] = str(tmp_path / "checkpoint-2")
+    elif case == "adapter without base":
+        (tmp_path / "lone").mkdir()
+        shutil.copy(run / "pytorch_lora_weights.safetensors", tmp_path / "lone")
+        args["--model_path"] = str(tmp_path / "lone")
+    elif case == "base for a pipeline":
+        extra = ["--base_model", str(run)]
+    argv = [x for kv in args.items() for x in kv] + extra
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()  # nothing is written before the inputs check out
+
+
+# ------------------------------------------------------------------------------- processes and wrappers
+
+
+def _env(**extra):
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_set_as_one(runs, tmp_path):
+    final = runs("lora") / "final_model"
+    synth(tmp_path / "one", final, "--num_images", "3")
+    # On CPU, accelerate's --cpu launcher starts one process: --multi_gpu spawns them (torchrun)
+    # and --device cpu makes them talk over gloo.
+    result = subprocess.run(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", str(ROOT / "synthesize_images.py"), "--model-path", str(final),
+         "--output-dir", str(tmp_path / "two"), "--prompts", PROMPTS, "--num-images", "3", "--device", "cpu", *FAST],
+        env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0/2: made 3 images" in result.stdout and "process 1/2: made 3 images" in result.stdout
+    one, two = pixels(tmp_path / "one"), pixels(tmp_path / "two")
+    assert list(one) == list(two) and all(np.array_equal(one[n], two[n]) for n in one)
+    assert (tmp_path / "one" / "metadata.csv").read_text() == (tmp_path / "two" / "metadata.csv").read_text()
+
+
+SYNTH_WRAPPERS = {name: f"synthesis_{name}.sh" for name in STRATEGIES}
+
+
+def test_one_synthesis_wrapper_per_strategy_differing_only_in_its_name():
+    assert sorted(p.name for p in ROOT.glob("synthesis_*.sh")) == sorted(SYNTH_WRAPPERS.values())
+    bodies = {}
+    for name, script in SYNTH_WRAPPERS.items():
+        lines = (ROOT / script).read_text().splitlines()
+        assert f"STRATEGY={name}" in lines
+        bodies[name] = [line for line in lines if not line.startswith("#") and line != f"STRATEGY={name}"]
+    assert len({tuple(b) for b in bodies.values()}) == 1
+
+
+WRAPPER_ENV = dict(NUM_INFERENCE_STEPS="2", HEIGHT="64", WIDTH="64", NUM_IMAGES_PER_PROMPT="2", BATCH_SIZE="3",
+                   SEED="7", MIXED_PRECISION="no",
+                   ACCELERATE_ARGS="--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no")
+
+
+def _check_wrapper_output(out, strategy):
+    config = json.loads((out / "synthesis_config.json").read_text())
+    settings = config["settings"]
+    assert config["resolved"]["model"]["strategy"] == strategy and config["resolved"]["model"]["kind"] == "run"
+    assert (settings["steps"], settings["height"], settings["num_images"], settings["batch_size"], settings["seed"]) \
+        == (2, 64, 2, 3, 7)
+    meta = metadata(out)
+    assert len(meta) == 4 and set(meta["scheduler"]) == {"ddim"}  # extra arguments pass through
+    assert meta["seed"].tolist() == [str(image_seed(7, k)) for k in range(4)]
+    assert {im.shape for im in pixels(out).values()} == {(64, 64, 3)}
+
+
+@pytest.mark.parametrize("strategy", list(SYNTH_WRAPPERS))
+def test_synthesis_wrapper_runs_with_environment_overrides(strategy, runs, tmp_path, monkeypatch):
+    """Each wrapper's command line, from its defaults and the environment, run on the tiny model.
+    A stand-in `accelerate` records the command (the real launcher: the test below, for one wrapper)."""
+    runs(strategy)  # trained into RUNS/outputs/<strategy>: the wrapper's default MODEL_PATH
+    (tmp_path / "prompts.txt").write_text("Chest x-ray of a patient with Edema\n\nChest x-ray of a patient with Cardiomegaly\n")
+    (tmp_path / "bin").mkdir()
+    stub = tmp_path / "bin" / "accelerate"
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ACCELERATE_ARGV"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, **WRAPPER_ENV, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+           "PROMPTS_FILE": str(tmp_path / "prompts.txt"), "ACCELERATE_ARGV": str(tmp_path / "argv")}
+    result = subprocess.run(["bash", str(ROOT / SYNTH_WRAPPERS[strategy]), "--scheduler", "ddim"], env=env,
+                            capture_output=True, text=True, cwd=runs.root, timeout=60)
+    assert result.returncode == 0, result.stderr
+    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    script = argv.index(str(ROOT / "synthesize_images.py"))
+    assert argv[:script] == ["launch", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
+    monkeypatch.chdir(runs.root)  # MODEL_PATH and OUTPUT_DIR default to paths relative to where it runs
+    main(argv[script + 1:])
+    _check_wrapper_output(runs.root / "synthetic" / strategy, strategy)  # the default OUTPUT_DIR
+
+
+@pytest.mark.slow
+def test_a_synthesis_wrapper_runs_through_accelerate_launch(runs, tmp_path):
+    runs("lora")
+    (tmp_path / "prompts.txt").write_text("Chest x-ray of a patient with Edema\nChest x-ray of a patient with Cardiomegaly\n")
+    env = _env(**WRAPPER_ENV, PROMPTS_FILE=str(tmp_path / "prompts.txt"), OUTPUT_DIR=str(tmp_path / "out"))
+    result = subprocess.run(["bash", str(ROOT / "synthesis_lora.sh"), "--scheduler", "ddim"], env=env,
+                            capture_output=True, text=True, cwd=runs.root, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_wrapper_output(tmp_path / "out", "lora")
