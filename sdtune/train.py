@@ -12,6 +12,7 @@ import math
 import platform
 import re
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,12 +88,14 @@ class TrainConfig:
     output_dir: str = field("outputs", "run folder: checkpoint-STEP/, final_model/, training_summary.json")
     logging_dir: str = field("logs", "tensorboard folder, relative to --output_dir")
     report_to: str = field("tensorboard", "where to log", choices=("tensorboard", "wandb", "none"))
+    overwrite_output_dir: bool = field(False, "replace the run already in --output_dir (default: refuse, unless resuming)")
     checkpointing_steps: int = field(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = field(None, "keep at most this many checkpoints (oldest deleted)")
     resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint-STEP folder to continue from")
     validation_prompts: list[str] | None = field(None, "prompts rendered every --validation_steps into the logs")
     validation_steps: int = field(500, "render the validation prompts every N optimizer steps")
     validation_inference_steps: int = field(25, "denoising steps of validation images")
+    max_nonfinite_steps: int = field(25, "stop after this many consecutive steps with NaN/inf gradients (each is skipped)")
 
 
 def resolve_learning_rates(cfg: TrainConfig, strategy: Strategy) -> dict[str, float]:
@@ -204,6 +207,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     lrs = resolve_learning_rates(cfg, strategy)
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, strategy)
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
+    if cfg.report_to == "wandb":
+        accelerator.print("warning: --report_to wandb sends losses, settings and validation images (with their "
+                          "prompts) to Weights & Biases' servers; use tensorboard for data that must stay here")
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and strategy.peft in ("bitfit", "difffit"):
         # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
@@ -233,6 +241,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         models.unet.enable_xformers_memory_efficient_attention()
         models.vae.enable_xformers_memory_efficient_attention()
     all_trainable = [p for params in trainable.values() for p in params]
+    if accelerator.is_main_process:
+        check_free_space(output_dir, models, all_trainable, cfg.use_8bit_adam)
 
     # ---------------------------------------------------------------- optimizer and data
     if cfg.use_8bit_adam:
@@ -337,7 +347,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     micro_step = global_step * cfg.gradient_accumulation_steps
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
-    last_loss = float("nan")
+    last_loss, skipped_steps, nonfinite_in_a_row = float("nan"), 0, 0
+    stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
@@ -362,11 +373,16 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                     if train_reconstruction:
                         loss = loss + cfg.vae_recon_weight * reconstruction_loss(decoded, pixels)
                 accelerator.backward(loss)
-                grad_norm = None
+                finite = True
                 if accelerator.sync_gradients:
+                    # The norm is of the synchronised gradients, so every process decides alike.
                     grad_norm = accelerator.clip_grad_norm_(all_trainable, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                    finite = bool(torch.isfinite(grad_norm))
+                # fp16's grad scaler skips non-finite steps itself and must see them to lower its scale.
+                if finite or cfg.mixed_precision == "fp16":
+                    optimizer.step()
+                if finite:
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().item()
             loss_count += 1
@@ -375,13 +391,20 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             if not accelerator.sync_gradients:
                 continue
 
-            # one optimizer step done
+            # one optimizer step done (or skipped, with non-finite gradients)
             global_step += 1
-            if ema is not None:
+            skipped_steps += not finite
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise UserError(
+                    f"{nonfinite_in_a_row} steps in a row with NaN/inf gradients (up to step {global_step}), all skipped: "
+                    "lower the learning rate, use --mixed_precision bf16 instead of fp16 (an fp16 VAE can overflow), "
+                    "or check the data (python -m sdtune.data check); nothing was saved from these steps")
+            if ema is not None and finite:
                 ema.step(all_trainable)
             last_loss, loss_sum, loss_count = loss_sum / loss_count, 0.0, 0
             logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                    "grad_norm": float(grad_norm), "skipped_steps": skipped_steps,
                     "samples_per_second": samples_seen / (time.time() - start)}
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
@@ -390,10 +413,23 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
             if cfg.validation_prompts and global_step % cfg.validation_steps == 0:
                 log_validation(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
+            if stop.requested(accelerator):
+                if global_step % cfg.checkpointing_steps:
+                    save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+                accelerator.print(f"stopped by {stop.name} after step {global_step}: checkpoint saved in "
+                                  f"{output_dir / f'checkpoint-{global_step}'}; run the same command with "
+                                  "--resume_from_checkpoint latest to continue")
+                break
             if global_step >= max_train_steps:
                 break
+        if stop.name or global_step >= max_train_steps:
+            break
     progress.close()
+    stop.restore()
     wall_time = time.time() - start
+    if stop.name:
+        accelerator.end_training()
+        return {"interrupted": stop.name, "steps": global_step}, models
 
     # ---------------------------------------------------------------- save
     accelerator.wait_for_everyone()
@@ -401,6 +437,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(all_trainable)
+        if not all(torch.isfinite(p).all() for p in all_trainable):
+            raise UserError("the trained weights hold NaN/inf values, so no final model was written: "
+                            "lower the learning rate or use --mixed_precision bf16")
         save_final_model(models, strategy, adapter, cfg, output_dir, prediction_type)
         summary = {
             "strategy": asdict(strategy),
@@ -409,6 +448,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "learning_rates": {c: lr for c, lr in lrs.items() if trainable[c]},
             "steps": global_step,
             "final_loss": last_loss,
+            "skipped_nonfinite_steps": skipped_steps,
             "samples_per_second": samples_seen / wall_time if wall_time > 0 else None,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "wall_time_seconds": wall_time,
@@ -423,11 +463,88 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
-    if accelerator.is_main_process and total_limit is not None:
-        # Make room first, so a full disk never costs the newest checkpoint.
-        for old in checkpoint_steps(output_dir)[: max(0, len(checkpoint_steps(output_dir)) - total_limit + 1)]:
-            shutil.rmtree(output_dir / f"checkpoint-{old}")
-    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+    """Write checkpoint-STEP atomically: into a temporary folder, renamed when complete, so a crash
+    mid-save leaves the previous checkpoint as `latest`. Old ones go only after the new one exists."""
+    final, partial = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        if total_limit is not None:
+            steps = checkpoint_steps(output_dir)
+            for old in steps[: max(0, len(steps) - total_limit)]:
+                shutil.rmtree(output_dir / f"checkpoint-{old}")
+    accelerator.wait_for_everyone()
+
+
+class StopOnSignal:
+    """Turns SIGTERM/SIGINT into a request the loop honours after the current step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.name = None
+        self.previous = {}
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum, frame):
+        if self.name:  # a second signal: stop now, the default way
+            self.restore()
+            signal.raise_signal(signum)
+        self.name = signal.Signals(signum).name
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """True on every process as soon as any process got a signal (they must stop together)."""
+        flag = torch.tensor(float(self.name is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0 and self.name is None:
+            self.name = "a signal to another process"
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one; check the folder is writable before any work."""
+    existing = [p for p in (output_dir / "final_model", output_dir / "training_summary.json") if p.exists()]
+    existing += [output_dir / f"checkpoint-{s}" for s in checkpoint_steps(output_dir)]
+    if existing and not (resuming or overwrite):
+        raise UserError(f"{output_dir} already holds a run ({existing[0].name}): pass --resume_from_checkpoint latest "
+                        "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
+    if existing and overwrite and not resuming:
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".sdtune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to --output_dir {output_dir}: {err.strerror}") from None
+
+
+def check_free_space(output_dir: Path, models, trainable: list, use_8bit_adam: bool) -> None:
+    """Stop before training when a checkpoint plus the final model cannot fit on the disk."""
+    pipeline_bytes = 4 * sum(p.numel() for c in COMPONENTS for p in getattr(models, c).parameters())
+    optimizer_factor = 1.5 if use_8bit_adam else 3  # weights + two moments (8-bit: a quarter each)
+    needed = pipeline_bytes + optimizer_factor * 4 * count_parameters(trainable)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(f"{output_dir} has {free / 2**30:.1f} GiB free, but a checkpoint and the final model need "
+                        f"about {needed / 2**30:.1f} GiB: free some space or choose another --output_dir")
 
 
 def build_pipeline(base: str, cfg: TrainConfig, **components):
@@ -456,7 +573,14 @@ def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, outp
         components["unet"] = unet
     pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, **components)
     pipeline.scheduler.register_to_config(prediction_type=prediction_type)
-    pipeline.save_pretrained(output_dir / "final_model", safe_serialization=True)
+    # Written aside and renamed, so a final_model/ folder is always complete.
+    partial = output_dir / ".final_model.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    if (output_dir / "final_model").exists():
+        shutil.rmtree(output_dir / "final_model")
+    partial.rename(output_dir / "final_model")
 
 
 @torch.no_grad()
@@ -513,4 +637,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(*parse_args(argv))[0]
+    try:
+        return train(*parse_args(argv))[0]
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            "CUDA out of memory: lower --train_batch_size (raise --gradient_accumulation_steps to keep the global "
+            "batch), add --gradient_checkpointing and --use_8bit_adam, use --mixed_precision bf16 or fp16, or a "
+            "PEFT strategy (lora, dora, bitfit, difffit)") from None

@@ -1,0 +1,167 @@
+"""Faults lose no work: kill -9, signals, crashes mid-save, NaN, occupied or unwritable output folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+import sdtune.train
+from sdtune.errors import UserError
+from sdtune.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _argv(tiny_model, phantom_chexpert, out, *extra, steps=3):
+    return ["--pretrained_model_name_or_path", str(tiny_model), "--train_csv",
+            str(phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"), "--resolution", "64", "--strategy", "bitfit",
+            "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-3",
+            "--output_dir", str(out), "--report_to", "none", *map(str, extra)]
+
+
+def _unet(folder):
+    return load_file(folder / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _start(argv):
+    return subprocess.Popen([sys.executable, str(ROOT / "train_text_to_image.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            # one thread, like the in-process runs (conftest), so sums add up in the same order
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, "training ended before the fault could be injected"
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tiny_model, phantom_chexpert, tmp_path):
+    argv = _argv(tiny_model, phantom_chexpert, tmp_path / "killed", "--checkpointing_steps", 3, "--train_batch_size", 4,
+                 steps=60)
+    process = _start(argv)
+    _wait_for(lambda: (tmp_path / "killed" / "checkpoint-3").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "final_model").exists()
+    main(argv + ["--resume_from_checkpoint", "latest"])
+    main(_argv(tiny_model, phantom_chexpert, tmp_path / "straight", "--checkpointing_steps", 3, "--train_batch_size", 4,
+               steps=60))
+    killed, straight = _unet(tmp_path / "killed"), _unet(tmp_path / "straight")
+    for k in straight:
+        torch.testing.assert_close(killed[k], straight[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model, phantom_chexpert, tmp_path):
+    argv = _argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 1000, "--train_batch_size", 4,
+                 steps=500)
+    process = _start(argv)
+    # wait until the loop runs: the start-up summary is printed just before it
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("trainable:"):
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + process.stdout.read()
+    assert process.wait(timeout=120) == 0, output
+    assert "stopped by SIGTERM after step" in output and "--resume_from_checkpoint latest" in output
+    step = int(output.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert 0 < step < 500 and (tmp_path / f"checkpoint-{step}").is_dir()
+    assert not (tmp_path / "final_model").exists()
+    summary = main(argv[:-2] + ["--max_train_steps", str(step + 2), "--resume_from_checkpoint", "latest"])
+    assert summary["steps"] == step + 2
+
+
+def test_a_crash_during_a_checkpoint_keeps_the_previous_one(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
+    real_save = Accelerator.save_state
+    calls = []
+
+    def crashing_save(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "unet_trained.safetensors").write_bytes(b"half a file")
+            raise OSError("disk died")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", crashing_save)
+    with pytest.raises(OSError, match="disk died"):
+        main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 1))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]  # the half-written one is hidden
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    summary = main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 1,
+                         "--resume_from_checkpoint", "latest"))
+    assert summary["steps"] == 3 and (tmp_path / "final_model" / "model_index.json").is_file()
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the leftover was replaced by the complete save
+
+
+def _nan_on(calls_to_poison):
+    real = sdtune.train.diffusion_loss
+    count = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        count["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if count["n"] in calls_to_poison else loss
+
+    return poisoned
+
+
+def test_nan_steps_are_skipped_and_counted(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
+    monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on({2, 3}))
+    summary = main(_argv(tiny_model, phantom_chexpert, tmp_path, steps=4))
+    assert summary["skipped_nonfinite_steps"] == 2 and summary["steps"] == 4
+    assert all(torch.isfinite(t).all() for t in _unet(tmp_path).values())
+
+
+def test_too_many_nan_steps_stop_with_advice_and_save_nothing(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
+    monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on(set(range(1, 100))))
+    with pytest.raises(UserError, match=r"3 steps in a row with NaN/inf gradients.*learning rate.*bf16"):
+        main(_argv(tiny_model, phantom_chexpert, tmp_path, "--max_nonfinite_steps", 3, steps=10))
+    assert not (tmp_path / "final_model").exists()
+
+
+def test_an_occupied_output_dir_is_not_overwritten_by_accident(tiny_model, phantom_chexpert, tmp_path):
+    main(_argv(tiny_model, phantom_chexpert, tmp_path, steps=1))
+    before = (tmp_path / "training_summary.json").read_text()
+    with pytest.raises(UserError, match="already holds a run.*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        main(_argv(tiny_model, phantom_chexpert, tmp_path, steps=1))
+    assert (tmp_path / "training_summary.json").read_text() == before
+    main(_argv(tiny_model, phantom_chexpert, tmp_path, "--overwrite_output_dir", "--seed", 7, steps=1))
+    assert json.loads((tmp_path / "training_summary.json").read_text())["arguments"]["train"]["seed"] == 7
+
+
+def test_unwritable_output_dir_is_reported_before_training(tiny_model, phantom_chexpert, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write to --output_dir"):
+        main(_argv(tiny_model, phantom_chexpert, tmp_path / "a_file" / "run"))
+
+
+def test_a_full_disk_is_reported_before_training(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
+    monkeypatch.setattr(sdtune.train.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    with pytest.raises(UserError, match="GiB free, but a checkpoint and the final model need"):
+        main(_argv(tiny_model, phantom_chexpert, tmp_path))
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_out_of_memory_lists_the_memory_options(monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sdtune.train, "train", oom)
+    with pytest.raises(UserError, match="--train_batch_size.*--gradient_checkpointing.*--use_8bit_adam"):
+        main(["--strategy", "lora"])
