@@ -2,7 +2,7 @@
 # Synthetic images from strategy 4 of the study: U-Net and text encoder; trained by ./finetune_unet+text.sh.
 # Every variable below can be overridden from the environment, e.g.
 #   LABELS_CSV=labels.csv ./synthesis_unet+text.sh          (a label-combination CSV with a count column)
-#   PROMPTS_FILE=prompts.txt ACCELERATE_ARGS="--multi_gpu --num_processes 4" ./synthesis_unet+text.sh
+#   PROMPTS_FILE=prompts.txt NUM_GPUS=4 ./synthesis_unet+text.sh
 # MODEL_PATH may be the run folder (its final_model/), a final_model/, a checkpoint-STEP/ or an
 # adapter file (with BASE_MODEL). Rerunning completes an interrupted dataset.
 # Extra arguments go straight to synthesize_images.py (see --help).
@@ -21,5 +21,7 @@ STRATEGY=unet+text
 : "${WIDTH:=512}"
 : "${SEED:=42}"                                # for reproducible results
 : "${MIXED_PRECISION:=fp16}"
+: "${NUM_GPUS:=1}"                             # processes to launch (one per GPU); images are sharded
+: "${ACCELERATE_CONFIG:=}"                     # e.g. configs/accelerate/ddp.yaml (default: accelerate's own config)
 source "$(dirname "$0")/scripts/synth_args.sh"
 exec accelerate launch "${LAUNCH_ARGS[@]}" "$SYNTH_SCRIPT" "${SYNTH_ARGS[@]}" "$@"

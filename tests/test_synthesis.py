@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -340,29 +341,6 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
 # ------------------------------------------------------------------------------- processes and wrappers
 
 
-def _env(**extra):
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "OMP_NUM_THREADS": "1", **extra}
-
-
-@pytest.mark.slow
-def test_two_processes_make_the_same_set_as_one(runs, tmp_path):
-    final = runs("lora") / "final_model"
-    synth(tmp_path / "one", final, "--num_images", "3")
-    # On CPU, accelerate's --cpu launcher starts one process: --multi_gpu spawns them (torchrun)
-    # and --device cpu makes them talk over gloo.
-    result = subprocess.run(
-        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", str(ROOT / "synthesize_images.py"), "--model-path", str(final),
-         "--output-dir", str(tmp_path / "two"), "--prompts", PROMPTS, "--num-images", "3", "--device", "cpu", *FAST],
-        env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "process 0/2: made 3 images" in result.stdout and "process 1/2: made 3 images" in result.stdout
-    one, two = pixels(tmp_path / "one"), pixels(tmp_path / "two")
-    assert list(one) == list(two) and all(np.array_equal(one[n], two[n]) for n in one)
-    assert (tmp_path / "one" / "metadata.csv").read_text() == (tmp_path / "two" / "metadata.csv").read_text()
-
-
 SYNTH_WRAPPERS = {name: f"synthesis_{name}.sh" for name in STRATEGIES}
 
 
@@ -377,16 +355,29 @@ def test_one_synthesis_wrapper_per_strategy_differing_only_in_its_name():
 
 
 WRAPPER_ENV = dict(NUM_INFERENCE_STEPS="2", HEIGHT="64", WIDTH="64", NUM_IMAGES_PER_PROMPT="2", BATCH_SIZE="3",
-                   SEED="7", MIXED_PRECISION="no",
-                   ACCELERATE_ARGS="--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no")
+                   SEED="7", MIXED_PRECISION="no", ACCELERATE_ARGS="--num_machines 1 --mixed_precision no --dynamo_backend no")
 
 
-def _check_wrapper_output(out, strategy):
+def _recorded_launch(tmp_path, script, cwd, **env):
+    """Run a wrapper with a stand-in `accelerate` that records its command line; returns that argv."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    stub = tmp_path / "bin" / "accelerate"
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ACCELERATE_ARGV"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, **env, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+           "ACCELERATE_ARGV": str(tmp_path / "argv")}
+    result = subprocess.run(["bash", str(ROOT / script), "--scheduler", "ddim"], env=env, capture_output=True,
+                            text=True, cwd=cwd, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return (tmp_path / "argv").read_text().split("\0")[:-1]
+
+
+def _check_wrapper_output(out, strategy, batch_size=3):
     config = json.loads((out / "synthesis_config.json").read_text())
     settings = config["settings"]
     assert config["resolved"]["model"]["strategy"] == strategy and config["resolved"]["model"]["kind"] == "run"
     assert (settings["steps"], settings["height"], settings["num_images"], settings["batch_size"], settings["seed"]) \
-        == (2, 64, 2, 3, 7)
+        == (2, 64, 2, batch_size, 7)
     meta = metadata(out)
     assert len(meta) == 4 and set(meta["scheduler"]) == {"ddim"}  # extra arguments pass through
     assert meta["seed"].tolist() == [str(image_seed(7, k)) for k in range(4)]
@@ -395,33 +386,50 @@ def _check_wrapper_output(out, strategy):
 
 @pytest.mark.parametrize("strategy", list(SYNTH_WRAPPERS))
 def test_synthesis_wrapper_runs_with_environment_overrides(strategy, runs, tmp_path, monkeypatch):
-    """Each wrapper's command line, from its defaults and the environment, run on the tiny model.
-    A stand-in `accelerate` records the command (the real launcher: the test below, for one wrapper)."""
+    """Each wrapper's command line, from its defaults and the environment, run on the tiny model
+    (a stand-in `accelerate` records it; the real launcher runs in the two-process test below)."""
     runs(strategy)  # trained into RUNS/outputs/<strategy>: the wrapper's default MODEL_PATH
     (tmp_path / "prompts.txt").write_text("Chest x-ray of a patient with Edema\n\nChest x-ray of a patient with Cardiomegaly\n")
-    (tmp_path / "bin").mkdir()
-    stub = tmp_path / "bin" / "accelerate"
-    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ACCELERATE_ARGV"\n')
-    stub.chmod(0o755)
-    env = {**os.environ, **WRAPPER_ENV, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
-           "PROMPTS_FILE": str(tmp_path / "prompts.txt"), "ACCELERATE_ARGV": str(tmp_path / "argv")}
-    result = subprocess.run(["bash", str(ROOT / SYNTH_WRAPPERS[strategy]), "--scheduler", "ddim"], env=env,
-                            capture_output=True, text=True, cwd=runs.root, timeout=60)
-    assert result.returncode == 0, result.stderr
-    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    argv = _recorded_launch(tmp_path, SYNTH_WRAPPERS[strategy], runs.root, **WRAPPER_ENV,
+                            PROMPTS_FILE=str(tmp_path / "prompts.txt"))
     script = argv.index(str(ROOT / "synthesize_images.py"))
-    assert argv[:script] == ["launch", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
+    assert argv[:script] == ["launch", "--num_processes", "1", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
     monkeypatch.chdir(runs.root)  # MODEL_PATH and OUTPUT_DIR default to paths relative to where it runs
     main(argv[script + 1:])
     _check_wrapper_output(runs.root / "synthetic" / strategy, strategy)  # the default OUTPUT_DIR
 
 
+def test_num_gpus_and_accelerate_config_become_launch_options(tmp_path):
+    argv = _recorded_launch(tmp_path, "synthesis_unet.sh", tmp_path, NUM_GPUS="4", PROMPTS="a")
+    assert argv[:4] == ["launch", "--num_processes", "4", "--multi_gpu"]
+    argv = _recorded_launch(tmp_path, "synthesis_unet.sh", tmp_path, NUM_GPUS="2", PROMPTS="a",
+                            ACCELERATE_CONFIG="configs/accelerate/ddp.yaml")
+    assert argv[:5] == ["launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"]
+
+
+def _free_port():
+    with socket.socket() as s:  # other test runs on this machine may hold accelerate's default port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_a_synthesis_wrapper_runs_through_accelerate_launch(runs, tmp_path):
+def test_two_processes_make_the_same_set_as_one(runs, tmp_path):
+    """synthesis_lora.sh with NUM_GPUS=2 through the real `accelerate launch` (gloo on CPU) against one process."""
     runs("lora")
     (tmp_path / "prompts.txt").write_text("Chest x-ray of a patient with Edema\nChest x-ray of a patient with Cardiomegaly\n")
-    env = _env(**WRAPPER_ENV, PROMPTS_FILE=str(tmp_path / "prompts.txt"), OUTPUT_DIR=str(tmp_path / "out"))
+    settings = {**WRAPPER_ENV, "BATCH_SIZE": "1"}
+    env = {**os.environ, **settings, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PROMPTS_FILE": str(tmp_path / "prompts.txt"), "OUTPUT_DIR": str(tmp_path / "two"), "NUM_GPUS": "2",
+           "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_ARGS": f"{settings['ACCELERATE_ARGS']} --main_process_port {_free_port()}"}
     result = subprocess.run(["bash", str(ROOT / "synthesis_lora.sh"), "--scheduler", "ddim"], env=env,
                             capture_output=True, text=True, cwd=runs.root, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    _check_wrapper_output(tmp_path / "out", "lora")
+    assert "process 0/2: made 2 images" in result.stdout and "process 1/2: made 2 images" in result.stdout
+    _check_wrapper_output(tmp_path / "two", "lora", batch_size=1)
+    synth(tmp_path / "one", runs("lora"), "--prompts_file", tmp_path / "prompts.txt", "--num_images", "2",
+          "--seed", "7", "--scheduler", "ddim", prompts=None)
+    one, two = pixels(tmp_path / "one"), pixels(tmp_path / "two")
+    assert list(one) == list(two) and all(np.array_equal(one[n], two[n]) for n in one)
+    assert (tmp_path / "one" / "metadata.csv").read_text() == (tmp_path / "two" / "metadata.csv").read_text()
