@@ -10,15 +10,5 @@ for pair in PROMPTS:prompts PROMPTS_FILE:prompts_file LABELS_CSV:labels_csv NUM_
   var=${pair%%:*}
   if [[ -n "${!var:-}" ]]; then SYNTH_ARGS+=("--${pair#*:}" "${!var}"); fi
 done
-# `accelerate launch` options, as scripts/train_args.sh builds them: a config file
-# (configs/accelerate/), the process count (images are sharded across processes), and any extra
-# options in ACCELERATE_ARGS.
-LAUNCH_ARGS=()
-if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--config_file "$ACCELERATE_CONFIG"); fi
-if [[ -n "${NUM_GPUS:-}" ]]; then
-  LAUNCH_ARGS+=(--num_processes "$NUM_GPUS")
-  if (( NUM_GPUS > 1 )) && [[ -z "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--multi_gpu); fi
-fi
-read -r -a EXTRA_LAUNCH_ARGS <<< "${ACCELERATE_ARGS:-}"
-LAUNCH_ARGS+=("${EXTRA_LAUNCH_ARGS[@]}")
+source "$(dirname "${BASH_SOURCE[0]}")/launch_args.sh"
 SYNTH_SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/synthesize_images.py"

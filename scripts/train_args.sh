@@ -17,14 +17,5 @@ for pair in LEARNING_RATE:learning_rate UNET_LR:unet_lr TEXT_ENCODER_LR:text_enc
   var=${pair%%:*}
   if [[ -n "${!var:-}" ]]; then TRAIN_ARGS+=("--${pair#*:}" "${!var}"); fi
 done
-# `accelerate launch` options: a config file (configs/accelerate/), the process count, and any
-# extra options in ACCELERATE_ARGS (e.g. "--machine_rank 1 --main_process_ip HOST" on a cluster).
-LAUNCH_ARGS=()
-if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--config_file "$ACCELERATE_CONFIG"); fi
-if [[ -n "${NUM_GPUS:-}" ]]; then
-  LAUNCH_ARGS+=(--num_processes "$NUM_GPUS")
-  if (( NUM_GPUS > 1 )) && [[ -z "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--multi_gpu); fi
-fi
-read -r -a EXTRA_LAUNCH_ARGS <<< "${ACCELERATE_ARGS:-}"
-LAUNCH_ARGS+=("${EXTRA_LAUNCH_ARGS[@]}")
+source "$(dirname "${BASH_SOURCE[0]}")/launch_args.sh"
 TRAIN_SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/train_text_to_image.py"

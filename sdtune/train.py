@@ -209,6 +209,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     accelerator = make_accelerator(cfg, strategy)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
+    run_record = {"status": "running", "strategy": asdict(strategy),
+                  "arguments": {"train": asdict(cfg), "data": asdict(data), "adapter": asdict(adapter_cfg)}}
+    if accelerator.is_main_process:
+        # Written now too, so the checkpoints of a run that never finishes say what they hold.
+        write_summary(output_dir, {**run_record, "versions": library_versions()})
     if cfg.report_to == "wandb":
         accelerator.print("warning: --report_to wandb sends losses, settings and validation images (with their "
                           "prompts) to Weights & Biases' servers; use tensorboard for data that must stay here")
@@ -428,6 +433,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     stop.restore()
     wall_time = time.time() - start
     if stop.name:
+        if accelerator.is_main_process:
+            write_summary(output_dir, {**run_record, "status": f"interrupted by {stop.name}", "steps": global_step,
+                                       "versions": library_versions()})
         accelerator.end_training()
         return {"interrupted": stop.name, "steps": global_step}, models
 
@@ -442,7 +450,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                             "lower the learning rate or use --mixed_precision bf16")
         save_final_model(models, strategy, adapter, cfg, output_dir, prediction_type)
         summary = {
-            "strategy": asdict(strategy),
+            **run_record,
+            "status": "complete",
             "trainable_parameters": {**counts, "total": sum(counts.values())},
             "trainable_percent_of_sd15": 100 * sum(counts.values()) / SD15_TOTAL_PARAMETERS,
             "learning_rates": {c: lr for c, lr in lrs.items() if trainable[c]},
@@ -454,12 +463,18 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "wall_time_seconds": wall_time,
             "global_batch_size": total_batch,
             "versions": library_versions(),
-            "arguments": {"train": asdict(cfg), "data": asdict(data), "adapter": asdict(adapter_cfg)},
         }
-        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_summary(output_dir, summary)
         accelerator.print(f"final model in {output_dir / 'final_model'}; summary in {output_dir / 'training_summary.json'}")
     accelerator.end_training()
     return summary, models
+
+
+def write_summary(output_dir: Path, summary: dict) -> None:
+    path = output_dir / "training_summary.json"
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(summary, indent=2, default=str))
+    partial.replace(path)  # never a half-written summary
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:

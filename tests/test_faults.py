@@ -82,6 +82,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model, phantom_chexpe
     step = int(output.split("stopped by SIGTERM after step ")[1].split(":")[0])
     assert 0 < step < 500 and (tmp_path / f"checkpoint-{step}").is_dir()
     assert not (tmp_path / "final_model").exists()
+    record = json.loads((tmp_path / "training_summary.json").read_text())
+    assert record["status"] == "interrupted by SIGTERM" and record["steps"] == step and record["strategy"]["name"] == "bitfit"
     summary = main(argv[:-2] + ["--max_train_steps", str(step + 2), "--resume_from_checkpoint", "latest"])
     assert summary["steps"] == step + 2
 
