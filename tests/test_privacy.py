@@ -1,0 +1,73 @@
+"""No patient identifier leaves the input: train, synthesize and evaluate on DICOMs that carry them,
+then search every file the toolkit wrote (captions, logs, tensorboard, checkpoints, metadata)."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from sdtune.evaluation.cli import main as evaluate
+from sdtune.synthesis import main as synthesize
+from sdtune.train import main as train
+
+IDENTIFIERS = {
+    "PatientName": "DOE^JANE",
+    "PatientID": "MRN12345",
+    "PatientBirthDate": "19500314",
+    "InstitutionName": "St Example Hospital",
+    "AccessionNumber": "ACC998877",
+    "ReferringPhysicianName": "HOUSE^GREGORY",
+    "StudyDate": "20240229",
+}
+
+
+def _dicom(path: Path, seed: int, photometric: str = "MONOCHROME2") -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    for tag, value in IDENTIFIERS.items():
+        setattr(ds, tag, value)
+    ds.Rows = ds.Columns = 72
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    y, x = np.mgrid[:72, :72]
+    noise = np.random.default_rng(seed).integers(0, 400, (72, 72))
+    ds.PixelData = ((x * 40 + y * 10 + noise) % 4096).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.slow
+def test_identifiers_never_reach_any_output(tiny_model, tmp_path):
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    for i in range(6):
+        _dicom(images / f"scan{i}.dcm", i, "MONOCHROME1" if i % 2 else "MONOCHROME2")
+        (images / f"scan{i}.txt").write_text("Chest x-ray of a patient with Pleural Effusion")
+    assert all(v.encode() in (images / "scan0.dcm").read_bytes() for v in IDENTIFIERS.values())  # planted
+
+    run, synthetic = tmp_path / "run", tmp_path / "synthetic"
+    train(["--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir", str(tmp_path / "data"),
+           "--strategy", "lora", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
+           "--checkpointing_steps", "1", "--output_dir", str(run), "--report_to", "tensorboard",
+           "--validation_prompts", "Chest x-ray of a patient with Pleural Effusion", "--validation_steps", "1",
+           "--validation_inference_steps", "2", "--validation_fraction", "0.3"])
+    synthesize(["--model-path", str(run), "--prompts", "Chest x-ray of a patient with Pleural Effusion",
+                "--num-images", "2", "--steps", "2", "--height", "64", "--width", "64", "--output-dir", str(synthetic)])
+    evaluate(["--real", str(tmp_path / "data"), "--fake", str(synthetic), "--metrics", "kid,vendi",
+              "--output", str(tmp_path / "results.json"), "--cache-dir", str(tmp_path / "cache")])
+
+    written = [p for folder in (run, synthetic, tmp_path / "cache") for p in folder.rglob("*") if p.is_file()]
+    written.append(tmp_path / "results.json")
+    kinds = {p.suffix for p in written}
+    assert {".safetensors", ".json", ".png", ".csv", ".txt"} <= kinds  # weights, summaries, images, metadata
+    assert any("tfevents" in p.name for p in written)  # tensorboard logs were searched too
+    for path in written:
+        data = path.read_bytes()
+        for tag, value in IDENTIFIERS.items():
+            assert value.encode() not in data, f"{tag} found in {path.relative_to(tmp_path)}"
