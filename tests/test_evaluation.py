@@ -510,3 +510,17 @@ def test_evaluate_script_runs_as_a_program(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--real", str(tmp_path / "x"), "--fake",
                            str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+class Payload:
+    """Stands for code a malicious weights file would smuggle in through pickle."""
+
+
+def test_xrv_weights_that_unpickle_foreign_code_are_refused(tmp_path):
+    from sdtune.errors import UserError
+    from sdtune.evaluation.features import _xrv_state_dict
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state": Payload()}, path)  # a class that is neither torch's nor xrv's
+    with pytest.raises(UserError, match="Payload, which is neither torch nor torchxrayvision: refused"):
+        _xrv_state_dict(path)

@@ -281,14 +281,33 @@ def xrv_weights_path(weights: str | Path | None) -> Path:
         raise UserError(f"cannot download torchxrayvision weights {XRV_WEIGHTS} ({type(err).__name__}): {hint}") from None
 
 
+def _resolve_global(name: str):
+    """The object a pickle's global 'module.attr' names (module imported, never executed from the file)."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
 def _xrv_state_dict(path: Path) -> dict:
     """A state dict from a plain state-dict file or from xrv's released file (a whole pickled model)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        _import_xrv()  # xrv's release pickles the model class: unpickling needs the package (trusted file)
+        # xrv's release pickles the whole model. Still no arbitrary unpickling: weights_only=True,
+        # with only torch's and torchxrayvision's own classes allowed, resolved by name.
+        _import_xrv()
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            foreign = [n for n in names if not n.startswith(("torch.", "torchxrayvision.", "collections.OrderedDict"))]
+            if foreign:
+                raise UserError(f"{path} asks to unpickle {foreign[0]}, which is neither torch nor torchxrayvision: "
+                                "refused; pass a state-dict file")
+            allowed = [_resolve_global(n) for n in names]
+            with torch.serialization.safe_globals(allowed):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+        except UserError:
+            raise
         except Exception as err:
             raise UserError(f"cannot read {path} as torchxrayvision weights: {str(err).splitlines()[0]}") from None
     if isinstance(saved, nn.Module):
