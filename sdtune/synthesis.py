@@ -377,11 +377,16 @@ def _train_config(source: ModelSource):
 
 def _load_ema(checkpoint: Path, params: list[torch.nn.Parameter]) -> None:
     """A run with --use_ema saves its EMA weights as final_model; a checkpoint keeps them in
-    accelerate's custom_checkpoint_0.pkl, in the order of the run's trainable-parameter list."""
-    path = checkpoint / "custom_checkpoint_0.pkl"
+    ema.safetensors, in the order of the run's trainable-parameter list."""
+    from safetensors.torch import load_file
+
+    from sdtune.train import EMA_FILE
+
+    path = checkpoint / EMA_FILE
     if not path.is_file():
         raise UserError(f"the run used --use_ema but {path} (its EMA weights) is missing")
-    shadow = torch.load(path, map_location="cpu", weights_only=True)["shadow_params"]
+    saved = load_file(path)
+    shadow = [saved[k] for k in sorted(saved)]
     if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
         raise UserError(f"{path} does not match the run's trainable parameters")
     with torch.no_grad():

@@ -151,6 +151,30 @@ def load_trainable_state(model, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+EMA_FILE = "ema.safetensors"
+
+
+def save_ema(ema, path: Path) -> None:
+    """EMA shadow weights in the order of the trainable-parameter list, its counters as metadata."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"{i:06d}": t.detach().contiguous() for i, t in enumerate(shadow)}, path,
+              metadata={"ema_state": json.dumps(state)})
+
+
+def load_ema(ema, path: Path) -> None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing: this checkpoint was saved without --use_ema; resume without it")
+    with safe_open(path, "pt") as f:
+        state = json.loads(f.metadata()["ema_state"])
+        shadow = [f.get_tensor(k) for k in sorted(f.keys())]
+    if len(shadow) != len(ema.shadow_params) or any(a.shape != b.shape for a, b in zip(shadow, ema.shadow_params)):
+        raise UserError(f"{path} does not match this run's trainable parameters")
+    ema.load_state_dict({**state, "shadow_params": shadow})
+
+
 def checkpoint_steps(output_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
 
@@ -292,7 +316,6 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
 
         ema = EMAModel(all_trainable, decay=cfg.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
 
     # Checkpoints hold only the trained tensors (safetensors) plus optimizer/scheduler/RNG state.
     def component(model):
@@ -300,16 +323,22 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         model = model.vae if isinstance(model, LatentEncoder) else model
         return next((c, m) for c in COMPONENTS if (m := getattr(models, c)) is model)
 
+    # The EMA goes in safetensors too, not in accelerate's pickled custom-object file.
     def save_hook(hook_models, weights, folder):
-        for model in hook_models:
-            name, module = component(model)
-            save_file(trainable_state(module), Path(folder) / f"{name}_trained.safetensors")
+        if accelerator.is_main_process:
+            for model in hook_models:
+                name, module = component(model)
+                save_file(trainable_state(module), Path(folder) / f"{name}_trained.safetensors")
+            if ema is not None:
+                save_ema(ema, Path(folder) / EMA_FILE)
         weights.clear()
 
     def load_hook(hook_models, folder):
         while hook_models:
             name, module = component(hook_models.pop())
             load_trainable_state(module, Path(folder) / f"{name}_trained.safetensors")
+        if ema is not None:
+            load_ema(ema, Path(folder) / EMA_FILE)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
