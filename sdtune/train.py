@@ -95,6 +95,10 @@ class TrainConfig:
     validation_prompts: list[str] | None = field(None, "prompts rendered every --validation_steps into the logs")
     validation_steps: int = field(500, "render the validation prompts every N optimizer steps")
     validation_inference_steps: int = field(25, "denoising steps of validation images")
+    validation_fid_steps: int = field(0, "every N optimizer steps, log the FID of --validation_fid_images images "
+                                      "(prompts cycled from --validation_prompts) against --validation_real; 0 is off")
+    validation_real: str | None = field(None, "real images for the validation FID: a folder, a table or a metadata file")
+    validation_fid_images: int = field(64, "images generated for each validation FID (fixed seeds, so runs compare)")
     max_nonfinite_steps: int = field(25, "stop after this many consecutive steps with NaN/inf gradients (each is skipped)")
 
 
@@ -229,6 +233,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     except ValueError as err:
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
+    if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
+        raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, strategy)
     if accelerator.is_main_process:
@@ -447,6 +453,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
             if cfg.validation_prompts and global_step % cfg.validation_steps == 0:
                 log_validation(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
+            if cfg.validation_fid_steps and global_step % cfg.validation_fid_steps == 0:
+                log_validation_fid(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
             if stop.requested(accelerator):
                 if global_step % cfg.checkpointing_steps:
                     save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
@@ -627,6 +635,13 @@ def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, outp
     partial.rename(output_dir / "final_model")
 
 
+def validation_pipeline(models, cfg: TrainConfig):
+    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, unet=models.unet, vae=models.vae,
+                              text_encoder=models.text_encoder, tokenizer=models.tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @torch.no_grad()
 def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step: int, ema, params) -> None:
     """Render the validation prompts with the current (EMA) weights into the logs and OUTPUT_DIR/validation/."""
@@ -637,9 +652,7 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
-    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, unet=models.unet, vae=models.vae,
-                              text_encoder=models.text_encoder, tokenizer=models.tokenizer)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = validation_pipeline(models, cfg)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -659,6 +672,40 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
             tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, cfg.validation_prompts)]}, step=step)
     if ema is not None:
         ema.restore(params)
+    del pipeline
+
+
+@torch.no_grad()
+def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, step: int, ema, params) -> None:
+    """FID of images from the current (EMA) weights against --validation_real, into the logs and
+    OUTPUT_DIR/validation/fid.csv. Image k always starts from the same noise, so the curve tracks the model."""
+    if not accelerator.is_main_process:
+        return
+    from sdtune.evaluation import compute_metrics
+
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    pipeline = validation_pipeline(models, cfg)
+    images = []
+    with accelerator.autocast():
+        for start in range(0, cfg.validation_fid_images, 8):
+            ks = range(start, min(start + 8, cfg.validation_fid_images))
+            prompts = [cfg.validation_prompts[k % len(cfg.validation_prompts)] for k in ks]
+            generators = [torch.Generator(accelerator.device).manual_seed(cfg.seed + k) for k in ks]
+            images += pipeline(prompts, num_inference_steps=cfg.validation_inference_steps, generator=generators).images
+    if ema is not None:
+        ema.restore(params)
+    # The real set's features are cached on disk, so only the generated images are encoded each time.
+    results = compute_metrics(cfg.validation_real, images, metrics="fid", fid_bootstrap=0, log=lambda message: None)
+    fid = results["metrics"]["fid"]["value"]
+    accelerator.log({"validation_fid": fid}, step=step)
+    path = output_dir / "validation" / "fid.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("step,fid,real_images,generated_images\n")
+    with open(path, "a") as f:
+        f.write(f"{step},{fid},{results['samples']['real']},{len(images)}\n")
     del pipeline
 
 

@@ -198,3 +198,19 @@ def test_user_errors(extra, message, tiny_model, table, tmp_path):
 def test_missing_table_is_one_clear_error(tiny_model, tmp_path):
     with pytest.raises(UserError, match="does not exist: check --train_csv"):
         main(_argv(tiny_model, tmp_path / "train.csv", tmp_path / "out", "--strategy", "lora"))
+
+
+def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real set's feature cache
+    main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
+               "--validation_real", table.parent / "valid.csv", "--validation_prompts", PROMPT, "Chest x-ray",
+               "--validation_fid_images", "4", "--validation_inference_steps", "2"))
+    lines = (tmp_path / "run" / "validation" / "fid.csv").read_text().splitlines()
+    assert lines[0] == "step,fid,real_images,generated_images"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(r[1]) > 0 and r[3] == "4" for r in rows)
+
+
+def test_validation_fid_needs_a_real_set(tiny_model, table, tmp_path):
+    with pytest.raises(UserError, match="--validation_fid_steps needs --validation_real"):
+        main(_argv(tiny_model, table, tmp_path, "--strategy", "lora", "--validation_fid_steps", "1"))
