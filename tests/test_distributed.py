@@ -95,3 +95,19 @@ def test_strategy_script_launches_num_gpus_processes(tiny_model, phantom_chexper
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 per device x 2 processes" in result.stdout
     assert json.loads((tmp_path / "training_summary.json").read_text())["global_batch_size"] == 2
+
+
+def test_evaluation_features_shard_across_processes(phantom_chexpert, tmp_path):
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+    module = tmp_path / "net.pt"
+    torch.jit.script(Net()).save(str(module))
+    images = phantom_chexpert / "CheXpert-v1.0-small" / "valid"
+    script = ROOT / "tests" / "helpers" / "features.py"
+    _launch(script, 2, images, module, tmp_path / "two.pt")
+    _launch(script, 1, images, module, tmp_path / "one.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=True), torch.load(tmp_path / "one.pt", weights_only=True)
+    assert one.shape[0] >= 5 and one.shape[1] == 12
+    assert torch.equal(two, one)  # same rows, same order

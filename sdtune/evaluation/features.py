@@ -208,19 +208,33 @@ def get_extractor(spec: str = "inception", *, resize: str = "tf1-bilinear", inpu
 
 def extract_features(extractor: Extractor, items, batch_size: int = 32, device: str = "cpu",
                      progress: str | None = None) -> torch.Tensor:
-    """Features (N, dim) float64 of an ImageSet's items, decoded a batch at a time."""
+    """Features (N, dim) float64 of an ImageSet's items, decoded a batch at a time.
+
+    Under `accelerate launch` with several processes, each process encodes every num_processes-th
+    item and all of them get the full matrix back, in the items' order.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from sdtune.evaluation.images import pixels
 
+    state = PartialState()
+    mine = list(range(state.process_index, len(items), state.num_processes))
     extractor.to(device)
     out = []
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-        starts = range(0, len(items), batch_size)
-        for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
-            images = list(pool.map(pixels, items[start:start + batch_size]))
-            out.append(extractor(images))
-    return torch.cat(out)
+        starts = range(0, len(mine), batch_size)
+        for start in tqdm(starts, desc=progress, disable=progress is None or not state.is_main_process, unit="batch"):
+            images = list(pool.map(pixels, [items[i] for i in mine[start:start + batch_size]]))
+            out.append(extractor(images).cpu())
+    feats = torch.cat(out) if out else torch.empty(0, extractor.dim, dtype=torch.float64)
+    if state.num_processes == 1:
+        return feats
+    merged = torch.empty(len(items), feats.shape[1], dtype=feats.dtype)
+    for indices, part in gather_object([(mine, feats)]):
+        merged[indices] = part
+    return merged
 
 
 # ------------------------------------------------------------------------------- helpers
