@@ -1,0 +1,645 @@
+"""Downstream utility: does synthetic data help a chest X-ray classifier when real data is scarce?
+
+One multi-label classifier per (arm, seed), all evaluated on the same held-out real test set
+(patients never seen in training):
+
+    a  all real         every real training image
+    b  N real per class  a seeded subset with >= N positives per label (see sample_per_class)
+    c  b + synthetic     the same subset plus every synthetic image
+    d  synthetic only    every synthetic image
+
+A seed gives the same initial weights in every arm (and seeds arm b's subset and the batch
+order), so arms differ by their data only; --steps also matches their compute. Per label: AUROC on the test images whose label is known; the mean
+AUROC averages the labels with both classes in the test set. Over seeds: mean and std (ddof=1).
+
+Every image is decoded once, resized and cropped to --resolution, and kept in memory as uint8
+(1 channel when every real image is grey, 3 otherwise) for all arms, seeds and epochs.
+
+    python downstream.py --real data/CheXpert-v1.0-small/train.csv --synthetic synthetic/lora \
+        --n-per-class 100 --seeds 0,1,2 --output-dir outputs/lora/downstream
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sdtune.config import add_arguments, field, from_args
+from sdtune.data.captions import apply_uncertainty
+from sdtune.data.dataset import FORMATS, DataConfig, read_examples
+from sdtune.data.images import ImageError, ImageTransform, load_image
+from sdtune.data.records import DatasetError, Example, Problem, errors_only
+from sdtune.data.splits import split_examples
+from sdtune.data.tables import detect_format
+from sdtune.errors import UserError
+
+STUDY_LABELS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion"]
+ARMS = {"a": "all real", "b": "N real per class", "c": "N real per class + synthetic", "d": "synthetic only"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RESULTS_FILE, TABLE_FILE, CSV_FILE = "downstream.json", "downstream.md", "downstream.csv"
+
+
+@dataclass
+class DownstreamConfig:
+    """Real and synthetic data, the classifier, the arms and seeds of the downstream experiment."""
+
+    real: str | None = field(None, "the real data: a clinical table (CheXpert train.csv, MIMIC-CXR, ...), a "
+                                   "metadata.jsonl/.csv with label columns, or a folder holding one")
+    real_format: str = field("auto", f"format of --real: {', '.join(f for f in FORMATS if f != 'folder')}")
+    image_root: str | None = field(None, "folder that --real's image paths are relative to (default: found beside it)")
+    uncertainty: str = field("ignore", "CheXpert -1.0 labels: ignore (unknown: left out of the loss and the AUROC), "
+                                       "ones or zeros; blank is 0", choices=("ignore", "ones", "zeros"))
+    views: str = field("frontal", "chest X-ray views kept: frontal, AP, PA or all", choices=("frontal", "AP", "PA", "all"))
+    synthetic: list[str] | None = field(None, "synthetic sets: synthesize_images.py output folders or their "
+                                              "metadata.csv (labels from their label columns); read by arms c, d only")
+    labels: list[str] = field(STUDY_LABELS, "labels to classify, as arguments or comma-separated (default: the "
+                                            f"study's six, {', '.join(STUDY_LABELS)})")
+    arch: str = field("densenet121", "classifier: densenet121, efficientnet_b0, resnet50 (torchvision), or small_cnn "
+                                     "(a ~100k-parameter CNN for tests and CPU demos only)")
+    pretrained_weights: str | None = field(None, "ImageNet weights for --arch from a local .pth/.safetensors file, "
+                                                 "never downloaded (default: none, random initialisation)")
+    resolution: int = field(224, "images are resized (short side) and centre-cropped to this square")
+    epochs: int = field(5, "passes over each arm's training images (a small arm gets fewer steps; see --steps)")
+    steps: int | None = field(None, "optimizer steps for every arm instead of --epochs: compute-matched arms, "
+                                    "cycling through a small arm's images more often")
+    batch_size: int = field(32, "images per step")
+    lr: float | None = field(None, "Adam learning rate (default: 1e-4 for the torchvision networks, 1e-3 for small_cnn)")
+    n_per_class: int = field(100, "arms b, c: real images per label (>= this many positives where the data has them)")
+    arms: str = field("a,b,c,d", "comma-separated arms: a all real, b N real per class, c b + synthetic, d synthetic only")
+    seeds: str = field("0,1,2", "comma-separated seeds; a seed gives the same initial weights in every arm")
+    test_fraction: float = field(0.2, "fraction of real patients held out as the test set")
+    split_seed: int = field(0, "seed of the patient-level train/test split (the same test set for every arm and seed)")
+    skip_bad_files: bool = field(False, "leave out unreadable images and bad rows instead of stopping")
+    workers: int = field(8, "threads decoding images")
+    device: str = field("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    output_dir: str = field("outputs/downstream", f"folder for {RESULTS_FILE}, {TABLE_FILE} and {CSV_FILE}")
+
+
+# ------------------------------------------------------------------------------- classifiers
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU-pool blocks and a linear head: a stand-in for tests and CPU demos, not for real data."""
+
+    def __init__(self, num_classes: int = 1000, width: int = 16):
+        super().__init__()
+        layers, channels = [], 3
+        for out in (width, 2 * width, 4 * width, 8 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class Arch:
+    build: str  # torchvision.models function name, or "small_cnn"
+    head: str  # dotted path of the final nn.Linear, replaced by one with an output per label
+    lr: float  # default learning rate
+
+
+# A new architecture is one row.
+ARCHS = {
+    "densenet121": Arch("densenet121", "classifier", 1e-4),
+    "efficientnet_b0": Arch("efficientnet_b0", "classifier.1", 1e-4),
+    "resnet50": Arch("resnet50", "fc", 1e-4),
+    "small_cnn": Arch("small_cnn", "classifier", 1e-3),
+}
+# torchvision's released DenseNet files still use the old names 'norm.1', 'conv.2', ...
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def build_classifier(arch: str, num_labels: int, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The network with one logit per label; `weights` (e.g. ImageNet's) fill every layer but the head."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}: use one of {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    if spec.build == "small_cnn":
+        model = SmallCNN()
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, spec.build)(weights=None)  # never a download
+    parent_name, _, leaf = spec.head.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, leaf)
+    setattr(parent, leaf, nn.Linear(old.in_features, num_labels))
+    if weights is not None:
+        load_backbone(model, weights, spec.head, arch)
+    return model
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or a pickle read with weights_only=True (no foreign code runs)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--pretrained_weights {path} does not exist: give a local .pth or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any reader failure is the file's problem)
+        raise UserError(f"cannot read --pretrained_weights {path}: {' '.join(str(err).split())[:200]}") from None
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--pretrained_weights {path} does not hold a state dict (name -> tensor)")
+    return {_OLD_DENSENET_KEY.sub(r"\1\2", k.removeprefix("module.")): v for k, v in state.items()}
+
+
+def load_backbone(model: nn.Module, weights: dict[str, torch.Tensor], head: str, arch: str) -> None:
+    """Load every weight but the head's; anything missing or left over is an error, never ignored."""
+    body = {k: v for k, v in weights.items() if not k.startswith(head + ".")}
+    try:
+        missing, unexpected = model.load_state_dict(body, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise UserError(f"--pretrained_weights do not fit --arch {arch}: {' '.join(str(err).split())[:300]}") from None
+    missing = [k for k in missing if not k.startswith(head + ".")]
+    if missing or unexpected:
+        raise UserError(f"--pretrained_weights are not {arch} weights: {len(missing)} missing (e.g. "
+                        f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Bank:
+    """Every image of the run, decoded once: uint8 pixels (N, 1 or 3, R, R) and targets (N, labels), NaN = unknown."""
+
+    pixels: torch.Tensor
+    targets: torch.Tensor
+    groups: list[str | None]
+    train: np.ndarray  # indices of the real training images
+    test: np.ndarray  # indices of the real test images
+    synthetic: np.ndarray  # indices of the synthetic images
+
+
+def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
+    """(examples of --real, whether it is a metadata file); row errors stop unless skipped."""
+    if not cfg.real:
+        raise UserError("--real is not given: pass the real data (e.g. CheXpert's train.csv)")
+    examples, problems = read_examples(DataConfig(
+        train_data_dir=cfg.real, data_format=cfg.real_format, image_root=cfg.image_root,
+        uncertainty=cfg.uncertainty, views=cfg.views))
+    _stop_on_errors(problems, cfg.real, cfg.skip_bad_files)
+    if problems:
+        warn(f"{len(problems)} row problem(s) in {cfg.real}, e.g. {problems[0]}")
+    source = Path(cfg.real).expanduser()
+    if source.is_dir():
+        metadata = any((source / n).is_file() for n in ("metadata.jsonl", "metadata.csv"))
+    else:
+        metadata = (cfg.real_format if cfg.real_format != "auto" else detect_format(source)) == "metadata"
+    return examples, metadata
+
+
+def synthetic_file(path: str) -> Path:
+    """The metadata.csv of a synthetic set given as its folder or the file itself."""
+    source = Path(path).expanduser()
+    file = source / "metadata.csv" if source.is_dir() else source
+    if not file.is_file():
+        what = "has no metadata.csv" if source.is_dir() else "does not exist"
+        raise UserError(f"--synthetic {source} {what}: pass a synthesize_images.py output folder or its metadata.csv")
+    return file
+
+
+def read_synthetic(path: str, labels: list[str]) -> list[Example]:
+    """A synthetic set through the data layer's metadata reader; every label must be one of its columns."""
+    file = synthetic_file(path)
+    missing = [name for name in labels if name not in pd.read_csv(file, nrows=0).columns]
+    if missing:
+        raise UserError(f"--synthetic {path} has no column(s) {', '.join(missing)}: make it with a --labels-csv "
+                        "holding them, or fix --labels")
+    examples, problems = read_examples(DataConfig(train_csv=str(file), data_format="metadata"))
+    _stop_on_errors(problems, str(file), skip=False)
+    return examples
+
+
+def label_matrix(examples: list[Example], labels: list[str], metadata: bool, uncertainty: str) -> np.ndarray:
+    """(N, labels) floats: 1 positive, 0 negative, NaN unknown (left out of the loss and the AUROC).
+
+    Clinical tables come with the uncertainty policy applied and blank = 0, so a missing value
+    is U-Ignore's unknown. Metadata files (synthetic sets included) keep raw cells: blank is 0
+    and -1 follows the policy, both by the data layer's `apply_uncertainty`.
+    """
+    values = np.array([[ex.labels.get(name, np.nan) for name in labels] for ex in examples], dtype=float)
+    values = values.reshape(len(examples), len(labels))
+    if metadata:
+        values = apply_uncertainty(values, uncertainty)
+    bad = ~np.isnan(values) & ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise UserError(f"{examples[i].source}: label {labels[j]} = {values[i, j]}: labels must be 1, 0, -1 or blank")
+    return values
+
+
+def decode(examples: list[Example], resolution: int, grey: bool, workers: int) -> tuple[list[torch.Tensor | None], list[Problem]]:
+    """Each image decoded by the data layer's decoder, resized and centre-cropped, as uint8 (C, R, R)."""
+    transform = ImageTransform(resolution, crop="center")
+
+    def one(ex: Example) -> torch.Tensor | Problem:
+        try:
+            image = load_image(ex.image)
+        except ImageError as err:
+            return Problem(ex.source or str(ex.image), err.what)
+        if grey:
+            image = image.convert("L").convert("RGB")
+        pixels = ((transform(image) + 1.0) * 127.5).round().to(torch.uint8)  # exact: the transform is p / 127.5 - 1
+        if torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[0], pixels[2]):
+            pixels = pixels[:1]  # a radiograph: one channel is a third of the memory
+        return pixels
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        out = list(pool.map(one, examples))
+    problems = [p for p in out if isinstance(p, Problem)]
+    return [None if isinstance(p, Problem) else p for p in out], problems
+
+
+def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: list[str]) -> tuple[Bank, dict]:
+    """Read, split and decode the real data and `synthetic_sets` once; checks every label against the data."""
+    real, metadata = read_real(cfg, warn)
+    absent = [name for name in labels if not any(name in ex.labels for ex in real)]
+    if absent:
+        found = sorted({k for ex in real for k in ex.labels})
+        raise UserError(f"label(s) {', '.join(absent)} not in {cfg.real} (its labels: {', '.join(found) or 'none'}): "
+                        "fix --labels")
+    synthetic, synth_targets = [], []
+    for path in synthetic_sets:
+        examples = read_synthetic(path, labels)
+        synthetic += examples
+        synth_targets.append(label_matrix(examples, labels, True, cfg.uncertainty))
+
+    if real and all(ex.group is None for ex in real):
+        warn(f"{cfg.real} has no patient ids: the test set is split by image, so a patient may be on both sides")
+    train, test = split_examples(real, cfg.test_fraction, seed=cfg.split_seed, by="patient")
+    examples = train + test + synthetic
+    targets = np.concatenate([label_matrix(train + test, labels, metadata, cfg.uncertainty)] + synth_targets)
+    print(f"decoding {len(examples)} images at {cfg.resolution} px ({len(train) + len(test)} real, "
+          f"{len(synthetic)} synthetic)")
+    real_pixels, problems = decode(train + test, cfg.resolution, grey=False, workers=cfg.workers)
+    # SD's RGB output has faint colour casts no radiograph has: grey real data makes synthetic grey too.
+    grey = all(p is None or p.shape[0] == 1 for p in real_pixels)
+    synth_pixels, synth_problems = decode(synthetic, cfg.resolution, grey=grey, workers=cfg.workers)
+    _stop_on_errors(problems + synth_problems, "the images", cfg.skip_bad_files)
+    pixels = real_pixels + synth_pixels
+    keep = np.array([p is not None for p in pixels], dtype=bool)
+    if not keep.all():
+        warn(f"{int((~keep).sum())} unreadable image(s) left out (--skip_bad_files)")
+    channels = 1 if all(p.shape[0] == 1 for p in pixels if p is not None) else 3
+    stacked = torch.stack([p.expand(channels, -1, -1) for p in pixels if p is not None])
+    kind = np.array([0] * len(train) + [1] * len(test) + [2] * len(synthetic))[keep]
+    bank = Bank(stacked, torch.from_numpy(targets[keep]).float(),
+                [ex.group for ex, k in zip(examples, keep) if k],
+                np.flatnonzero(kind == 0), np.flatnonzero(kind == 1), np.flatnonzero(kind == 2))
+    counts = {"real_train": _describe(bank, bank.train, labels), "test": _describe(bank, bank.test, labels),
+              "synthetic": _describe(bank, bank.synthetic, labels)}
+    return bank, counts
+
+
+def _stop_on_errors(problems: list[Problem], context: str, skip: bool) -> None:
+    if errors_only(problems) and not skip:
+        raise DatasetError(problems, context=context, hint="fix them, or pass --skip_bad_files to leave them out")
+
+
+def _describe(bank: Bank, idx: np.ndarray, labels: list[str]) -> dict:
+    t = bank.targets[torch.as_tensor(idx, dtype=torch.long)]
+    groups = {bank.groups[i] for i in idx if bank.groups[i] is not None}
+    return {"images": int(len(idx)), "patients": len(groups),
+            "positives": {n: int((t[:, j] == 1).sum()) for j, n in enumerate(labels)},
+            "negatives": {n: int((t[:, j] == 0).sum()) for j, n in enumerate(labels)}}
+
+
+def sample_per_class(targets: torch.Tensor | np.ndarray, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """Arm b's subset: (sorted indices, labels short of n positives).
+
+    Labels are visited rarest first (fewest positives; ties in --labels order). For each, images
+    positive for it and not yet chosen are drawn at random until the subset holds >= n positives
+    of it, counting positives of images drawn for earlier labels; a label with fewer than n
+    positives contributes all of them. Unknown values never count. Deterministic for a seed.
+    """
+    positive = np.nan_to_num(np.asarray(targets, dtype=float), nan=0.0) == 1.0
+    rng = np.random.default_rng([seed, 2])
+    chosen = np.zeros(len(positive), dtype=bool)
+    short = []
+    for j in np.argsort(positive.sum(axis=0), kind="stable"):
+        need = n - int((positive[:, j] & chosen).sum())
+        if need > 0:
+            pool = np.flatnonzero(positive[:, j] & ~chosen)
+            chosen[rng.permutation(pool)[:need]] = True
+            if len(pool) < need:
+                short.append(int(j))
+    return np.flatnonzero(chosen), sorted(short)
+
+
+# ------------------------------------------------------------------------------- training and evaluation
+
+
+def _batch(bank: Bank, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels -> ImageNet-normalised float RGB on the device."""
+    x = bank.pixels[idx].to(device, non_blocking=True).float().div_(255.0).expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the known targets only (NaN = unknown contributes nothing)."""
+    known = ~torch.isnan(targets)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def train_classifier(model: nn.Module, bank: Bank, idx: np.ndarray, cfg: DownstreamConfig, lr: float, seed: int,
+                     device: torch.device) -> list[float]:
+    """Adam on the masked BCE for --steps, else --epochs; batch order from the seed. Returns the mean loss per epoch."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    steps, step, losses = total_steps(cfg, len(idx)), 0, []
+    while step < steps:
+        total, seen = 0.0, 0
+        for batch in idx[torch.randperm(len(idx), generator=order)].split(cfg.batch_size):
+            loss = masked_bce(model(_batch(bank, batch, device)), bank.targets[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, seen, step = total + loss.item() * len(batch), seen + len(batch), step + 1
+            if step == steps:
+                break
+        losses.append(total / seen)
+    return losses
+
+
+def total_steps(cfg: DownstreamConfig, n_images: int) -> int:
+    return cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n_images / cfg.batch_size)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, bank: Bank, idx: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    model.to(device).eval()
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    return torch.cat([torch.sigmoid(model(_batch(bank, b, device))).cpu() for b in idx.split(batch_size)])
+
+
+def binary_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney U statistic: (rank sum of positives - n1(n1+1)/2) / (n1 n0), ties at mid-rank."""
+    _, where, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[where.ravel()]  # 1-based, tied scores share their mean rank
+    positive = targets == 1
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def auroc_per_label(scores: torch.Tensor, targets: torch.Tensor, labels: list[str]) -> dict[str, float | None]:
+    """AUROC of each label over its known targets; None when the test set has a single class of it."""
+    scores, targets = scores.double().numpy(), targets.double().numpy()
+    out = {}
+    for j, name in enumerate(labels):
+        known = ~np.isnan(targets[:, j])
+        y = targets[known, j]
+        out[name] = binary_auroc(scores[known, j], y) if 0 < y.sum() < len(y) else None
+    return out
+
+
+def mean_auroc(per_label: dict[str, float | None]) -> float | None:
+    values = [v for v in per_label.values() if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _spread(values: list[float | None]) -> dict:
+    """Mean and sample std (ddof=1) over seeds; std is None with one seed."""
+    v = [x for x in values if x is not None]
+    return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v)}
+
+
+# ------------------------------------------------------------------------------- the experiment
+
+
+def resolve(cfg: DownstreamConfig) -> tuple[list[str], list[str], list[int], torch.device, float]:
+    """Check every setting before any image is read: (labels, arms, seeds, device, learning rate)."""
+    labels = [name.strip() for item in cfg.labels for name in item.split(",") if name.strip()]
+    if not labels or len(set(labels)) < len(labels):
+        raise UserError(f"--labels {cfg.labels}: give distinct label names")
+    arms = [a.strip() for a in cfg.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) < len(arms):
+        raise UserError(f"--arms {cfg.arms!r}: give distinct arms among {', '.join(ARMS)}, comma-separated")
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {cfg.seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds {cfg.seeds!r}: give distinct integers, e.g. 0,1,2")
+    if cfg.arch not in ARCHS:
+        raise UserError(f"unknown --arch {cfg.arch!r}: use one of {', '.join(ARCHS)}")
+    needs = [a for a in arms if a in "cd"]
+    if needs and not cfg.synthetic:
+        raise UserError(f"arm(s) {', '.join(needs)} need --synthetic: pass a synthetic set, or --arms a,b")
+    for path in cfg.synthetic if needs else []:  # read only by arms c and d
+        synthetic_file(path)
+    if any(a in "bc" for a in arms) and cfg.n_per_class < 1:
+        raise UserError(f"--n_per_class must be at least 1, got {cfg.n_per_class}")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        raise UserError(f"--test_fraction must be in (0, 1), got {cfg.test_fraction}")
+    for name in ("epochs", "batch_size", "resolution", "steps"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    lr = cfg.lr if cfg.lr is not None else ARCHS[cfg.arch].lr
+    if not lr > 0:
+        raise UserError(f"--lr must be positive, got {lr}")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: no CUDA device here; use --device cpu")
+    return labels, arms, seeds, device, lr
+
+
+def arm_indices(arm: str, bank: Bank, n_per_class: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """The bank indices an arm trains on for a seed, and the labels short of N positives (arms b, c)."""
+    if arm == "a":
+        return bank.train, []
+    if arm == "d":
+        return bank.synthetic, []
+    picked, short = sample_per_class(bank.targets[torch.as_tensor(bank.train)], n_per_class, seed)
+    subset = bank.train[picked]
+    return (subset if arm == "b" else np.concatenate([subset, bank.synthetic])), short
+
+
+def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
+    """Train and evaluate every (arm, seed); write the JSON, Markdown and CSV results.
+
+    Returns (summary, scores): the results as written to the JSON, and in memory the test
+    targets (key "targets", NaN = unknown) and each run's test scores (key (arm, seed)).
+    """
+    labels, arms, seeds, device, lr = resolve(cfg)
+    out_dir = Path(cfg.output_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        print(f"warning: {message}")
+
+    weights = read_weights(cfg.pretrained_weights) if cfg.pretrained_weights else None
+    build_classifier(cfg.arch, len(labels), weights)  # a bad file or arch fails before any image is read
+    bank, counts = load_bank(cfg, labels, warn, cfg.synthetic if any(a in "cd" for a in arms) else [])
+    if len(bank.test) == 0 or len(bank.train) == 0:
+        raise UserError(f"the split left {len(bank.train)} training and {len(bank.test)} test images: use more "
+                        "patients or another --test_fraction")
+    for name in labels:
+        pos, neg = counts["test"]["positives"][name], counts["test"]["negatives"][name]
+        if pos == 0 or neg == 0:
+            warn(f"the test set has {pos} positive and {neg} negative {name}: its AUROC is null and left out of the mean")
+    if any(a in "cd" for a in arms) and len(bank.synthetic) == 0:
+        raise UserError("the synthetic sets hold no images: arms c and d have nothing to train on")
+
+    params = sum(p.numel() for p in build_classifier(cfg.arch, len(labels)).parameters())
+    print(f"{cfg.arch} ({params:,} parameters, {'ImageNet' if weights else 'random'} init) on {device}, lr {lr:g}, "
+          f"{f'{cfg.steps} steps' if cfg.steps else f'{cfg.epochs} epochs'} of batch {cfg.batch_size} per arm; "
+          f"{len(labels)} labels; seeds {seeds}")
+    print(f"real: {counts['real_train']['images']} training images ({counts['real_train']['patients']} patients), "
+          f"{counts['test']['images']} test images ({counts['test']['patients']} patients); "
+          f"synthetic: {counts['synthetic']['images']}")
+
+    results = {arm: {"name": ARMS[arm], "seeds": {}} for arm in arms}
+    test_targets = bank.targets[torch.as_tensor(bank.test)]
+    kept = {"targets": test_targets}
+    for seed in seeds:
+        for arm in arms:
+            idx, short = arm_indices(arm, bank, cfg.n_per_class, seed)
+            if short and seed == seeds[0]:
+                warn(f"arm {arm}: the real training set has fewer than {cfg.n_per_class} positive "
+                     f"{', '.join(labels[j] for j in short)}: all of them are used")
+            if len(idx) == 0:
+                raise UserError(f"arm {arm} has no training images: the real training set has no positive of any label")
+            described = _describe(bank, idx, labels)
+            for name in labels:
+                if described["positives"][name] == 0 and seed == seeds[0]:
+                    warn(f"arm {arm} has no positive {name} to learn from")
+            start = time.perf_counter()
+            torch.manual_seed(seed)  # the same initial weights for this seed in every arm
+            model = build_classifier(cfg.arch, len(labels), weights)
+            losses = train_classifier(model, bank, idx, cfg, lr, seed, device)
+            scores = predict(model, bank, bank.test, 2 * cfg.batch_size, device)
+            per_label = auroc_per_label(scores, test_targets, labels)
+            kept[(arm, seed)] = scores
+            seconds = time.perf_counter() - start
+            results[arm]["seeds"][str(seed)] = {
+                "mean_auroc": mean_auroc(per_label), "auroc": per_label, "train_images": described["images"],
+                "train_positives": described["positives"], "steps": total_steps(cfg, len(idx)),
+                "final_loss": losses[-1], "seconds": round(seconds, 2)}
+            print(f"arm {arm} ({ARMS[arm]}) seed {seed}: mean AUROC {_fmt(mean_auroc(per_label))} "
+                  f"({described['images']} images, loss {losses[-1]:.4f}, {seconds:.1f} s)")
+    for arm, r in results.items():
+        runs = list(r["seeds"].values())
+        r["mean_auroc"] = _spread([x["mean_auroc"] for x in runs])
+        r["auroc"] = {name: _spread([x["auroc"][name] for x in runs]) for name in labels}
+
+    summary = {"kind": "sdtune.downstream", "format": 1, "labels": labels, "arms": results, "counts": counts,
+               "settings": {**asdict(cfg), "labels": labels, "lr": lr, "arms": arms, "seeds": seeds,
+                            "device": str(device)},
+               "versions": versions(), "warnings": warnings}
+    table = markdown_table(summary)
+    print(table)
+    _write(out_dir / RESULTS_FILE, json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    _write(out_dir / TABLE_FILE, table + "\n")
+    _write(out_dir / CSV_FILE, csv_rows(summary))
+    print(f"results: {out_dir / RESULTS_FILE}, {out_dir / TABLE_FILE}, {out_dir / CSV_FILE}")
+    return summary, kept
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def _fmt(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+
+def markdown_table(summary: dict) -> str:
+    """One row per arm: training images, mean AUROC and each label's AUROC, mean ± std over seeds."""
+    labels = summary["labels"]
+    lines = ["| arm | training images | mean AUROC | " + " | ".join(labels) + " |",
+             "|---|---|---|" + "---|" * len(labels)]
+    for arm, r in summary["arms"].items():
+        images = sorted({x["train_images"] for x in r["seeds"].values()})
+        shown = str(images[0]) if len(images) == 1 else f"{images[0]}–{images[-1]}"
+        cells = [_fmt(r["auroc"][n]["mean"], r["auroc"][n]["std"]) for n in labels]
+        lines.append(f"| ({arm}) {r['name']} | {shown} | {_fmt(r['mean_auroc']['mean'], r['mean_auroc']['std'])} | "
+                     + " | ".join(cells) + " |")
+    settings, test = summary["settings"], summary["counts"]["test"]
+    per_class = f", N = {settings['n_per_class']} per class" if set(summary["arms"]) & {"b", "c"} else ""
+    lines.append(f"\nAUROC on {test['images']} held-out real test images ({test['patients']} patients); mean ± std "
+                 f"over {len(settings['seeds'])} seed(s); {settings['arch']}{per_class}.")
+    return "\n".join(lines)
+
+
+def csv_rows(summary: dict) -> str:
+    """One row per (arm, seed): arm, seed, train_images, mean_auroc, then one column per label."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["arm", "seed", "train_images", "mean_auroc"] + summary["labels"])
+    for arm, r in summary["arms"].items():
+        for seed, x in r["seeds"].items():
+            writer.writerow([arm, seed, x["train_images"], _cell(x["mean_auroc"])]
+                            + [_cell(x["auroc"][n]) for n in summary["labels"]])
+    return buffer.getvalue()
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def _write(path: Path, text: str) -> None:
+    """Written aside and renamed: a killed run never leaves half a results file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for package in ("sdtune", "torch", "torchvision", "torchmetrics", "numpy"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> DownstreamConfig:
+    parser = argparse.ArgumentParser(prog="downstream.py", description="Does synthetic data help a classifier? "
+                                     "Four arms (all real, N real per class, plus synthetic, synthetic only), "
+                                     "AUROC on a held-out real test set split by patient.")
+    add_arguments(parser, DownstreamConfig)
+    return from_args(DownstreamConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))[0]

@@ -1,0 +1,298 @@
+"""downstream.py: four arms on phantom chest X-rays, AUROC checked against Mann-Whitney, the patient split."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdtune.downstream import (ARCHS, DownstreamConfig, auroc_per_label, build_classifier, label_matrix, load_bank,
+                               masked_bce, mean_auroc, read_weights, run, sample_per_class)
+from sdtune.data.records import Example
+from sdtune.errors import UserError, run_cli
+from sdtune.phantom import DRAWN, render_chest_xray, write_phantom_chexpert
+from sdtune.synthesis import METADATA_COLUMNS, write_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SYNTHETIC_EACH = 10  # per drawn finding, plus as many with no finding
+
+
+@pytest.fixture(scope="module")
+def phantom_train_csv(tmp_path_factory):
+    """400 phantom images at 64 px (about 2 s to write): 318 frontal training-table images, 135 patients."""
+    out = write_phantom_chexpert(tmp_path_factory.mktemp("phantom400"), n=400, size=64, seed=0)
+    return out / "CheXpert-v1.0-small" / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory):
+    """A folder in synthesize_images.py's output format: images/*.png (RGB) and metadata.csv with the
+    drawn findings as label columns; each finding alone N_SYNTHETIC_EACH times, then no finding."""
+    out = tmp_path_factory.mktemp("synthetic")
+    (out / "images").mkdir()
+    rng = np.random.default_rng(7)
+    plan = [name for name in DRAWN for _ in range(N_SYNTHETIC_EACH)] + [None] * N_SYNTHETIC_EACH
+    rows = []
+    for k, finding in enumerate(plan):
+        labels = {name: float(name == finding) for name in DRAWN}
+        render_chest_xray({n: v == 1.0 for n, v in labels.items()}, 64, rng).convert("RGB").save(out / "images" / f"{k:06d}.png")
+        prompt = f"Chest x-ray of a patient with {finding}" if finding else "Chest x-ray of a patient with no significant findings"
+        rows.append({"file_name": f"images/{k:06d}.png", "prompt": prompt, "negative_prompt": "", "seed": k, "steps": 50,
+                     "guidance": 7.5, "scheduler": "pndm", **labels, "text": prompt})
+    assert list(rows[0])[:len(METADATA_COLUMNS)] == METADATA_COLUMNS  # the synthesis format, column for column
+    write_metadata(out / "metadata.csv", rows)
+    return out
+
+
+def config(real, tmp_path, **overrides) -> DownstreamConfig:
+    settings = dict(real=str(real), labels=list(DRAWN), arch="small_cnn", resolution=32, epochs=1, batch_size=16,
+                    arms="a", seeds="0", n_per_class=15, workers=2, output_dir=str(tmp_path / "downstream"))
+    return DownstreamConfig(**{**settings, **overrides})
+
+
+def mann_whitney_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counting one half: every pair compared."""
+    pos, neg = scores[targets == 1], scores[targets == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+# ------------------------------------------------------------------------------- acceptance
+
+
+@pytest.mark.slow
+def test_arm_a_small_classifier_reaches_auroc_0_9(phantom_train_csv, tmp_path):
+    cfg = config(phantom_train_csv, tmp_path, resolution=48, epochs=5)
+    summary, scores = run(cfg)
+    a = summary["arms"]["a"]["seeds"]["0"]
+    assert a["mean_auroc"] >= 0.9, a["auroc"]
+    assert all(a["auroc"][name] is not None for name in DRAWN)  # every drawn finding has both classes in the test set
+    assert a["mean_auroc"] == pytest.approx(np.mean([a["auroc"][n] for n in DRAWN]), abs=1e-12)
+    assert a["train_images"] == summary["counts"]["real_train"]["images"] == 254
+    assert a["steps"] == 5 * 16  # ceil(254 / 16) per epoch
+    # The reported AUROC, recomputed from the test scores by comparing every positive with every negative.
+    targets, test_scores = scores["targets"].numpy(), scores[("a", 0)].numpy()
+    for j, name in enumerate(DRAWN):
+        known = ~np.isnan(targets[:, j])
+        assert a["auroc"][name] == pytest.approx(mann_whitney_auroc(test_scores[known, j], targets[known, j]), abs=1e-6)
+    assert len(test_scores) == summary["counts"]["test"]["images"] == 64
+    assert json.loads((tmp_path / "downstream" / "downstream.json").read_text()) == json.loads(json.dumps(summary))
+
+
+@pytest.mark.slow
+def test_four_arms_end_to_end(phantom_train_csv, synthetic_set, tmp_path):
+    cfg = config(phantom_train_csv, tmp_path, arms="a,b,c,d", seeds="0,1", synthetic=[str(synthetic_set)], steps=6)
+    summary, _ = run(cfg)
+    arms, counts, n = summary["arms"], summary["counts"], cfg.n_per_class
+    n_synthetic = len(DRAWN) * N_SYNTHETIC_EACH + N_SYNTHETIC_EACH
+    assert counts["synthetic"]["images"] == n_synthetic
+    assert counts["synthetic"]["positives"] == {name: N_SYNTHETIC_EACH for name in DRAWN}
+    for seed in ("0", "1"):
+        a, b, c, d = (arms[arm]["seeds"][seed] for arm in "abcd")
+        assert a["train_images"] == counts["real_train"]["images"]
+        assert a["train_positives"] == counts["real_train"]["positives"]
+        for name in DRAWN:  # >= N positives per label (the phantom has more than N of each)
+            assert n <= b["train_positives"][name] <= counts["real_train"]["positives"][name]
+            assert c["train_positives"][name] == b["train_positives"][name] + N_SYNTHETIC_EACH
+        assert b["train_images"] < a["train_images"]
+        assert c["train_images"] == b["train_images"] + n_synthetic
+        assert d["train_images"] == n_synthetic and d["train_positives"] == counts["synthetic"]["positives"]
+        assert a["steps"] == b["steps"] == c["steps"] == d["steps"] == 6  # --steps: compute-matched arms
+    assert arms["b"]["seeds"]["0"]["train_positives"] != arms["b"]["seeds"]["1"]["train_positives"]  # drawn per seed
+    for arm in "abcd":  # mean and std over seeds
+        values = [arms[arm]["seeds"][s]["mean_auroc"] for s in ("0", "1")]
+        assert arms[arm]["mean_auroc"]["mean"] == pytest.approx(np.mean(values))
+        assert arms[arm]["mean_auroc"]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert arms[arm]["mean_auroc"]["n"] == 2
+    # The files: JSON as returned, the Markdown table (one row per arm), the CSV (one row per arm and seed).
+    out = Path(cfg.output_dir)
+    assert json.loads((out / "downstream.json").read_text())["arms"]["c"]["seeds"]["1"]["train_images"] == \
+        arms["c"]["seeds"]["1"]["train_images"]
+    table = (out / "downstream.md").read_text().splitlines()
+    assert table[0] == "| arm | training images | mean AUROC | " + " | ".join(DRAWN) + " |"
+    assert [line.split(" | ")[0] for line in table[2:6]] == ["| (a) all real", "| (b) N real per class",
+                                                            "| (c) N real per class + synthetic", "| (d) synthetic only"]
+    assert f"| {n_synthetic} | " in table[5]
+    rows = list(csv.DictReader((out / "downstream.csv").open()))
+    assert [(r["arm"], r["seed"]) for r in rows] == [(arm, s) for arm in "abcd" for s in ("0", "1")]
+    assert float(rows[0]["mean_auroc"]) == pytest.approx(arms["a"]["seeds"]["0"]["mean_auroc"], abs=1e-6)
+    assert summary["settings"]["seeds"] == [0, 1] and summary["settings"]["lr"] == 1e-3
+    assert {"torch", "torchvision", "torchmetrics"} <= set(summary["versions"])
+
+
+def test_same_seed_same_initial_weights_in_every_arm():
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        weights.append(build_classifier("small_cnn", 5).state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# ------------------------------------------------------------------------------- the patient split
+
+
+def test_patient_level_split(phantom_train_csv, tmp_path):
+    def split(seed):
+        bank, counts = load_bank(config(phantom_train_csv, tmp_path, split_seed=seed, resolution=16), list(DRAWN),
+                                 print, [])
+        return ([bank.groups[i] for i in bank.train], [bank.groups[i] for i in bank.test]), counts
+
+    (train, test), counts = split(0)
+    assert all(g is not None for g in train + test)
+    assert not set(train) & set(test)  # no patient on both sides
+    assert len(train) > len(set(train))  # patients do have several images, so this is a real check
+    n_patients = len(set(train) | set(test))
+    assert len(set(test)) == int(np.ceil(0.2 * n_patients)) == counts["test"]["patients"]
+    assert split(0)[0] == (train, test)  # deterministic for a split seed
+    assert set(split(1)[0][1]) != set(test)
+
+
+# ------------------------------------------------------------------------------- pieces
+
+
+def test_sample_per_class_rule():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((300, 3)) < [0.3, 0.1, 0.02]).astype(float)
+    targets[rng.random((300, 3)) < 0.1] = np.nan  # unknown values never count as positives
+    n = 20
+    picked, short = sample_per_class(targets, n, seed=0)
+    positives = np.nansum(targets[picked] == 1, axis=0)
+    available = np.nansum(targets == 1, axis=0)
+    assert available[2] < n and short == [2]  # the rare label gives all it has
+    assert positives[2] == available[2]
+    assert (positives[:2] >= n).all()
+    assert np.array_equal(picked, sample_per_class(targets, n, seed=0)[0])  # deterministic per seed
+    assert not np.array_equal(picked, sample_per_class(targets, n, seed=1)[0])
+    assert len(np.unique(picked)) == len(picked)
+
+
+def test_auroc_masks_unknown_and_skips_single_class_labels():
+    rng = np.random.default_rng(1)
+    scores = torch.from_numpy(rng.random((50, 3))).float()
+    targets = torch.from_numpy((rng.random((50, 3)) < 0.4).astype(np.float32))
+    targets[::3, 0] = float("nan")
+    targets[:, 2] = 0.0  # no positive in the test set
+    with torch.no_grad():
+        result = auroc_per_label(scores, targets, ["x", "y", "z"])
+    known = ~np.isnan(targets[:, 0].numpy())
+    assert result["x"] == pytest.approx(mann_whitney_auroc(scores[known, 0].numpy(), targets[known, 0].numpy()), abs=1e-6)
+    assert result["y"] == pytest.approx(mann_whitney_auroc(scores[:, 1].numpy(), targets[:, 1].numpy()), abs=1e-6)
+    assert result["z"] is None and mean_auroc(result) == pytest.approx((result["x"] + result["y"]) / 2)
+    # ties at mid-rank, as torchmetrics computes it
+    from torchmetrics.functional.classification import binary_auroc as torchmetrics_auroc
+
+    tied = torch.tensor([0.1, 0.4, 0.4, 0.4, 0.8, 0.8, 0.2, 0.9])
+    truth = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    ours = auroc_per_label(tied[:, None], truth[:, None].float(), ["t"])["t"]
+    assert ours == pytest.approx(mann_whitney_auroc(tied.numpy(), truth.numpy()), abs=1e-12)
+    assert ours == pytest.approx(float(torchmetrics_auroc(tied, truth)), abs=1e-6)
+
+
+def test_loss_leaves_out_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    targets = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    known = [(0, 0, 1.0), (1, 0, 0.0), (1, 1, 1.0)]
+    expected = np.mean([np.log1p(np.exp(-l)) if y else np.log1p(np.exp(l)) for l, y in
+                        ((logits[i, j].item(), y) for i, j, y in known)])
+    assert masked_bce(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_policy():
+    examples = [Example(Path("a.png"), "c", labels={"A": 1.0, "B": -1.0}), Example(Path("b.png"), "c", labels={"A": 0.0})]
+    # metadata (synthetic sets): blank = 0, -1 by the uncertainty policy
+    assert np.array_equal(label_matrix(examples, ["A", "B"], True, "ignore"), [[1, np.nan], [0, 0]], equal_nan=True)
+    assert np.array_equal(label_matrix(examples, ["A", "B"], True, "ones"), [[1, 1], [0, 0]])
+    assert np.array_equal(label_matrix(examples, ["A", "B"], True, "zeros"), [[1, 0], [0, 0]])
+    # clinical tables arrive with the policy applied: a missing value is U-Ignore's unknown
+    clinical = [Example(Path("a.png"), "c", labels={"A": 1.0}), Example(Path("b.png"), "c", labels={"A": 0.0, "B": 1.0})]
+    assert np.array_equal(label_matrix(clinical, ["A", "B"], False, "ignore"), [[1, np.nan], [0, 1]], equal_nan=True)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_arch_gives_one_logit_per_label(arch):
+    model = build_classifier(arch, 6).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 6)
+
+
+def test_pretrained_weights_fill_all_but_the_head(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    imagenet = build_classifier("small_cnn", 1000).state_dict()  # an "ImageNet" file: 1000-class head
+    torch.save(imagenet, tmp_path / "w.pth")
+    save_file(imagenet, str(tmp_path / "w.safetensors"))
+    for file in ("w.pth", "w.safetensors"):
+        torch.manual_seed(1)
+        model = build_classifier("small_cnn", 5, read_weights(tmp_path / file)).state_dict()
+        assert all(torch.equal(model[k], v) for k, v in imagenet.items() if not k.startswith("classifier."))
+        assert model["classifier.weight"].shape == (5, 128)
+    # torchvision's released DenseNet files use the old layer names ('norm.1'): renamed on reading
+    densenet = build_classifier("densenet121", 1000).state_dict()
+    old = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v for k, v in densenet.items()}
+    assert old.keys() != densenet.keys()
+    torch.save(old, tmp_path / "densenet.pth")
+    loaded = build_classifier("densenet121", 6, read_weights(tmp_path / "densenet.pth")).state_dict()
+    assert torch.equal(loaded["features.denseblock1.denselayer1.norm1.weight"],
+                       densenet["features.denseblock1.denselayer1.norm1.weight"])
+    with pytest.raises(UserError, match="not resnet50 weights|do not fit --arch resnet50"):
+        build_classifier("resnet50", 6, read_weights(tmp_path / "w.pth"))
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing synthetic", "--synthetic .*nowhere does not exist"),
+    ("unknown arch", "unknown --arch 'vgg16': use one of densenet121, efficientnet_b0, resnet50, small_cnn"),
+    ("label not in data", "label\\(s\\) Nodule not in .*train.csv \\(its labels: .*Cardiomegaly"),
+    ("synthetic lacks label", "--synthetic .* has no column\\(s\\) Edema"),
+    ("arm c without synthetic", "arm\\(s\\) c need --synthetic"),
+    ("bad arm", "--arms 'a,e'"),
+])
+def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, synthetic_set, tmp_path, capsys):
+    argv = ["--real", str(phantom_train_csv), "--arch", "small_cnn", "--resolution", "16", "--epochs", "1",
+            "--labels", ",".join(DRAWN), "--arms", "a", "--seeds", "0", "--output-dir", str(tmp_path / "out")]
+    extra = {"missing synthetic": ["--arms", "a,d", "--synthetic", str(tmp_path / "nowhere")],
+             "unknown arch": ["--arch", "vgg16"],
+             "label not in data": ["--labels", "Cardiomegaly", "Nodule"],
+             "synthetic lacks label": ["--labels", "Cardiomegaly,Edema", "--arms", "d", "--synthetic", str(synthetic_set)],
+             "arm c without synthetic": ["--arms", "a,c"],
+             "bad arm": ["--arms", "a,e"]}[case]
+    from sdtune.downstream import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv + extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(expected, err), err
+    assert not (tmp_path / "out" / "downstream.json").exists()
+
+
+# ------------------------------------------------------------------------------- the wrapper
+
+
+@pytest.mark.slow
+def test_wrapper_runs_with_environment_overrides(phantom_train_csv, tmp_path):
+    out = tmp_path / "wrapped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "REAL": str(phantom_train_csv), "SYNTHETIC": str(tmp_path / "none"),
+           "LABELS": "Cardiomegaly,Pleural Effusion", "ARCH": "small_cnn", "RESOLUTION": "16", "EPOCHS": "1",
+           "ARMS": "a,b", "SEEDS": "4", "N_PER_CLASS": "5", "OUTPUT_DIR": str(out)}
+    result = subprocess.run(["bash", str(ROOT / "downstream.sh"), "--split-seed", "2", "--workers", "1"], env=env,
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "downstream.json").read_text())
+    settings = summary["settings"]
+    assert summary["labels"] == ["Cardiomegaly", "Pleural Effusion"] and settings["arch"] == "small_cnn"
+    assert settings["seeds"] == [4] and settings["arms"] == ["a", "b"] and settings["n_per_class"] == 5
+    assert settings["split_seed"] == 2 and settings["batch_size"] == 32  # an extra argument; a header default
+    assert list(summary["arms"]) == ["a", "b"] and summary["counts"]["synthetic"]["images"] == 0
+    assert "(b) N real per class" in result.stdout
+
