@@ -110,3 +110,105 @@ def build_sd15_unet(device: str | object = "meta"):
     kwargs = {key: value for key, value in SD15_UNET_CONFIG.items() if not key.startswith("_")}
     with torch.device(device):
         return UNet2DConditionModel(**kwargs)
+
+
+# SD1.5's VAE and text encoder: vae/config.json and text_encoder/config.json of
+# stable-diffusion-v1-5, exactly (the text encoder is CLIP ViT-L/14's text tower).
+SD15_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+SD15_VAE_PARAMS = 83_653_863
+SD15_TEXT_ENCODER_CONFIG = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+SD15_TEXT_ENCODER_PARAMS = 123_060_480
+
+
+def build_sd15_vae(device: str | object = "meta"):
+    """SD1.5's AutoencoderKL (scaling factor 0.18215, the class default), randomly initialised on `device`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**{key: value for key, value in SD15_VAE_CONFIG.items() if not key.startswith("_")})
+
+
+def build_sd15_text_encoder(device: str | object = "meta"):
+    """SD1.5's CLIPTextModel (CLIP ViT-L/14 text tower), randomly initialised on `device`."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = {key: value for key, value in SD15_TEXT_ENCODER_CONFIG.items() if key not in ("architectures", "model_type")}
+    with torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def build_sd15_random_pipeline(seed: int = 0, dtype=None, device: str | object = "cpu"):
+    """A StableDiffusionPipeline with SD1.5's exact architecture and random (seeded) weights.
+
+    For speed and memory benchmarks without downloading the weights: every layer, shape and
+    the tokenizer and scheduler are SD1.5's, so FLOPs and memory are too; images are noise.
+    On "meta" nothing is allocated (for counting parameters). Seeded per component, as
+    sdtune.tiny does; the values depend on the device's random generator.
+    """
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from sdtune.tiny import SD15_SCHEDULER_CONFIG, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = build_sd15_unet(device)
+    torch.manual_seed(seed + 1)
+    vae = build_sd15_vae(device)
+    torch.manual_seed(seed + 2)
+    text_encoder = build_sd15_text_encoder(device)
+    if dtype is not None:
+        for model in (unet, vae, text_encoder):
+            model.to(dtype=dtype)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def write_sd15_random_pipeline(out_dir: str | os.PathLike, seed: int = 0, dtype=None, device: str | object = "cpu") -> Path:
+    """Save build_sd15_random_pipeline(...) as a diffusers folder (safetensors; 4.3 GB in fp32, 2.1 GB in fp16).
+
+    `device="cuda"` initialises the 1.07B weights on the GPU (seconds instead of ~a minute on
+    a few CPU cores); the files are the same size and layout either way.
+    """
+    from sdtune.tiny import write_clip_tokenizer_files
+
+    out_dir = Path(out_dir)
+    build_sd15_random_pipeline(seed, dtype, device).save_pretrained(out_dir, safe_serialization=True)
+    write_clip_tokenizer_files(out_dir / "tokenizer")  # as write_tiny_pipeline: files every transformers reads
+    return out_dir

@@ -1,0 +1,172 @@
+"""What the GPU benchmarks share: the model folder, the images, the clock, memory and the JSON record.
+
+Both benchmarks time the reference and the toolkit in ONE process on the same device, one
+after the other, with every model freed in between; peak memory is torch's
+max_memory_allocated since the run began (it includes weights, gradients and optimizer state).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+
+import torch  # noqa: E402
+
+CAPTIONS = [  # the study's caption style (REFERENCE.md section 2)
+    "Chest X-ray showing Cardiomegaly",
+    "Chest X-ray showing Pleural Effusion, Support Devices",
+    "Normal chest X-ray with no significant findings",
+    "Chest X-ray showing Lung Opacity, Pneumothorax",
+]
+
+
+def pick_device(tiny: bool) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not tiny:
+        sys.exit("no CUDA device: the full benchmark needs a GPU (use --tiny for the CPU smoke run)")
+    return torch.device("cpu")
+
+
+def model_folder(requested: str | None, tiny: bool, scratch: Path, device: torch.device) -> Path:
+    """The pipeline both sides load: SD1.5's exact architecture with random weights, or the tiny model.
+
+    `requested` is reused when it already holds a pipeline (model_index.json), so the two
+    benchmarks can share one 4.3 GB folder; otherwise it is written there (or in `scratch`).
+    """
+    from sdtune.models import write_sd15_random_pipeline
+    from sdtune.tiny import write_tiny_pipeline
+
+    folder = Path(requested) if requested else scratch / ("tiny-sd15" if tiny else "sd15-random")
+    if (folder / "model_index.json").is_file():
+        print(f"model: reusing {folder}")
+        return folder
+    start = time.perf_counter()
+    if tiny:
+        write_tiny_pipeline(folder, seed=0)
+    else:
+        # fp32 files, as the hub's SD1.5 ships; weights initialised on the GPU (seconds, not a minute).
+        write_sd15_random_pipeline(folder, seed=0, device=device)
+    print(f"model: wrote {'the tiny model' if tiny else 'SD1.5 with random weights'} to {folder} "
+          f"in {time.perf_counter() - start:.0f} s")
+    return folder
+
+
+def write_image_folder(folder: Path, n: int, size: int, seed: int = 0) -> Path:
+    """n phantom chest X-rays (sdtune.phantom, 8-bit grayscale JPEG, size x size) with .txt captions,
+    in the tutorial's layout, which both the reference and the toolkit read."""
+    import numpy as np
+
+    from sdtune.phantom import render_chest_xray
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        caption = CAPTIONS[i % len(CAPTIONS)]
+        findings = {name: name in caption for name in ("Cardiomegaly", "Pleural Effusion", "Lung Opacity",
+                                                        "Pneumothorax", "Support Devices")}
+        render_chest_xray(findings, size=size, rng=rng).save(folder / f"{i:04d}.jpg", quality=95)
+        (folder / f"{i:04d}.txt").write_text(caption + "\n")
+    return folder
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """perf_counter after each optimizer step, with the device synchronised first.
+
+    Throughput is measured between the end of the last warm-up step and the end of the last
+    step, so set-up, the first step's allocations and kernel selection never count.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def tick(self) -> None:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def samples_per_second(self, warmup: int, batch_size: int) -> float | None:
+        timed = len(self.times) - warmup
+        if warmup < 1 or timed < 1:
+            return None
+        return timed * batch_size / (self.times[-1] - self.times[warmup - 1])
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def start_memory(device: torch.device) -> float:
+    """Free what earlier runs left, reset the peak; returns the GiB still allocated (should be ~0)."""
+    free_memory(device)
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def quiet_libraries() -> None:
+    """No loading bars or dtype-cast notices from diffusers/transformers between the benchmark's lines."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def environment(device: torch.device) -> dict:
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "accelerate": accelerate.__version__, "peft": peft.__version__},
+    }
+    if device.type == "cuda":
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return env
+
+
+def write_json(path: str | Path, record: dict) -> None:
+    """Written aside and renamed: a run cut short leaves the last complete record, never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2, default=str))
+    partial.replace(path)
+
+
+def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -1,0 +1,453 @@
+"""Training speed and peak memory: the reference recipe against the toolkit, in one process, on one GPU.
+
+    python bench/train_speed.py --output train_speed.json              # one GPU, ~5 min on an H100
+    python bench/train_speed.py --tiny --output /tmp/tiny.json         # CPU smoke run, ~20 s, no timing claims
+
+For each strategy and batch size, on SD1.5's exact architecture with random weights (no
+download; sdtune.models.write_sd15_random_pipeline), 512 px phantom chest X-rays:
+
+  reference  the diffusers text_to_image loop as REFERENCE.md section 9 ran it
+             (train_text_to_image.py; train_text_to_image_lora.py for LoRA/DoRA): fp32 U-Net
+             weights under fp16 autocast with a GradScaler, frozen fp16 VAE and text encoder run
+             every step, torch AdamW, epsilon MSE on uniform timesteps. LoRA/DoRA: frozen fp16
+             U-Net, fp32 adapters. BitFit: only the fp32 U-Net's biases train. unet+vae+text: all
+             three fp32 and trained, under autocast, plus the study's reconstruction MSE.
+  toolkit    sdtune.train.train() in-process with the same strategy, rank, batch and images, and
+             every option at the toolkit's default except those given in --toolkit-args.
+
+Timing rule, the same on both sides: the device is synchronised after every optimizer step;
+samples/s = timed steps x batch / (end of the last step - end of the last warm-up step), so
+model loading, the first step's allocations and kernel selection never count, while data
+loading, tokenising, VAE/text encoding and the optimizer do. The toolkit's checkpoint and
+final-model writes are switched off for the benchmark (disk speed, not training speed; the
+reference writes nothing either). Peak GiB: torch.cuda.max_memory_allocated over the whole run.
+DiffFit has no reference recipe: it is compared with the BitFit reference (both train the
+biases of an fp32 U-Net; DiffFit adds norms and its scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (StepClock, environment, fmt, free_memory, model_folder, peak_gib,  # noqa: E402
+                    pick_device, quiet_libraries, start_memory, table, write_image_folder, write_json)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+STRATEGIES = ("unet", "lora", "dora", "bitfit", "difffit", "unet+vae+text")
+REFERENCE_RECIPE = {"difffit": "bitfit"}  # no reference DiffFit exists; BitFit is the nearest recipe
+# REFERENCE.md section 9: the reference recipe on one H100 at batch 16, 512 px (samples/s, peak GiB).
+PUBLISHED = {"unet": (48.7, 30.5), "lora": (56.4, 19.5), "dora": (43.7, 23.8), "bitfit": (58.9, 21.1)}
+# Issue 7's targets at batch 16: toolkit samples/s at least this x the reference's, at no more peak memory.
+TARGETS = {"unet": 2.5, "lora": 2.5, "bitfit": 2.5, "dora": 2.0}
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+# ------------------------------------------------------------------------------- the reference
+
+
+class ReferenceImages(torch.utils.data.Dataset):
+    """The script's preprocessing: RGB, Resize (bilinear) + CenterCrop, ToTensor, Normalize(0.5, 0.5);
+    captions tokenised to 77 ids in the dataset, as its preprocess_train does."""
+
+    def __init__(self, folder: Path, tokenizer, resolution: int):
+        from torchvision import transforms
+
+        self.images = sorted(folder.glob("*.jpg"))
+        self.captions = [p.with_suffix(".txt").read_text().strip() for p in self.images]
+        self.tokenizer = tokenizer
+        self.transform = transforms.Compose([
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        with Image.open(self.images[i]) as image:
+            pixel_values = self.transform(image.convert("RGB"))
+        ids = self.tokenizer(self.captions[i], max_length=self.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids[0]
+        return {"pixel_values": pixel_values, "input_ids": ids}
+
+
+def reference_collate(examples: list[dict]) -> dict:
+    pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(memory_format=torch.contiguous_format).float()
+    return {"pixel_values": pixel_values, "input_ids": torch.stack([e["input_ids"] for e in examples])}
+
+
+def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, resolution: int, steps: int,
+                  precision: str, device: torch.device, lora_rank: int, seed: int = 0) -> dict:
+    """One run of the reference loop; returns the step clock, losses and trainable-parameter count."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    weight_dtype = HALF[precision]  # what the frozen parts are cast to (the script's weight_dtype)
+    amp = precision != "no"
+    trains_all = recipe == "unet+vae+text"
+
+    # ---- models, as the scripts load and cast them
+    noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    vae.requires_grad_(trains_all)
+    text_encoder.requires_grad_(trains_all)
+    if recipe in ("lora", "dora"):  # train_text_to_image_lora.py
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS, use_dora=recipe == "dora"))
+        if precision == "fp16":
+            cast_training_params(unet, dtype=torch.float32)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        # The script clips `filter(...)` after the optimizer consumed it: an empty iterator (STYLE.md).
+        clipped: list = []
+    elif recipe == "bitfit":
+        unet.requires_grad_(False)
+        params = [p for name, p in unet.named_parameters() if name.endswith(".bias")]
+        for p in params:
+            p.requires_grad_(True)
+        clipped = params
+    elif recipe in ("unet", "unet+vae+text"):
+        params = list(unet.parameters()) + (list(vae.parameters()) + list(text_encoder.parameters()) if trains_all else [])
+        clipped = params
+    else:
+        raise ValueError(f"unsupported reference recipe {recipe!r}")
+    unet.to(device).train()
+    frozen_dtype = torch.float32 if trains_all else weight_dtype
+    vae.to(device, dtype=frozen_dtype)
+    text_encoder.to(device, dtype=frozen_dtype)
+    if trains_all:
+        vae.train()
+        text_encoder.train()
+
+    # ---- optimizer and data: the scripts' defaults
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loader = torch.utils.data.DataLoader(ReferenceImages(images, tokenizer, resolution), batch_size=batch_size,
+                                         shuffle=True, collate_fn=reference_collate, num_workers=0)
+    autocast = lambda on: torch.autocast(device.type, dtype=weight_dtype, enabled=amp and on)  # noqa: E731
+    scale = vae.config.scaling_factor
+
+    # ---- the loop
+    clock, losses, skipped, step = StepClock(device), [], 0, 0
+    while step < steps:
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(device, dtype=frozen_dtype)
+            with autocast(trains_all):  # all three trained: the whole step under autocast
+                latents = vae.encode(pixel_values).latent_dist.sample() * scale
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=device).long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+                with autocast(True):  # accelerate runs the prepared U-Net's forward under autocast
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+                if trains_all:  # the study's VAE term (REFERENCE.md section 2)
+                    decoded = vae.decode(latents / scale, return_dict=False)[0]
+                    loss = loss + F.mse_loss(decoded.float(), pixel_values.float())
+            losses.append(loss.item())  # the script's train_loss += avg_loss.item()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # accelerator.clip_grad_norm_ unscales, then clips
+            torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+            before = scaler.get_scale() if scaler.is_enabled() else 1.0
+            scaler.step(optimizer)
+            scaler.update()
+            skipped += scaler.is_enabled() and scaler.get_scale() < before
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            clock.tick()
+            step += 1
+            if step == steps:
+                break
+    return {"clock": clock, "losses": losses, "skipped_steps": int(skipped),
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+# ------------------------------------------------------------------------------- the toolkit
+
+
+class _ProgressClock:
+    """Stands in for tqdm inside sdtune.train: the loop calls update(1) once per optimizer step."""
+
+    clock: StepClock | None = None
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.clock.tick()
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def patched(module, **replacements):
+    missing = [name for name in replacements if not hasattr(module, name)]
+    if missing:
+        raise RuntimeError(f"{module.__name__} has no {', '.join(missing)} any more: update bench/train_speed.py")
+    saved = {name: getattr(module, name) for name in replacements}
+    try:
+        for name, value in replacements.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, resolution: int, steps: int,
+                precision: str, device: torch.device, lora_rank: int, out_dir: Path, extra: list[str],
+                seed: int = 0) -> dict:
+    """sdtune.train.train() as train_text_to_image.py calls it, with a clock on its progress bar."""
+    import sdtune.train as training
+    from accelerate.state import AcceleratorState, GradientState
+
+    argv = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(images),
+            "--resolution", str(resolution), "--strategy", strategy, "--train_batch_size", str(batch_size),
+            "--max_train_steps", str(steps), "--mixed_precision", precision, "--lora_rank", str(lora_rank),
+            "--lora_alpha", str(lora_rank), "--seed", str(seed), "--output_dir", str(out_dir), "--report_to", "none",
+            "--checkpointing_steps", str(10**9), *extra]
+    clock = StepClock(device)
+    _ProgressClock.clock = clock
+    log = io.StringIO()
+    noop = lambda *args, **kwargs: None  # noqa: E731
+    try:
+        with patched(training, tqdm=_ProgressClock, save_checkpoint=noop, save_final_model=noop), \
+                contextlib.redirect_stdout(log):
+            summary, models = training.train(*training.parse_args(argv))
+        del models
+    except BaseException:
+        print(log.getvalue(), end="")  # the toolkit's own messages say what went wrong
+        raise
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # each in-process run gets a fresh accelerator
+        GradientState._reset_state()
+    return {"clock": clock, "losses": [summary.get("final_loss")], "skipped_steps": summary.get("skipped_nonfinite_steps"),
+            "log_tail": log.getvalue()[-1500:],  # the toolkit's own start-up lines (strategy, batch, trainable)
+            "trainable_parameters": summary.get("trainable_parameters", {}).get("total"),
+            "summary_samples_per_second": summary.get("samples_per_second"),
+            "summary_peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib")}
+
+
+# ------------------------------------------------------------------------------- one measurement
+
+
+def _backend_flags() -> tuple:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+
+def _restore_backend_flags(flags: tuple) -> None:
+    """A run may switch on TF32 or cudnn.benchmark; the next run starts from the process's defaults."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+def measure(run, device: torch.device, warmup: int, batch_size: int, flags: tuple, **kwargs) -> dict:
+    """Run one side; a failure (e.g. out of memory) is recorded and the benchmark goes on."""
+    _restore_backend_flags(flags)
+    leftover = start_memory(device)
+    start = time.perf_counter()
+    try:
+        result = run(device=device, batch_size=batch_size, **kwargs)
+    except Exception as err:  # noqa: BLE001  (recorded, not swallowed: it goes into the JSON and the table)
+        if not isinstance(err, torch.cuda.OutOfMemoryError):
+            traceback.print_exc()
+        result = {"error": "out of memory" if isinstance(err, torch.cuda.OutOfMemoryError)
+                  else f"{type(err).__name__}: {err}".splitlines()[0]}
+    result.update(peak_gib=peak_gib(device), seconds=time.perf_counter() - start, leftover_gib_at_start=round(leftover, 3))
+    clock = result.pop("clock", None)
+    if clock is not None:
+        result.update(samples_per_second=clock.samples_per_second(warmup, batch_size),
+                      step_seconds=[round(b - a, 4) for a, b in zip(clock.times, clock.times[1:])])
+    free_memory(device)  # outside the except block, so the exception's frames (and tensors) are gone
+    return result
+
+
+def note(result: dict) -> str:
+    if "error" in result:
+        return f"  ERROR {result['error']}"
+    return f"  ({result['skipped_steps']} steps skipped: non-finite gradients)" if result.get("skipped_steps") else ""
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def estimate_minutes(strategies, batch_sizes, precisions, total_steps) -> float:
+    """Rough H100 wall time: ~10 s of loading per run, steps at about the published reference speed."""
+    seconds = 60.0  # imports, images, the 4.3 GB model folder
+    for b in batch_sizes:
+        for s in strategies:
+            rate = PUBLISHED.get(REFERENCE_RECIPE.get(s, s), (15.0 if s == "unet+vae+text" else 50.0, 0))[0]
+            step = max(b / rate, 0.08)
+            seconds += (1 + len(precisions)) * (10 + total_steps * step)
+    return seconds / 60
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny model at 64 px (no timing claims)")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 16 1 (tiny: 2)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (tiny: 64)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny: 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default 10; tiny: 2)")
+    p.add_argument("--mixed-precision", nargs="+", default=["fp16"], choices=("fp16", "bf16", "no"),
+                   help="the toolkit's --mixed_precision, one toolkit run each (CPU: no)")
+    p.add_argument("--reference-precision", default=None, choices=("fp16", "bf16", "no"),
+                   help="the reference recipe's precision (default fp16, as section 9 ran it; CPU: no)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA/DoRA rank (alpha = rank on both sides)")
+    p.add_argument("--images", type=int, default=None, help="phantom X-rays in the dataset (default 32; tiny: 8)")
+    p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for the toolkit side, "
+                                                      "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
+    p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
+    p.add_argument("--output", default="train_speed.json", help="JSON record, rewritten after every run")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    for name, full, small in (("batch_sizes", [16, 1], [2]), ("resolution", 512, 64), ("warmup", 3, 1),
+                              ("steps", 10, 2), ("images", 32, 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (the clock starts at the end of the warm-up)")
+    return args
+
+
+def run_order(strategies, batch_sizes) -> list[tuple[int, str]]:
+    """Batch sizes in the order given, U-Net+VAE+text last: the heaviest runs (which may not fit) come after the rest."""
+    pairs = [(b, s) for b in batch_sizes for s in strategies]
+    return sorted(pairs, key=lambda pair: pair[1] == "unet+vae+text")  # stable: the order is otherwise kept
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.tiny)
+    total_steps = args.warmup + args.steps
+    precisions = args.mixed_precision
+    if device.type == "cpu":
+        # BitFit/DiffFit refuse half precision on the CPU (sdtune.train), and CPU fp16 kernels are slow:
+        # the CPU run checks code paths only, in fp32, on one thread (the tiny model's ops gain nothing from more).
+        precisions = ["no"]
+        args.reference_precision = args.reference_precision or "no"
+        torch.set_num_threads(1)
+    args.reference_precision = args.reference_precision or "fp16"
+    order = run_order(args.strategies, args.batch_sizes)
+    flags = _backend_flags()
+    quiet_libraries()
+    env = environment(device)
+    print(f"train_speed: {env['device']}; torch {env['versions']['torch']}, diffusers {env['versions']['diffusers']}, "
+          f"peft {env['versions']['peft']}")
+    print(f"{len(order)} (strategy, batch) pairs x (reference + toolkit {'/'.join(precisions)}) at {args.resolution} px; "
+          f"{args.warmup} warm-up + {args.steps} timed steps each")
+    if not args.tiny:
+        print(f"estimated wall time on one H100: ~{estimate_minutes(args.strategies, args.batch_sizes, precisions, total_steps):.0f} min")
+    else:
+        print("tiny model on the CPU: checks that every code path runs; the numbers mean nothing")
+
+    record = {"benchmark": "train_speed", "tiny": args.tiny, **env,
+              "settings": {"resolution": args.resolution, "batch_sizes": args.batch_sizes, "warmup_steps": args.warmup,
+                           "timed_steps": args.steps, "strategies": args.strategies, "toolkit_mixed_precision": precisions,
+                           "reference_precision": args.reference_precision, "lora_rank": args.lora_rank,
+                           "lora_alpha": args.lora_rank, "images": args.images, "toolkit_args": args.toolkit_args,
+                           "timing_rule": "device synchronised after every optimizer step; samples/s = timed steps x "
+                                          "batch / (end of last step - end of last warm-up step)",
+                           "reference_recipe_of": REFERENCE_RECIPE},
+              "published_reference_h100_batch16": {k: {"samples_per_second": v[0], "peak_gib": v[1]} for k, v in PUBLISHED.items()},
+              "results": [], "status": "running"}
+    begin = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as scratch:
+        scratch = Path(scratch)
+        model_dir = model_folder(args.model_dir, args.tiny, scratch, device)
+        images = write_image_folder(scratch / "images", args.images, args.resolution)
+        common = dict(model_dir=model_dir, images=images, resolution=args.resolution, steps=total_steps,
+                      lora_rank=args.lora_rank)
+        references: dict[tuple[str, int], dict] = {}
+        for n, (batch, strategy) in enumerate(order, 1):
+            recipe = REFERENCE_RECIPE.get(strategy, strategy)
+            if (recipe, batch) not in references:
+                ref = measure(reference_run, device, args.warmup, batch, flags, recipe=recipe,
+                              precision=args.reference_precision, **common)
+                references[(recipe, batch)] = {"recipe": recipe, **ref}
+                print(f"[{n}/{len(order)}] reference {recipe:13s} batch {batch:2d}: "
+                      f"{fmt(ref.get('samples_per_second'))} samples/s, peak {fmt(ref.get('peak_gib'), '.2f')} GiB"
+                      + note(ref), flush=True)
+            ref = references[(recipe, batch)]
+            for precision in precisions:
+                out_dir = scratch / f"toolkit-{strategy}-{batch}-{precision}"
+                tk = measure(toolkit_run, device, args.warmup, batch, flags, strategy=strategy, precision=precision,
+                             out_dir=out_dir, extra=shlex.split(args.toolkit_args), **common)
+                speedup = ratio(tk.get("samples_per_second"), ref.get("samples_per_second"))
+                row = {"strategy": strategy, "batch_size": batch, "toolkit_mixed_precision": precision,
+                       "reference": ref, "toolkit": tk, "ratio": speedup,
+                       "memory_ratio": ratio(tk.get("peak_gib"), ref.get("peak_gib"))}
+                if batch == 16 and strategy in TARGETS and not args.tiny:
+                    row["target_ratio"] = TARGETS[strategy]
+                    row["meets_target"] = (speedup is not None and speedup >= TARGETS[strategy]
+                                           and tk["peak_gib"] is not None and tk["peak_gib"] <= ref["peak_gib"])
+                record["results"].append(row)
+                print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}: "
+                      f"{fmt(tk.get('samples_per_second'))} samples/s, peak {fmt(tk.get('peak_gib'), '.2f')} GiB, "
+                      f"x{fmt(speedup, '.2f')} the reference" + note(tk), flush=True)
+                record["total_seconds"] = time.perf_counter() - begin
+                write_json(args.output, record)
+    record["status"] = "complete"
+    record["total_seconds"] = time.perf_counter() - begin
+    write_json(args.output, record)
+    print_table(record)
+    print(f"{record['total_seconds']:.0f} s in all; JSON in {args.output}")
+    return record
+
+
+def print_table(record: dict) -> None:
+    rows = []
+    for r in record["results"]:
+        ref, tk = r["reference"], r["toolkit"]
+        name = r["strategy"] + (f" (vs {ref['recipe']})" if ref["recipe"] != r["strategy"] else "")
+        target = f"{r['target_ratio']:.1f}x {'met' if r['meets_target'] else 'missed'}" if "target_ratio" in r else ""
+        rows.append([name, r["batch_size"], r["toolkit_mixed_precision"], fmt(ref.get("samples_per_second")),
+                     fmt(tk.get("samples_per_second")), fmt(r["ratio"], ".2f"), fmt(ref.get("peak_gib"), ".2f"),
+                     fmt(tk.get("peak_gib"), ".2f"), target, ref.get("error") or tk.get("error") or ""])
+    print()
+    print(table(rows, ["strategy", "batch", "toolkit", "ref samples/s", "toolkit samples/s", "toolkit/ref",
+                       "ref peak GiB", "toolkit peak GiB", "target", "error"]))
+    print(f"({record['device']}; reference precision {record['settings']['reference_precision']}; "
+          f"{record['settings']['warmup_steps']} warm-up + {record['settings']['timed_steps']} timed steps)")
+
+
+if __name__ == "__main__":
+    result = main()
+    failed = [r for r in result["results"] if "error" in r["reference"] or "error" in r["toolkit"]]
+    sys.exit(1 if failed and result["tiny"] else 0)

@@ -1,0 +1,126 @@
+"""bench/train_speed.py and bench/synth_speed.py in --tiny mode: every code path of both sides runs
+(speed is never asserted); the SD1.5 architecture they benchmark has SD1.5's exact sizes."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdtune.models import (SD15_TEXT_ENCODER_PARAMS, SD15_UNET_CONFIG, SD15_UNET_PARAMS, SD15_VAE_CONFIG,
+                           SD15_VAE_PARAMS, build_sd15_random_pipeline)
+from sdtune.tiny import SD15_SCHEDULER_CONFIG
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import synth_speed  # noqa: E402
+import train_speed  # noqa: E402
+from common import StepClock, write_image_folder  # noqa: E402
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ------------------------------------------------------------------------------- the model
+
+
+def test_random_sd15_pipeline_has_sd15s_exact_sizes():
+    pipeline = build_sd15_random_pipeline(device="meta")  # nothing allocated, nothing written
+    counts = {name: sum(p.numel() for p in getattr(pipeline, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert (SD15_UNET_PARAMS, SD15_VAE_PARAMS, SD15_TEXT_ENCODER_PARAMS) == (859_520_964, 83_653_863, 123_060_480)
+    assert sum(counts.values()) == 1_066_235_307  # sdtune.train's SD15_TOTAL_PARAMETERS
+    # the saved configs are SD1.5's files, field by field
+    for name, config in (("unet", SD15_UNET_CONFIG), ("vae", SD15_VAE_CONFIG)):
+        saved = getattr(pipeline, name).config
+        assert {k: saved[k] for k in config if not k.startswith("_")} == {
+            k: tuple(v) if isinstance(v, list) and isinstance(saved[k], tuple) else v
+            for k, v in config.items() if not k.startswith("_")}, name
+    assert pipeline.vae.config.scaling_factor == 0.18215
+    text = pipeline.text_encoder.config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.vocab_size) == (768, 12, 12, 49408)
+    assert type(pipeline.scheduler).__name__ == "PNDMScheduler"
+    assert {k: pipeline.scheduler.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "steps_offset")} == {
+        k: SD15_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "beta_schedule", "steps_offset")}
+    assert pipeline.tokenizer.model_max_length == 77
+
+
+# ------------------------------------------------------------------------------- small parts
+
+
+def test_throughput_counts_only_the_steps_after_the_warm_up():
+    clock = StepClock(torch.device("cpu"))
+    clock.times = [10.0, 11.0, 12.0, 14.0]  # end of steps 1-4
+    assert clock.samples_per_second(warmup=1, batch_size=2) == 3 * 2 / (14.0 - 10.0)
+    assert clock.samples_per_second(warmup=3, batch_size=16) == 16 / 2.0
+    assert clock.samples_per_second(warmup=4, batch_size=2) is None  # nothing timed
+
+
+def test_heaviest_runs_go_last_and_the_order_is_otherwise_kept():
+    order = train_speed.run_order(["unet+vae+text", "unet", "lora"], [16, 1])
+    assert order == [(16, "unet"), (16, "lora"), (1, "unet"), (1, "lora"), (16, "unet+vae+text"), (1, "unet+vae+text")]
+
+
+def test_image_comparison_numbers():
+    a = np.zeros((2, 4, 4, 3))
+    same = synth_speed.compare(a, a.copy())
+    assert same["max_abs"] == same["mean_abs"] == same["share_of_8bit_values_differing"] == 0 and same["psnr_db"] == math.inf
+    b = a.copy()
+    b[0, 0, 0, 0] = 1.0  # one value of 96 is one level of 255 off... by 255 levels
+    diff = synth_speed.compare(a, b)
+    assert diff["max_abs"] == 1.0 and diff["mean_abs"] == pytest.approx(1 / 96) and diff["max_8bit_levels"] == 255
+    assert diff["psnr_db"] == pytest.approx(10 * math.log10(96))
+
+
+def test_reference_recipe_fp16_path_with_grad_scaler(tiny_model, tmp_path):
+    """The GPU recipe's fp16 autocast + GradScaler (LoRA: fp16 U-Net, fp32 adapters), on the CPU."""
+    images = write_image_folder(tmp_path / "images", n=4, size=64)
+    result = train_speed.reference_run(tiny_model, "lora", images, batch_size=2, resolution=64, steps=2,
+                                       precision="fp16", device=torch.device("cpu"), lora_rank=4)
+    assert len(result["clock"].times) == 2 and len(result["losses"]) == 2
+    assert all(math.isfinite(loss) for loss in result["losses"])
+    # rank 4 on the tiny U-Net's to_q/k/v/out.0, exactly what the toolkit's LoRA trains
+    assert result["trainable_parameters"] == 9_984
+
+
+# ------------------------------------------------------------------------------- the scripts, --tiny
+
+
+@pytest.mark.slow
+def test_train_speed_tiny_runs_every_strategy_on_both_sides(tiny_model, tmp_path, capsys):
+    output = tmp_path / "train_speed.json"
+    returned = train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert record["status"] == "complete" and record["tiny"] is True
+    assert {"device", "date", "versions", "settings", "results", "total_seconds"} <= set(record)
+    assert {"torch", "diffusers", "peft", "accelerate", "transformers"} <= set(record["versions"])
+    assert [(r["strategy"], r["batch_size"]) for r in record["results"]] == [(s, 2) for s in train_speed.STRATEGIES]
+    for row in record["results"]:
+        ref, tk = row["reference"], row["toolkit"]
+        assert "error" not in ref and "error" not in tk, row
+        assert _positive(ref["samples_per_second"]) and _positive(tk["samples_per_second"]) and _positive(row["ratio"])
+        assert row["ratio"] == pytest.approx(tk["samples_per_second"] / ref["samples_per_second"])
+        assert len(ref["losses"]) == 3 and all(math.isfinite(x) for x in ref["losses"] + tk["losses"])
+        assert len(ref["step_seconds"]) == len(tk["step_seconds"]) == 2  # 1 warm-up + 2 timed steps, on both sides
+        assert ref["recipe"] == ("bitfit" if row["strategy"] == "difffit" else row["strategy"])
+        if row["strategy"] != "difffit":  # both sides train exactly the same tensors
+            assert ref["trainable_parameters"] == tk["trainable_parameters"], row["strategy"]
+    assert returned["results"] == record["results"]
+    out = capsys.readouterr().out
+    assert "toolkit/ref" in out and "difffit (vs bitfit)" in out
+
+
+@pytest.mark.slow
+def test_synth_speed_tiny_gives_the_same_images_on_both_sides(tiny_model, tmp_path):
+    output = tmp_path / "synth_speed.json"
+    synth_speed.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert {"device", "date", "versions", "settings", "reference", "toolkit", "ratio", "image_difference"} <= set(record)
+    assert _positive(record["reference"]["images_per_second"]) and _positive(record["toolkit"]["images_per_second"])
+    assert _positive(record["ratio"]) and record["reference"]["finite"] and record["toolkit"]["finite"]
+    assert record["reference"]["scheduler"] == "PNDMScheduler" and record["toolkit"]["scheduler_class"] == "PNDMScheduler"
+    # fp32 on the CPU, same weights, noise and scheduler: the toolkit's images are the pipeline's, exactly
+    assert record["same_images"] and record["image_difference"]["max_abs"] == 0.0
