@@ -1,6 +1,8 @@
 """evaluate.py's command line: the metrics mode, and the place where other modes plug in.
 
     evaluate.py --real REAL --fake FAKE --metrics fid,kid,clip,vendi,ms_ssim [--per-condition] --output results.json
+    evaluate.py --generate-samples --num-samples 10 --prompt "..." [--model-path DIR]   (sdtune.evaluation.samples)
+    evaluate.py compare RUN_DIR ... [--output-dir DIR]                                  (sdtune.evaluation.report)
 
 A mode is a first word (`evaluate.py compare RUN_DIR ...`) or a flag (`--generate-samples`)
 mapped to a function of the remaining arguments; anything else is the metrics mode.
@@ -16,19 +18,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdtune.config import add_arguments, from_args
-from sdtune.errors import UserError
 from sdtune.evaluation.core import EvalConfig, compute_metrics
 
 
-def _not_yet(mode: str) -> Callable[[list[str]], None]:
-    def run(argv: list[str]) -> None:
-        raise UserError(f"evaluate.py {mode} is not available yet: it comes with the comparison report of issue 6")
-    return run
+def _compare(argv: list[str]):
+    from sdtune.evaluation.report import main as compare_main  # matplotlib only when asked for
+
+    return compare_main(argv)
+
+
+def _generate_samples(argv: list[str]):
+    from sdtune.evaluation.samples import main as samples_main  # diffusers only when asked for
+
+    return samples_main(argv)
 
 
 # First-word modes (subcommands) and flag modes; a new mode is one entry.
-SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {"compare": _not_yet("compare")}
-FLAG_MODES: dict[str, Callable[[list[str]], None]] = {"--generate_samples": _not_yet("--generate-samples")}
+SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {"compare": _compare}
+FLAG_MODES: dict[str, Callable[[list[str]], object]] = {"--generate_samples": _generate_samples}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,459 @@
+"""evaluate.py compare: the study's table from any set of runs, as Markdown, CSV and PNG plots.
+
+    python evaluate.py compare outputs/unet outputs/lora outputs/dora --output-dir outputs/comparison
+
+A run is a training output folder: its training_summary.json gives the strategy, trainable
+parameters, peak memory, throughput and wall time; its evaluation results are evaluate.py's
+results JSON files found by --results patterns (default RUN/results.json and
+RUN/evaluation/*.json). Each results file is filed under the features it was computed with
+(Inception, XRV, a TorchScript module), so FID, KID and Vendi of different feature networks
+never share a column. A value a run does not have is "—" (an empty cell in the CSV), never
+an error; a folder without training_summary.json is a one-line error naming it.
+
+GPU-hours = wall time x processes / 3600, processes = global batch / (per-device batch x
+gradient accumulation), all from the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import math
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+
+from sdtune.config import add_arguments, field, from_args
+from sdtune.errors import UserError
+
+MISSING = "—"
+DEFAULT_RESULTS = ["results.json", "evaluation/*.json"]
+FEATURE_NAMES = {"inception": "Inception", "xrv": "XRV"}  # display names; others show their own name
+
+
+@dataclass
+class CompareConfig:
+    """Where the runs' evaluation results are, and where the table and plots go."""
+
+    output_dir: str = field("comparison", "folder for comparison.md, comparison.csv and the PNG plots")
+    results: list[str] = field(DEFAULT_RESULTS, "evaluate.py results files of each run: glob patterns relative to "
+                                                "the run folder, or absolute with {run} (the run folder) / {name} "
+                                                "(its name), e.g. 'evals/{name}/*.json'")
+    grid_images: int = field(8, "images of each run's synthetic set in the side-by-side sample grid, spread evenly "
+                                "over the set so every prompt group shows (0: no grid)")
+    plots: bool = field(True, "write fid_vs_parameters.png and sample_grid.png")
+
+
+# ------------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    """One run's numbers: its summary, and per feature network the first results file that used it."""
+
+    name: str
+    path: Path
+    summary: dict
+    by_features: dict[str, dict] = dc_field(default_factory=dict)  # extractor -> results JSON
+    other: list[dict] = dc_field(default_factory=list)  # results without features (e.g. CLIP only)
+    feature_files: dict[str, Path] = dc_field(default_factory=dict)  # extractor -> the file used
+    files: list[Path] = dc_field(default_factory=list)  # every results file used
+    notes: list[str] = dc_field(default_factory=list)
+
+    @property
+    def results(self) -> list[dict]:
+        return list(self.by_features.values()) + self.other
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {what} {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def find_results(run: Path, name: str, patterns: list[str]) -> list[Path]:
+    """Results files of a run, in pattern order, each once."""
+    found: list[Path] = []
+    for pattern in patterns:
+        pattern = pattern.replace("{run}", str(run)).replace("{name}", name)
+        if not Path(pattern).is_absolute():
+            pattern = str(run / pattern)
+        for file in sorted(glob.glob(pattern)):
+            path = Path(file)
+            if path.is_file() and path.resolve() not in {p.resolve() for p in found}:
+                found.append(path)
+    return found
+
+
+def load_run(path: Path, name: str, patterns: list[str]) -> Run:
+    if not path.is_dir():
+        raise UserError(f"run {path} does not exist or is not a folder: pass training output folders (OUTPUT_DIR)")
+    summary_path = path / "training_summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"run {path} has no training_summary.json: pass a training output folder "
+                        "(train_text_to_image.py writes the summary there)")
+    run = Run(name, path, _read_json(summary_path, "training summary"))
+    status = run.summary.get("status")
+    if status not in (None, "complete"):
+        run.notes.append(f"{name}: training status '{status}' (the numbers are of an unfinished run)")
+    for file in find_results(path, name, patterns):
+        results = _read_json(file, "results file")
+        if not isinstance(results.get("metrics"), dict):
+            run.notes.append(f"{name}: {file} is not an evaluate.py results file (no 'metrics'): ignored")
+            continue
+        extractor = (results.get("features") or {}).get("extractor")
+        if extractor is None:
+            run.other.append(results)
+        elif extractor in run.by_features:
+            run.notes.append(f"{name}: {file} has {feature_label(extractor)} features again: the first file "
+                             f"({run.feature_files[extractor]}) is used")
+            continue
+        else:
+            run.by_features[extractor], run.feature_files[extractor] = results, file
+        run.files.append(file)
+    if not run.files:
+        run.notes.append(f"{name}: no evaluation results (looked for {', '.join(patterns)})")
+    return run
+
+
+def load_runs(paths: list[str], patterns: list[str]) -> list[Run]:
+    names = [Path(p).resolve().name for p in paths]
+    # Folders with the same name (a/lora, b/lora) are told apart by the path as given.
+    names = [p if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    return [load_run(Path(p), n, patterns) for p, n in zip(paths, names)]
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+def feature_label(extractor: str) -> str:
+    return FEATURE_NAMES.get(extractor, extractor.split(":", 1)[-1])
+
+
+def feature_key(extractor: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in extractor.lower()).strip("_")
+
+
+def _get(data, *keys):
+    for key in keys:
+        if not isinstance(data, dict) or data.get(key) is None:
+            return None
+        data = data[key]
+    return data
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
+def processes(summary: dict) -> int | None:
+    """Processes (GPUs) of a run: global batch / (per-device batch x accumulation)."""
+    train = _get(summary, "arguments", "train") or {}
+    global_batch, batch, accumulation = (summary.get("global_batch_size"), train.get("train_batch_size"),
+                                         train.get("gradient_accumulation_steps"))
+    if not all(isinstance(v, int) and v > 0 for v in (global_batch, batch, accumulation)):
+        return None
+    return max(1, round(global_batch / (batch * accumulation)))
+
+
+def run_record(run: Run, extractors: list[str]) -> dict:
+    """The run's row: every CSV column, None where the run has no value."""
+    s = run.summary
+    n_proc = processes(s)
+    wall = _number(s.get("wall_time_seconds"))
+    row = {
+        "run": run.name, "run_dir": str(run.path), "strategy": _get(s, "strategy", "name"), "status": s.get("status"),
+        "steps": s.get("steps"), "trainable_parameters": _get(s, "trainable_parameters", "total"),
+        "trainable_percent_of_sd15": _number(s.get("trainable_percent_of_sd15")),
+        "peak_gpu_memory_gib": _number(s.get("peak_gpu_memory_gib")),
+        "samples_per_second": _number(s.get("samples_per_second")), "num_processes": n_proc,
+        "wall_time_seconds": wall, "gpu_hours": wall * n_proc / 3600 if wall is not None and n_proc else None,
+    }
+    for extractor in extractors:
+        k, r = feature_key(extractor), run.by_features.get(extractor, {})
+        m = r.get("metrics", {})
+        row.update({
+            f"fid_{k}": _number(_get(m, "fid", "value")), f"fid_{k}_std": _number(_get(m, "fid", "std")),
+            f"kid_{k}": _number(_get(m, "kid", "mean")), f"kid_{k}_std": _number(_get(m, "kid", "std")),
+            f"vendi_{k}": _number(_get(m, "vendi", "fake")), f"vendi_real_{k}": _number(_get(m, "vendi", "real")),
+            f"n_real_{k}": _get(r, "samples", "real"), f"n_fake_{k}": _get(r, "samples", "fake"),
+        })
+    clip = next((r["metrics"]["clip"] for r in run.results if _get(r, "metrics", "clip", "value") is not None), {})
+    ms_ssim = next((r["metrics"]["ms_ssim"] for r in run.results if _get(r, "metrics", "ms_ssim", "mean") is not None),
+                   {})
+    row.update(clip=_number(clip.get("value")), clip_model=clip.get("model"),
+               ms_ssim=_number(ms_ssim.get("mean")), ms_ssim_std=_number(ms_ssim.get("std")))
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    return MISSING if value is None else format(value, spec)
+
+
+def _pm(value, spread, spec: str) -> str:
+    if value is None:
+        return MISSING
+    return format(value, spec) + (f" ± {format(spread, spec)}" if spread is not None else "")
+
+
+def display_columns(extractors: list[str]) -> list[tuple[str, callable]]:
+    """(header, row -> cell text) of the Markdown table, in order."""
+    columns = [
+        ("run", lambda r: r["run"]),
+        ("strategy", lambda r: r["strategy"] or MISSING),
+        ("steps", lambda r: _fmt(r["steps"], "d") if isinstance(r["steps"], int) else MISSING),
+        ("trainable params", lambda r: _fmt(r["trainable_parameters"], ",")),
+        ("% of SD1.5", lambda r: MISSING if r["trainable_percent_of_sd15"] is None
+         else f"{r['trainable_percent_of_sd15']:.3g}%"),
+        ("peak mem (GiB)", lambda r: _fmt(r["peak_gpu_memory_gib"], ".2f")),
+        ("samples/s", lambda r: _fmt(r["samples_per_second"], ".3g")),
+        ("GPU-hours", lambda r: _fmt(r["gpu_hours"], ".3g")),
+    ]
+    for extractor in extractors:
+        k, label = feature_key(extractor), feature_label(extractor)
+        columns += [
+            (f"FID ({label})", lambda r, k=k: _pm(r[f"fid_{k}"], r[f"fid_{k}_std"], ".2f")),
+            (f"KID ({label})", lambda r, k=k: _pm(r[f"kid_{k}"], r[f"kid_{k}_std"], ".4f")),
+            (f"Vendi ({label})", lambda r, k=k: _fmt(r[f"vendi_{k}"], ".2f")),
+        ]
+    columns += [("CLIP score", lambda r: _fmt(r["clip"], ".2f")),
+                ("MS-SSIM", lambda r: _fmt(r["ms_ssim"], ".4f"))]
+    return columns
+
+
+def extractors_of(runs: list[Run]) -> list[str]:
+    """Feature networks the runs' results used, Inception first; Inception alone when there are none (so
+    the table always has its FID columns)."""
+    found = {e for run in runs for e in run.by_features}
+    return [e for e in FEATURE_NAMES if e in found] + sorted(found - set(FEATURE_NAMES)) or ["inception"]
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|"] + [line(r) for r in rows])
+
+
+def per_condition(runs: list[Run], extractors: list[str]) -> list[dict]:
+    """Long-format rows of every run's per-condition FID (run, features, condition, fid, std, n_real, n_fake)."""
+    rows = []
+    for run in runs:
+        for extractor in extractors:
+            table = _get(run.by_features.get(extractor, {}), "metrics", "fid_per_condition") or {}
+            for condition, c in table.items():
+                rows.append({"run": run.name, "features": extractor, "condition": condition,
+                             "fid": _number(c.get("value")), "fid_std": _number(c.get("std")),
+                             "n_real": c.get("n_real"), "n_fake": c.get("n_fake")})
+    return rows
+
+
+def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[str]:
+    out = ["GPU-hours = wall time x processes / 3600, processes = global batch / (per-device batch x gradient "
+           "accumulation); a run with peak memory — had no CUDA device, so its hours are CPU process-hours."]
+    if extractors:
+        out.append("FID ± bootstrap std, KID mean ± std over subsets, Vendi of the synthetic set; compare FID only "
+                   "between runs with the same features, resize and image counts (FID is biased upward when there "
+                   "are fewer images than feature dimensions).")
+    for extractor in extractors:
+        k = feature_key(extractor)
+        counts = sorted({(r[f"n_real_{k}"], r[f"n_fake_{k}"]) for r in records if r[f"fid_{k}"] is not None})
+        if counts:
+            text = "; ".join(f"{real} real / {fake} synthetic" for real, fake in counts)
+            out.append(f"{feature_label(extractor)} features, images: {text}"
+                       + (" (differs between runs)" if len(counts) > 1 else ""))
+    models = sorted({r["clip_model"] for r in records if r["clip_model"]})
+    if models:
+        out.append(f"CLIP score model: {', '.join(models)}")
+    for run in runs:
+        out += run.notes
+    return out
+
+
+def to_markdown(records: list[dict], extractors: list[str], cond_rows: list[dict], note_lines: list[str]) -> str:
+    columns = display_columns(extractors)
+    parts = [markdown_table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in records])]
+    for extractor in extractors:
+        rows = [c for c in cond_rows if c["features"] == extractor]
+        if not rows:
+            continue
+        conditions = list(dict.fromkeys(c["condition"] for c in rows))
+        cells = {(c["run"], c["condition"]): _pm(c["fid"], c["fid_std"], ".2f") for c in rows}
+        parts.append(f"FID per condition ({feature_label(extractor)}):\n\n" + markdown_table(
+            ["run"] + conditions, [[r["run"]] + [cells.get((r["run"], c), MISSING) for c in conditions]
+                                   for r in records]))
+    parts.append("\n".join(f"- {line}" for line in note_lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    """CSV text; a missing value is an empty cell, numbers at full precision."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def plot_fid_vs_parameters(records: list[dict], extractors: list[str], path: Path) -> bool:
+    """FID against trainable parameters (log x), one panel per feature network; False when no run has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for extractor in extractors:
+        k = feature_key(extractor)
+        points = [(r["trainable_parameters"], r[f"fid_{k}"], r[f"fid_{k}_std"], r["run"]) for r in records
+                  if r[f"fid_{k}"] is not None and isinstance(r["trainable_parameters"], int)
+                  and r["trainable_parameters"] > 0]
+        if points:
+            panels.append((extractor, points))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (extractor, points) in zip(axes[0], panels):
+        for params, fid, std, name in points:
+            ax.errorbar(params, fid, yerr=std if std is not None else None, fmt="o", capsize=3)
+            ax.annotate(name, (params, fid), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"FID ({feature_label(extractor)}), lower is better")
+        ax.set_title(f"FID against trainable parameters ({feature_label(extractor)})")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def synthetic_source(run: Run) -> str | None:
+    """The run's synthetic set: the fake source its evaluation read."""
+    return next((_get(r, "fake", "source") for r in run.results if _get(r, "fake", "source")), None)
+
+
+def spread(total: int, n: int) -> list[int]:
+    """n indices spread evenly over 0..total-1, first and last included (all of them when total <= n)."""
+    if total <= n:
+        return list(range(total))
+    return [round(k * (total - 1) / (n - 1)) for k in range(n)] if n > 1 else [0]
+
+
+def column_titles(prompts: list[str | None], width: int = 18) -> list[str]:
+    """The prompts without the words they all start with, wrapped: what differs between the columns."""
+    import os
+    import textwrap
+
+    texts = [p or "" for p in prompts]
+    common = os.path.commonprefix(texts) if len(set(texts)) > 1 else ""
+    common = common[:common.rfind(" ") + 1]  # back to a word boundary
+    return ["\n".join(textwrap.wrap(t[len(common):], width)[:3]) for t in texts]
+
+
+def plot_sample_grid(runs: list[Run], n: int, path: Path) -> list[str]:
+    """n images of every run's synthetic set, spread over the set (its prompts in order), one row per run;
+    returns notes on runs left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from sdtune.evaluation.images import load_image_set
+    from sdtune.evaluation.samples import GRID_GAP, image_grid
+
+    rows, left_out = [], []
+    for run in runs:
+        source = synthetic_source(run)
+        if source is None:
+            left_out.append(f"{run.name}: not in the sample grid (its results name no synthetic set)")
+            continue
+        try:
+            items = load_image_set(source).items
+            items = [items[i] for i in spread(len(items), n)]
+            images = []
+            for item in items:
+                with Image.open(item.image) as image:
+                    images.append(image.convert("RGB"))
+        except (UserError, OSError) as err:
+            left_out.append(f"{run.name}: not in the sample grid ({source}: {str(err).splitlines()[0]})")
+            continue
+        rows.append((run.name, images, [item.caption for item in items]))
+    if not rows:
+        return left_out
+    side = min(256, rows[0][1][0].width)  # one cell size for all rows, whatever each run's resolution
+    columns = max(len(images) for _, images, _ in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 1.3 * columns + 1.5), 1.4 * len(rows) + 0.9),
+                             squeeze=False)
+    for r, (ax, (name, images, prompts)) in enumerate(zip(axes[:, 0], rows)):
+        ax.imshow(image_grid([im.resize((side, side), Image.BICUBIC) for im in images], columns=columns))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if r == 0:  # the prompts above the first row
+            for c, title in enumerate(column_titles(prompts)):
+                ax.text(c * (side + GRID_GAP) + side / 2, -side * 0.05, title, ha="center", va="bottom", fontsize=6)
+    fig.suptitle(f"{columns} synthetic images of each run, spread over its set", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return left_out
+
+
+# ------------------------------------------------------------------------------- the command
+
+
+def compare(run_dirs: list[str], cfg: CompareConfig) -> dict:
+    if cfg.grid_images < 0:
+        raise UserError(f"--grid_images must be at least 0, got {cfg.grid_images}")
+    runs = load_runs(run_dirs, cfg.results)
+    extractors = extractors_of(runs)
+    records = [run_record(run, extractors) for run in runs]
+    cond_rows = per_condition(runs, extractors)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"csv": out / "comparison.csv"}
+    written["csv"].write_text(to_csv(records))
+    if cond_rows:
+        written["per_condition_csv"] = out / "comparison_per_condition.csv"
+        written["per_condition_csv"].write_text(to_csv(cond_rows))
+    note_lines = notes(runs, records, extractors)
+    if cfg.plots:
+        if plot_fid_vs_parameters(records, extractors, out / "fid_vs_parameters.png"):
+            written["fid_plot"] = out / "fid_vs_parameters.png"
+        else:
+            note_lines.append("fid_vs_parameters.png not written: no run has both an FID and its trainable parameters")
+        if cfg.grid_images:
+            note_lines += plot_sample_grid(runs, cfg.grid_images, out / "sample_grid.png")
+            if (out / "sample_grid.png").is_file():
+                written["sample_grid"] = out / "sample_grid.png"
+    markdown = to_markdown(records, extractors, cond_rows, note_lines)
+    written["markdown"] = out / "comparison.md"
+    written["markdown"].write_text(markdown)
+    print(markdown)
+    print("written: " + ", ".join(str(p) for p in written.values()))
+    return {"records": records, "per_condition": cond_rows, "markdown": markdown, "files": written}
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py compare",
+        description="The study's comparison table (Markdown, CSV) and plots from training runs and their "
+                    "evaluate.py results.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (training_summary.json)")
+    add_arguments(parser, CompareConfig)
+    args = parser.parse_args(argv)
+    return compare(args.runs, from_args(CompareConfig, args))

@@ -1,0 +1,254 @@
+"""evaluate.py compare (the study's table and plots) and evaluate.py --generate-samples."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.errors import UserError
+from sdtune.evaluation.cli import main
+from sdtune.evaluation.report import MISSING, column_titles, processes, spread
+from sdtune.evaluation.samples import default_model_path, image_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- fake runs
+
+
+def summary(strategy: str, total: int, percent: float, *, peak=None, sps=12.5, wall=7200.0, global_batch=64,
+            batch=4, accumulation=4, status="complete") -> dict:
+    return {"status": status, "strategy": {"name": strategy}, "steps": 1000,
+            "trainable_parameters": {"unet": total, "text_encoder": 0, "vae": 0, "total": total},
+            "trainable_percent_of_sd15": percent, "samples_per_second": sps, "peak_gpu_memory_gib": peak,
+            "wall_time_seconds": wall, "global_batch_size": global_batch,
+            "arguments": {"train": {"train_batch_size": batch, "gradient_accumulation_steps": accumulation}}}
+
+
+def results(extractor: str, fid: float, fid_std=None, kid=(0.01, 0.002), vendi=(3.5, 4.0), clip=None,
+            fake_source=None, per_condition=None, n=(100, 200)) -> dict:
+    metrics = {"fid": {"value": fid, **({"std": fid_std, "bootstrap_resamples": 10} if fid_std is not None else {})},
+               "kid": {"mean": kid[0], "std": kid[1], "subsets": 100, "subset_size": 100},
+               "vendi": {"fake": vendi[0], "real": vendi[1], "n_fake": n[1], "n_real": n[0]}}
+    if clip is not None:
+        metrics["clip"] = {"value": clip, "model": "some/clip", "n": n[1]}
+    if per_condition:
+        metrics["fid_per_condition"] = per_condition
+    out = {"metrics": metrics, "samples": {"real": n[0], "fake": n[1]},
+           "features": {"extractor": extractor, "dim": 2048, "resize": "r", "version": "v"}}
+    if fake_source:
+        out["fake"] = {"source": str(fake_source), "kind": "synthesis", "n": n[1]}
+    return out
+
+
+def write_run(folder: Path, summary_data: dict | None, files: dict[str, dict]) -> Path:
+    folder.mkdir(parents=True)
+    if summary_data is not None:
+        (folder / "training_summary.json").write_text(json.dumps(summary_data))
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def write_images(folder: Path, n: int, size: int, value: int) -> Path:
+    (folder / "images").mkdir(parents=True)
+    rows = ["file_name,prompt,negative_prompt,seed,steps,guidance,scheduler,Cardiomegaly,text"]
+    for i in range(n):
+        Image.fromarray(np.full((size, size, 3), (value + 20 * i) % 256, np.uint8)).save(folder / "images" / f"{i:06d}.png")
+        rows.append(f"images/{i:06d}.png,p,,{i},50,7.5,pndm,1,p")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """unet: Inception and XRV results, CLIP, per-condition FID, a synthetic folder; lora: Inception only."""
+    unet_fake = write_images(tmp_path / "synthetic" / "unet", 5, 32, 10)
+    lora_fake = write_images(tmp_path / "synthetic" / "lora", 5, 48, 100)
+    per_cond = {"Cardiomegaly": {"value": 50.5, "std": 2.5, "n_real": 10, "n_fake": 20},
+                "Edema": {"value": None, "n_real": 1, "n_fake": 0}}
+    unet = write_run(tmp_path / "runs" / "unet", summary("unet", 859_520_964, 79.89, peak=11.75, wall=7200.0), {
+        "results.json": results("inception", 25.125, 1.5, clip=31.25, fake_source=unet_fake / "metadata.csv",
+                                per_condition=per_cond),
+        "evaluation/xrv.json": results("xrv", 3.25, 0.125, kid=(0.002, 0.0005), vendi=(2.5, 2.75)),
+    })
+    lora = write_run(tmp_path / "runs" / "lora", summary("lora", 1_594_368, 0.1482, peak=None, sps=30.0, wall=1800.0,
+                                                         global_batch=8, batch=8, accumulation=1), {
+        "evaluation/inception.json": results("inception", 40.0, None, kid=(0.03, 0.001), vendi=(3.0, 4.0),
+                                             fake_source=lora_fake),
+    })
+    return unet, lora
+
+
+def run_compare(runs, out, *extra):
+    return main(["compare", *map(str, runs), "--output-dir", str(out), *extra])
+
+
+def read_markdown_table(text: str) -> list[dict]:
+    lines = [line for line in text.split("\n\n")[0].splitlines() if line.startswith("|")]
+    headers = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(headers, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:]]
+
+
+# ------------------------------------------------------------------------------- compare
+
+
+def test_table_values_equal_the_inputs(two_runs, tmp_path, capsys):
+    report = run_compare(two_runs, tmp_path / "cmp")
+    printed = capsys.readouterr().out
+    table = read_markdown_table((tmp_path / "cmp" / "comparison.md").read_text())
+    assert table == read_markdown_table(printed)  # the printed table is the written one
+    unet, lora = table
+    assert unet == {
+        "run": "unet", "strategy": "unet", "steps": "1000", "trainable params": "859,520,964", "% of SD1.5": "79.9%",
+        "peak mem (GiB)": "11.75", "samples/s": "12.5", "GPU-hours": "8",  # 7200 s x 4 processes (64 / (4 x 4))
+        "FID (Inception)": "25.12 ± 1.50", "KID (Inception)": "0.0100 ± 0.0020", "Vendi (Inception)": "3.50",
+        "FID (XRV)": "3.25 ± 0.12", "KID (XRV)": "0.0020 ± 0.0005", "Vendi (XRV)": "2.50",
+        "CLIP score": "31.25", "MS-SSIM": MISSING}
+    assert lora["trainable params"] == "1,594,368" and lora["% of SD1.5"] == "0.148%"
+    assert lora["GPU-hours"] == "0.5" and lora["peak mem (GiB)"] == MISSING  # 1800 s x 1 process; no CUDA
+    assert lora["FID (Inception)"] == "40.00"  # no bootstrap: no spread
+    assert [lora[k] for k in ("FID (XRV)", "KID (XRV)", "Vendi (XRV)", "CLIP score")] == [MISSING] * 4
+    assert report["records"][0]["fid_inception"] == 25.125 and report["records"][0]["gpu_hours"] == 8.0
+
+
+def test_markdown_and_csv_agree(two_runs, tmp_path):
+    report = run_compare(two_runs, tmp_path / "cmp")
+    with open(tmp_path / "cmp" / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    table = read_markdown_table(report["markdown"])
+    assert [r["run"] for r in rows] == [r["run"] for r in table] == ["unet", "lora"]
+    for row, shown in zip(rows, table):
+        assert f"{int(row['trainable_parameters']):,}" == shown["trainable params"]
+        assert f"{float(row['fid_inception']):.2f}" == shown["FID (Inception)"].split(" ± ")[0]
+        assert f"{float(row['kid_inception']):.4f}" == shown["KID (Inception)"].split(" ± ")[0]
+        assert f"{float(row['vendi_inception']):.2f}" == shown["Vendi (Inception)"]
+        assert f"{float(row['gpu_hours']):.3g}" == shown["GPU-hours"]
+        for column, header in (("fid_xrv", "FID (XRV)"), ("clip", "CLIP score"), ("peak_gpu_memory_gib", "peak mem (GiB)")):
+            assert (row[column] == "") == (shown[header] == MISSING)  # missing: an empty cell, shown as —
+    assert float(rows[0]["fid_xrv_std"]) == 0.125 and rows[1]["fid_inception_std"] == ""
+    per_condition = list(csv.DictReader(open(tmp_path / "cmp" / "comparison_per_condition.csv")))
+    assert [(r["run"], r["condition"], r["fid"]) for r in per_condition] == [("unet", "Cardiomegaly", "50.5"),
+                                                                              ("unet", "Edema", "")]
+    assert "| unet | 50.50 ± 2.50 | — |" in report["markdown"] and "| lora | — | — |" in report["markdown"]
+
+
+def test_plots_are_valid_pngs(two_runs, tmp_path):
+    report = run_compare(two_runs, tmp_path / "cmp", "--grid-images", "3")
+    fid_plot, grid = Image.open(report["files"]["fid_plot"]), Image.open(report["files"]["sample_grid"])
+    for image in (fid_plot, grid):
+        assert image.format == "PNG"
+        image.load()  # decodes completely
+        assert np.asarray(image.convert("L")).std() > 0  # something is drawn
+    assert fid_plot.width > 1.5 * fid_plot.height  # two panels: Inception and XRV
+
+
+def test_missing_metrics_and_results_are_dashes_never_a_crash(tmp_path, capsys):
+    bare = write_run(tmp_path / "bare", {"status": "running", "strategy": {"name": "dora"}}, {})
+    odd = write_run(tmp_path / "odd", summary("bitfit", 343_684, 0.032), {"results.json": {"not": "results"}})
+    report = run_compare([bare, odd], tmp_path / "cmp")
+    table = read_markdown_table(report["markdown"])
+    assert table[0]["strategy"] == "dora"
+    assert all(v == MISSING for k, v in table[0].items() if k not in ("run", "strategy"))
+    assert table[1]["trainable params"] == "343,684" and table[1]["CLIP score"] == MISSING
+    notes = report["markdown"]
+    assert "bare: training status 'running'" in notes and "bare: no evaluation results" in notes
+    assert "is not an evaluate.py results file" in notes and "fid_vs_parameters.png not written" in notes
+    assert "fid_plot" not in report["files"] and "sample_grid" not in report["files"]
+
+
+def test_a_folder_without_summary_is_one_line_naming_it(two_runs, tmp_path, capsys):
+    (tmp_path / "not-a-run").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "compare", str(two_runs[0]),
+                             str(tmp_path / "not-a-run"), "--output-dir", str(tmp_path / "cmp")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: run {tmp_path / 'not-a-run'} has no training_summary.json: pass a training output folder "
+        "(train_text_to_image.py writes the summary there)"]
+
+
+def test_results_patterns_with_placeholders(two_runs, tmp_path):
+    evals = tmp_path / "evals" / "lora"
+    evals.mkdir(parents=True)
+    (evals / "a.json").write_text(json.dumps(results("inception", 12.0)))
+    report = run_compare([two_runs[1]], tmp_path / "cmp", "--results", str(tmp_path / "evals" / "{name}" / "*.json"),
+                         "--plots", "false")
+    assert report["records"][0]["fid_inception"] == 12.0
+    assert not (tmp_path / "cmp" / "fid_vs_parameters.png").exists()
+
+
+def test_processes_from_the_global_batch():
+    assert processes(summary("unet", 1, 1.0, global_batch=128, batch=4, accumulation=4)) == 8
+    assert processes({"global_batch_size": 8}) is None  # no per-device settings: unknown, not guessed
+
+
+# ------------------------------------------------------------------------------- generate-samples
+
+
+def test_generate_samples_writes_n_samples_and_a_consistent_grid(tiny_model, tmp_path, capsys):
+    out = tmp_path / "samples"
+    made = main(["--generate-samples", "--num-samples", "5", "--prompt", "Chest x-ray, with a comma",
+                 "--model-path", str(tiny_model), "--output-dir", str(out), "--steps", "2", "--height", "32",
+                 "--width", "48", "--device", "cpu"])
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 5 and all(Image.open(p).size == (48, 32) for p in pngs)
+    rows = list(csv.DictReader(open(out / "metadata.csv")))
+    assert [r["prompt"] for r in rows] == ["Chest x-ray, with a comma"] * 5  # a comma does not split the prompt
+    grid = Image.open(out / "grid.png")
+    assert made["columns"] == 3  # ceil(sqrt(5))
+    assert grid.size == (3 * 48 + 2 * 2, 2 * 32 + 1 * 2)  # 3 columns x 2 rows, 2 px gaps
+    first = np.asarray(Image.open(pngs[0]).convert("RGB"))
+    assert (np.asarray(grid.convert("RGB"))[:32, :48] == first).all()  # sample 0 is the top-left cell
+    assert (np.asarray(grid.convert("RGB"))[:32, 48:50] == 255).all()  # a white gap
+
+
+def test_generate_samples_matches_synthesize_images(tiny_model, tmp_path):
+    """One sampling path: the same settings give the same pixels as synthesize_images.py."""
+    from sdtune.synthesis import main as synthesize_main
+
+    main(["--generate-samples", "--num-samples", "2", "--prompt", "a b", "--model-path", str(tiny_model),
+          "--output-dir", str(tmp_path / "s"), "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"])
+    synthesize_main(["--model-path", str(tiny_model), "--prompts", "a b", "--num-images", "2", "--output-dir",
+                     str(tmp_path / "y"), "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"])
+    for name in ("000000.png", "000001.png"):
+        a = np.asarray(Image.open(tmp_path / "s" / "images" / name))
+        assert (a == np.asarray(Image.open(tmp_path / "y" / "images" / name))).all()
+
+
+def test_default_model_path_follows_the_tutorial_layout(tmp_path):
+    with pytest.raises(UserError, match="no trained model in"):
+        default_model_path(tmp_path)
+    for run in ("lora", "unet"):
+        (tmp_path / run / "final_model").mkdir(parents=True)
+        (tmp_path / run / "final_model" / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="2 trained models"):
+        default_model_path(tmp_path)
+    (tmp_path / "final_model").mkdir()
+    (tmp_path / "final_model" / "model_index.json").write_text("{}")
+    assert default_model_path(tmp_path) == str(tmp_path / "final_model")
+
+
+def test_generate_samples_needs_a_prompt(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="--prompt is required"):
+        main(["--generate-samples", "--model-path", str(tiny_model), "--output-dir", str(tmp_path)])
+
+
+def test_image_grid_rows_and_columns():
+    cells = [Image.new("RGB", (4, 3), (i, 0, 0)) for i in range(7)]
+    grid = image_grid(cells, columns=3, gap=1)
+    assert grid.size == (3 * 4 + 2, 3 * 3 + 2)
+    assert grid.getpixel((0, 2 * 4)) == (6, 0, 0)  # the 7th image opens the third row
+    assert grid.getpixel((grid.width - 1, grid.height - 1)) == (255, 255, 255)  # empty cells stay white
+
+
+def test_sample_grid_spreads_over_the_set_and_titles_what_differs():
+    assert spread(10, 4) == [0, 3, 6, 9] and spread(3, 8) == [0, 1, 2] and spread(5, 1) == [0]
+    assert column_titles(["Chest x-ray with Edema", "Chest x-ray with no significant findings"]) == [
+        "Edema", "no significant\nfindings"]
