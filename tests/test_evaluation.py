@@ -493,8 +493,8 @@ def test_cli_end_to_end_with_inception(tmp_path, capsys):
     (["--fake", "{tmp}/empty", "--metrics", "vendi"], "no images"),
     (["--fake", "{tmp}/empty", "--metrics", "fid"], "--real is required"),
     (["--fake", "{tmp}/empty", "--metrics", "fid,is"], "unknown metric"),
-    (["compare", "runs/a"], "not available yet"),
-    (["--generate-samples", "--num-samples", "10"], "not available yet"),
+    (["compare", "{tmp}/no-run"], "does not exist"),
+    (["--generate-samples", "--num-samples", "2", "--prompt", "x", "--model-path", "{tmp}/no-model"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, says):
     from sdtune.errors import run_cli
