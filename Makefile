@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdtune-installed
 
-.PHONY: setup test test-fast clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m "not slow"
+
+# The study in miniature, offline on a CPU in a few minutes (scripts/demo.sh; its header variables,
+# e.g. DEMO_DIR or DEMO_STEPS, can be set on the command line or in the environment).
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" PYTHON="$(abspath $(PY))" bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
