@@ -38,9 +38,9 @@ class CompareConfig:
     """Where the runs' evaluation results are, and where the table and plots go."""
 
     output_dir: str = field("comparison", "folder for comparison.md, comparison.csv and the PNG plots")
-    results: list[str] = field(DEFAULT_RESULTS, "evaluate.py results files of each run: glob patterns relative to "
-                                                "the run folder, or absolute with {run} (the run folder) / {name} "
-                                                "(its name), e.g. 'evals/{name}/*.json'")
+    results: list[str] = field(DEFAULT_RESULTS, "evaluate.py results files of each run: glob patterns, relative to "
+                                                "the run folder unless absolute; {run} is the run folder and {name} "
+                                                "its name, e.g. '/data/evals/{name}/*.json' (put the RUN_DIRs first)")
     grid_images: int = field(8, "images of each run's synthetic set in the side-by-side sample grid, spread evenly "
                                 "over the set so every prompt group shows (0: no grid)")
     plots: bool = field(True, "write fid_vs_parameters.png and sample_grid.png")
