@@ -174,7 +174,7 @@ def test_a_folder_without_summary_is_one_line_naming_it(two_runs, tmp_path, caps
         "(train_text_to_image.py writes the summary there)"]
 
 
-def test_results_patterns_with_placeholders(two_runs, tmp_path):
+def test_results_patterns_with_placeholders(two_runs, tmp_path, monkeypatch):
     evals = tmp_path / "evals" / "lora"
     evals.mkdir(parents=True)
     (evals / "a.json").write_text(json.dumps(results("inception", 12.0)))
@@ -182,6 +182,9 @@ def test_results_patterns_with_placeholders(two_runs, tmp_path):
                          "--plots", "false")
     assert report["records"][0]["fid_inception"] == 12.0
     assert not (tmp_path / "cmp" / "fid_vs_parameters.png").exists()
+    monkeypatch.chdir(tmp_path)  # {run} as given, relative here: not joined to the run folder a second time
+    report = run_compare(["runs/lora"], "cmp2", "--results", "{run}/evaluation/*.json", "--plots", "false")
+    assert report["records"][0]["fid_inception"] == 40.0
 
 
 def test_processes_from_the_global_batch():

@@ -81,9 +81,10 @@ def find_results(run: Path, name: str, patterns: list[str]) -> list[Path]:
     """Results files of a run, in pattern order, each once."""
     found: list[Path] = []
     for pattern in patterns:
-        pattern = pattern.replace("{run}", str(run)).replace("{name}", name)
-        if not Path(pattern).is_absolute():
-            pattern = str(run / pattern)
+        relative = "{run}" not in pattern and not Path(pattern).is_absolute()
+        pattern = pattern.replace("{run}", glob.escape(str(run))).replace("{name}", glob.escape(name))
+        if relative:
+            pattern = str(Path(glob.escape(str(run))) / pattern)
         for file in sorted(glob.glob(pattern)):
             path = Path(file)
             if path.is_file() and path.resolve() not in {p.resolve() for p in found}:
