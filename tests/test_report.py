@@ -255,3 +255,24 @@ def test_sample_grid_spreads_over_the_set_and_titles_what_differs():
     assert spread(10, 4) == [0, 3, 6, 9] and spread(3, 8) == [0, 1, 2] and spread(5, 1) == [0]
     assert column_titles(["Chest x-ray with Edema", "Chest x-ray with no significant findings"]) == [
         "Edema", "no significant\nfindings"]
+
+
+def test_downstream_auroc_columns_appear_when_a_run_has_them(two_runs, tmp_path):
+    unet, lora = two_runs
+    arms = {"a": {"mean_auroc": {"mean": 0.91, "std": 0.01, "n": 3}},
+            "c": {"mean_auroc": {"mean": 0.8345, "std": 0.0125, "n": 3}},
+            "d": {"mean_auroc": {"mean": 0.5712, "std": None, "n": 1}}}
+    (unet / "downstream").mkdir()
+    (unet / "downstream" / "downstream.json").write_text(json.dumps({"kind": "sdtune.downstream", "format": 1,
+                                                                     "arms": arms}))
+    report = run_compare(two_runs, tmp_path / "cmp")
+    table = read_markdown_table((tmp_path / "cmp" / "comparison.md").read_text())
+    assert table[0]["AUROC (c: scarce real + synthetic)"] == "0.835 ± 0.013"  # 0.8345 and 0.0125, 3 places
+    assert table[0]["AUROC (d: synthetic only)"] == "0.571"
+    assert table[1]["AUROC (c: scarce real + synthetic)"] == MISSING
+    assert report["records"][0]["downstream_c"] == 0.8345 and report["records"][1]["downstream_d"] is None
+
+
+def test_no_downstream_columns_without_downstream_results(two_runs, tmp_path):
+    run_compare(two_runs, tmp_path / "cmp")
+    assert "AUROC" not in (tmp_path / "cmp" / "comparison.md").read_text()

@@ -61,6 +61,7 @@ class Run:
     feature_files: dict[str, Path] = dc_field(default_factory=dict)  # extractor -> the file used
     files: list[Path] = dc_field(default_factory=list)  # every results file used
     notes: list[str] = dc_field(default_factory=list)
+    downstream: dict = dc_field(default_factory=dict)  # RUN/downstream/downstream.json (downstream.py), if any
 
     @property
     def results(self) -> list[dict]:
@@ -120,6 +121,13 @@ def load_run(path: Path, name: str, patterns: list[str]) -> Run:
         run.files.append(file)
     if not run.files:
         run.notes.append(f"{name}: no evaluation results (looked for {', '.join(patterns)})")
+    downstream = path / "downstream" / "downstream.json"
+    if downstream.is_file():
+        data = _read_json(downstream, "downstream results")
+        if data.get("kind") == "sdtune.downstream":
+            run.downstream = data
+        else:
+            run.notes.append(f"{name}: {downstream} is not a downstream.py results file: ignored")
     return run
 
 
@@ -191,6 +199,10 @@ def run_record(run: Run, extractors: list[str]) -> dict:
                    {})
     row.update(clip=_number(clip.get("value")), clip_model=clip.get("model"),
                ms_ssim=_number(ms_ssim.get("mean")), ms_ssim_std=_number(ms_ssim.get("std")))
+    # downstream.py's mean AUROC of the arms that use this run's synthetic images
+    for arm in DOWNSTREAM_ARMS:
+        auroc = _get(run.downstream, "arms", arm, "mean_auroc") or {}
+        row[f"downstream_{arm}"], row[f"downstream_{arm}_std"] = _number(auroc.get("mean")), _number(auroc.get("std"))
     return row
 
 
@@ -204,7 +216,10 @@ def _pm(value, spread, spec: str) -> str:
     return format(value, spec) + (f" ± {format(spread, spec)}" if spread is not None else "")
 
 
-def display_columns(extractors: list[str]) -> list[tuple[str, callable]]:
+DOWNSTREAM_ARMS = {"c": "scarce real + synthetic", "d": "synthetic only"}
+
+
+def display_columns(extractors: list[str], downstream: bool = False) -> list[tuple[str, callable]]:
     """(header, row -> cell text) of the Markdown table, in order."""
     columns = [
         ("run", lambda r: r["run"]),
@@ -226,6 +241,9 @@ def display_columns(extractors: list[str]) -> list[tuple[str, callable]]:
         ]
     columns += [("CLIP score", lambda r: _fmt(r["clip"], ".2f")),
                 ("MS-SSIM", lambda r: _fmt(r["ms_ssim"], ".4f"))]
+    if downstream:
+        columns += [(f"AUROC ({a}: {what})", lambda r, a=a: _pm(r[f"downstream_{a}"], r[f"downstream_{a}_std"], ".3f"))
+                    for a, what in DOWNSTREAM_ARMS.items()]
     return columns
 
 
@@ -278,7 +296,8 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
 
 
 def to_markdown(records: list[dict], extractors: list[str], cond_rows: list[dict], note_lines: list[str]) -> str:
-    columns = display_columns(extractors)
+    columns = display_columns(extractors, downstream=any(r["downstream_c"] is not None or r["downstream_d"] is not None
+                                                         for r in records))
     parts = [markdown_table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in records])]
     for extractor in extractors:
         rows = [c for c in cond_rows if c["features"] == extractor]
