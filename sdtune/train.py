@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -635,6 +636,20 @@ def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, outp
     partial.rename(output_dir / "final_model")
 
 
+@contextmanager
+def ema_weights(ema, params):
+    """The EMA weights in place of the trained ones for a while: validation shows what gets saved."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 def validation_pipeline(models, cfg: TrainConfig):
     pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, unet=models.unet, vae=models.vae,
                               text_encoder=models.text_encoder, tokenizer=models.tokenizer)
@@ -649,15 +664,12 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
         return
     import numpy as np
 
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
     pipeline = validation_pipeline(models, cfg)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
-    with accelerator.autocast():
+    with ema_weights(ema, params), accelerator.autocast():
         for i, prompt in enumerate(cfg.validation_prompts):
             image = pipeline(prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator).images[0]
             image.save(folder / f"{i:02d}.png")
@@ -670,8 +682,6 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
             import wandb
 
             tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, cfg.validation_prompts)]}, step=step)
-    if ema is not None:
-        ema.restore(params)
     del pipeline
 
 
@@ -683,19 +693,14 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
         return
     from sdtune.evaluation import compute_metrics
 
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
     pipeline = validation_pipeline(models, cfg)
     images = []
-    with accelerator.autocast():
+    with ema_weights(ema, params), accelerator.autocast():
         for start in range(0, cfg.validation_fid_images, 8):
             ks = range(start, min(start + 8, cfg.validation_fid_images))
             prompts = [cfg.validation_prompts[k % len(cfg.validation_prompts)] for k in ks]
             generators = [torch.Generator(accelerator.device).manual_seed(cfg.seed + k) for k in ks]
             images += pipeline(prompts, num_inference_steps=cfg.validation_inference_steps, generator=generators).images
-    if ema is not None:
-        ema.restore(params)
     # The real set's features are cached on disk, so only the generated images are encoded each time.
     results = compute_metrics(cfg.validation_real, images, metrics="fid", fid_bootstrap=0, log=lambda message: None)
     fid = results["metrics"]["fid"]["value"]

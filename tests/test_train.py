@@ -214,3 +214,18 @@ def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, m
 def test_validation_fid_needs_a_real_set(tiny_model, table, tmp_path):
     with pytest.raises(UserError, match="--validation_fid_steps needs --validation_real"):
         main(_argv(tiny_model, table, tmp_path, "--strategy", "lora", "--validation_fid_steps", "1"))
+
+
+def test_validation_with_ema_renders_the_ema_weights_and_restores_the_trained_ones(tiny_model, table, tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    from sdtune.train import ema_weights
+
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    ema = EMAModel(weights, decay=0.5)
+    ema.shadow_params[0].fill_(7.0)
+    with ema_weights(ema, weights):
+        assert torch.equal(weights[0].data, torch.full((3,), 7.0))  # validation sees what gets saved
+    assert torch.equal(weights[0].data, torch.ones(3))  # training goes on with its own weights
+    with ema_weights(None, weights):
+        assert torch.equal(weights[0].data, torch.ones(3))
