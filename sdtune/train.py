@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 from sdtune import SD15_MODEL_ID, __version__
 from sdtune.adapters import AdapterConfig, get_adapter
 from sdtune.config import field
+from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
+                            sample_latents)
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
@@ -84,7 +87,24 @@ class TrainConfig:
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass to save memory")
     allow_tf32: bool = field(False, "TF32 matmuls on Ampere+ GPUs")
     enable_xformers_memory_efficient_attention: bool = field(False, "use xFormers attention (default: PyTorch SDPA)")
-    dataloader_num_workers: int = field(0, "data loading worker processes")
+    memory_profile: str = field("default", "low: the set that fits every strategy in 12 GiB at batch 1, 512 px "
+                                "(8-bit AdamW, gradient checkpointing, frozen encoders cached and moved off the GPU)",
+                                choices=("default", "low"))
+    # speed
+    cache_latents: bool = field(True, "encode each image once before training when the VAE is frozen and "
+                                "preprocessing is deterministic (centre crop, no flips); the VAE then leaves the GPU")
+    latent_cache_dir: str | None = field(None, "keep cached latents in this folder (one file per image, reused by later "
+                                         "runs on the same data and VAE) instead of in memory")
+    cache_text_embeddings: bool = field(True, "encode each distinct caption once before training when the text encoder "
+                                        "is frozen; it then leaves the GPU")
+    fused_adam: bool | None = field(None, "torch's fused AdamW kernel (default: on for GPUs)")
+    channels_last: bool = field(False, "U-Net (and a trained VAE) in channels_last memory layout, faster convolutions on GPUs")
+    torch_compile: bool = field(False, "torch.compile the U-Net with static shapes (the last partial batch of each "
+                                "epoch is dropped, so nothing recompiles)")
+    torch_compile_backend: str = field("inductor", "torch.compile backend")
+    torch_compile_mode: str | None = field(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
+    dataloader_num_workers: int | None = field(None, "data loading worker processes (default: 0 on CPU, "
+                                               "up to 8 per GPU process)")
     # outputs
     output_dir: str = field("outputs", "run folder: checkpoint-STEP/, final_model/, training_summary.json")
     logging_dir: str = field("logs", "tensorboard folder, relative to --output_dir")
@@ -108,6 +128,28 @@ def resolve_learning_rates(cfg: TrainConfig, strategy: Strategy) -> dict[str, fl
     defaults = {"unet": strategy.unet_lr, "text_encoder": strategy.text_encoder_lr, "vae": strategy.vae_lr}
     given = {"unet": cfg.unet_lr, "text_encoder": cfg.text_encoder_lr, "vae": cfg.vae_lr}
     return {c: next(v for v in (given[c], cfg.learning_rate, defaults[c]) if v is not None) for c in COMPONENTS}
+
+
+# What `--memory_profile low` turns on. With 8-bit AdamW the optimizer state is a quarter of
+# AdamW's; checkpointing trades a second forward for the activations; the cached encoders
+# leave the GPU (the defaults already cache them).
+MEMORY_PROFILES = {"default": {}, "low": {"use_8bit_adam": True, "gradient_checkpointing": True,
+                                          "cache_latents": True, "cache_text_embeddings": True}}
+
+
+def apply_memory_profile(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """The config with the profile's settings on; returns (config, the settings it changed)."""
+    changed = {k: v for k, v in MEMORY_PROFILES[cfg.memory_profile].items() if getattr(cfg, k) != v}
+    return replace(cfg, **changed), changed
+
+
+def loader_workers(cfg: TrainConfig, accelerator: Accelerator) -> int:
+    """Decoding and resizing 512 px images on the main thread would starve a GPU; on the CPU it only adds start-up."""
+    if cfg.dataloader_num_workers is not None:
+        return cfg.dataloader_num_workers
+    if accelerator.device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // accelerator.num_processes - 1))
 
 
 def select_trainable(models, strategy: Strategy, adapter_cfg: AdapterConfig):
@@ -199,16 +241,61 @@ def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
     )
 
 
-def make_dataloader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
+def make_dataloader(dataset, cfg: TrainConfig, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     # The loader's own seeded generator: nothing else draws from it, so the order is reproducible.
+    # A compiled U-Net keeps static shapes: the last, smaller batch of an epoch is dropped.
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
-                                       num_workers=cfg.dataloader_num_workers, drop_last=False,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
+                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                                       drop_last=cfg.torch_compile, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def collate(batch: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "captions": [b["caption"] for b in batch],
+    """Images as pixels, or as cached VAE moments (see sdtune.caching)."""
+    key = "latent_moments" if "latent_moments" in batch[0] else "pixel_values"
+    return {key: torch.stack([b[key] for b in batch]), "captions": [b["caption"] for b in batch],
             "indices": [b["index"] for b in batch]}
+
+
+def encode_once(cfg: TrainConfig, data: DataConfig, models, trainable, dataset, accelerator: Accelerator,
+                weight_dtype, workers: int, output_dir: Path):
+    """Cache what the frozen VAE and text encoder compute (sdtune.caching) and move them off the GPU.
+
+    Returns (the dataset to train on, the caption-embedding cache or None, a record for the summary).
+    """
+    record, start = {"latents": "not cached", "text_embeddings": "not cached"}, time.time()
+    cache_dir = cfg.latent_cache_dir
+    if not cfg.cache_latents:
+        record["latents"] += " (--cache_latents false)"
+    elif trainable["vae"]:
+        record["latents"] += " (the VAE trains)"
+    elif not data.center_crop or data.random_flip:
+        record["latents"] += " (random crops or flips change the pixels every epoch)"
+    else:
+        size = LatentStore.estimated_bytes(len(dataset), data.resolution, weight_dtype)
+        if cache_dir is None and size > MEMORY_LIMIT_BYTES:
+            cache_dir = output_dir / "latent_cache"
+            accelerator.print(f"latents of {len(dataset)} images need {size / 2**30:.1f} GiB: cached in {cache_dir}, "
+                              "not in memory (pass --latent_cache_dir to share them between runs)")
+        preprocessing = f"resolution={data.resolution}|crop=center"
+        store = cache_latents(models.vae, dataset, accelerator, weight_dtype, cfg.train_batch_size, workers,
+                              cache_dir, preprocessing)
+        dataset = CachedLatentDataset(dataset, store)
+        models.vae.to("cpu")  # back on the device only to render validation images
+        record["latents"] = f"{len(dataset)} images, " + (f"on disk in {cache_dir}" if cache_dir else f"in memory ({size / 2**20:.0f} MiB)")
+    text_cache = None
+    if not cfg.cache_text_embeddings:
+        record["text_embeddings"] += " (--cache_text_embeddings false)"
+    elif trainable["text_encoder"]:
+        record["text_embeddings"] += " (the text encoder trains)"
+    else:
+        captions = [ex.caption for ex in dataset.examples] + ([""] if cfg.caption_dropout_prob > 0 else [])
+        text_cache = TextEmbeddingCache(models.text_encoder, models.tokenizer, captions, accelerator.device,
+                                        accelerator.autocast)
+        models.text_encoder.to("cpu")
+        record["text_embeddings"] = f"{len(text_cache)} distinct captions"
+    record["seconds"] = round(time.time() - start, 2)
+    accelerator.print(f"encoded once: latents {record['latents']}; text embeddings {record['text_embeddings']}")
+    return dataset, text_cache, record
 
 
 def library_versions() -> dict[str, str]:
@@ -234,6 +321,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     except ValueError as err:
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
+    cfg, profile_changes = apply_memory_profile(cfg)
     if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
         raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)
@@ -245,6 +333,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     if accelerator.is_main_process:
         # Written now too, so the checkpoints of a run that never finishes say what they hold.
         write_summary(output_dir, {**run_record, "versions": library_versions()})
+    if profile_changes:
+        accelerator.print(f"--memory_profile {cfg.memory_profile}: " + ", ".join(f"--{k} {v}" for k, v in profile_changes.items()))
     if cfg.report_to == "wandb":
         accelerator.print("warning: --report_to wandb sends losses, settings and validation images (with their "
                           "prompts) to Weights & Biases' servers; use tensorboard for data that must stay here")
@@ -273,6 +363,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             model.train()
             if cfg.gradient_checkpointing:
                 model.enable_gradient_checkpointing() if c != "text_encoder" else model.gradient_checkpointing_enable()
+        if cfg.channels_last and c != "text_encoder":
+            model.to(memory_format=torch.channels_last)
     if cfg.enable_xformers_memory_efficient_attention:
         models.unet.enable_xformers_memory_efficient_attention()
         models.vae.enable_xformers_memory_efficient_attention()
@@ -285,12 +377,18 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
+        optimizer_kwargs = {}
     else:
         optimizer_cls = torch.optim.AdamW
+        # One kernel for all parameters instead of a dozen per tensor group.
+        optimizer_kwargs = {"fused": cfg.fused_adam if cfg.fused_adam is not None else accelerator.device.type == "cuda"}
     optimizer = optimizer_cls(
         optimizer_groups(models, trainable, adapter, lrs),
         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+        **optimizer_kwargs,
     )
+    optimizer_name = f"{optimizer_cls.__module__.split('.')[0]} {optimizer_cls.__name__}" + (
+        " (fused)" if optimizer_kwargs.get("fused") else "")
     examples = load_examples(data, report_path=output_dir / "data_problems.txt")
     if data.validation_fraction > 0:
         examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
@@ -300,7 +398,12 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(f"no training images left in {data.source}")
     dataset = ImageCaptionDataset(examples, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
                                   modality=None if data.data_format in ("ham10000", "isic") else "chest_xray")
-    dataloader = make_dataloader(dataset, cfg)
+    workers = loader_workers(cfg, accelerator)
+    dataset, text_cache, encoded_once = encode_once(cfg, data, models, trainable, dataset, accelerator, weight_dtype,
+                                                    workers, output_dir)
+    # Cached moments need no decoding: worker processes would only add start-up time.
+    dataloader = make_dataloader(dataset, cfg, 0 if isinstance(dataset, CachedLatentDataset) else workers,
+                                 pin_memory=accelerator.device.type == "cuda")
     # Steps are optimizer steps; the scheduler is stepped once per process by accelerate, hence the factor.
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
@@ -317,6 +420,10 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *(forward[c] for c in trained_names), optimizer, dataloader, lr_scheduler)
     forward.update(zip(trained_names, prepared))
+    if cfg.torch_compile:
+        # Static shapes (drop_last in make_dataloader): one compilation, no recompiles across steps.
+        forward["unet"] = torch.compile(forward["unet"], backend=cfg.torch_compile_backend, mode=cfg.torch_compile_mode,
+                                        dynamic=False)
     ema = None
     if cfg.use_ema:
         from diffusers.training_utils import EMAModel
@@ -385,6 +492,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     # ---------------------------------------------------------------- the loop
     unet, text_encoder, encode, tokenizer = forward["unet"], forward["text_encoder"], forward["vae"], models.tokenizer
     train_reconstruction = bool(trainable["vae"]) and cfg.vae_recon_weight > 0
+    latent_scale = models.vae.config.scaling_factor
     micro_step = global_step * cfg.gradient_accumulation_steps
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
@@ -400,15 +508,23 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                               for seed in sample_seeds(cfg.seed, micro_step, batch["indices"])]
                 captions = [c if torch.rand((), generator=g, device=g.device).item() >= cfg.caption_dropout_prob else ""
                             for c, g in zip(batch["captions"], generators)]
-                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                                return_tensors="pt").input_ids.to(accelerator.device)
-                pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype if not trainable["vae"] else torch.float32)
                 with accelerator.autocast():
-                    # The diffusion loss reaches the VAE encoder and text encoder only when they train.
-                    with torch.set_grad_enabled(bool(trainable["vae"])):
-                        latents, decoded = encode(pixels, generators, reconstruct=train_reconstruction)
-                    with torch.set_grad_enabled(bool(trainable["text_encoder"])):
-                        encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+                    # Frozen encoders ran once, before the loop (sdtune.caching); trained ones run here,
+                    # and the diffusion loss reaches them only when they train.
+                    if "latent_moments" in batch:
+                        latents = sample_latents(batch["latent_moments"].to(accelerator.device), generators, latent_scale)
+                    else:
+                        pixels = batch["pixel_values"].to(accelerator.device,
+                                                          dtype=weight_dtype if not trainable["vae"] else torch.float32)
+                        with torch.set_grad_enabled(bool(trainable["vae"])):
+                            latents, decoded = encode(pixels, generators, reconstruct=train_reconstruction)
+                    if text_cache is not None:
+                        encoder_hidden_states = text_cache(captions, accelerator.device)
+                    else:
+                        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                        truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                        with torch.set_grad_enabled(bool(trainable["text_encoder"])):
+                            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
                     loss = diffusion_loss(unet, models.noise_scheduler, latents, encoder_hidden_states,
                                           prediction_type, cfg.snr_gamma, cfg.noise_offset, generators)
                     if train_reconstruction:
@@ -469,6 +585,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             break
     progress.close()
     stop.restore()
+    for module in (models.vae, models.text_encoder):  # the cached encoders come back: callers may sample
+        module.to(accelerator.device)
     wall_time = time.time() - start
     if stop.name:
         if accelerator.is_main_process:
@@ -500,6 +618,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "wall_time_seconds": wall_time,
             "global_batch_size": total_batch,
+            "optimizer": optimizer_name,
+            "encoded_once": encoded_once,
             "versions": library_versions(),
         }
         write_summary(output_dir, summary)
@@ -637,6 +757,19 @@ def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, outp
 
 
 @contextmanager
+def on_device(modules, device):
+    """Modules moved to `device` for a while (the cached encoders live on the CPU during training)."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
+@contextmanager
 def ema_weights(ema, params):
     """The EMA weights in place of the trained ones for a while: validation shows what gets saved."""
     if ema is None:
@@ -669,7 +802,7 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
-    with ema_weights(ema, params), accelerator.autocast():
+    with on_device([models.vae, models.text_encoder], accelerator.device), ema_weights(ema, params), accelerator.autocast():
         for i, prompt in enumerate(cfg.validation_prompts):
             image = pipeline(prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator).images[0]
             image.save(folder / f"{i:02d}.png")
@@ -695,7 +828,7 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
 
     pipeline = validation_pipeline(models, cfg)
     images = []
-    with ema_weights(ema, params), accelerator.autocast():
+    with on_device([models.vae, models.text_encoder], accelerator.device), ema_weights(ema, params), accelerator.autocast():
         for start in range(0, cfg.validation_fid_images, 8):
             ks = range(start, min(start + 8, cfg.validation_fid_images))
             prompts = [cfg.validation_prompts[k % len(cfg.validation_prompts)] for k in ks]

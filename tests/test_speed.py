@@ -1,0 +1,200 @@
+"""Issue 7's training speed options on the tiny model: caching, fused AdamW, channels_last, compile, low memory.
+
+Speed itself is measured by bench/train_speed.py; these tests check that each option computes
+what the plain loop computes and that the work it saves is really skipped.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+from sdtune.caching import sample_latents
+from sdtune.phantom import render_chest_xray
+from sdtune.train import main, parse_args, train
+
+CAPTIONS = ["Chest x-ray of a patient with Pleural Effusion", "Chest x-ray of a patient with Cardiomegaly",
+            "Chest x-ray of a patient with No Finding"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tutorial's layout: 5 phantom films with captions (3 distinct), so batch 2 leaves a partial batch."""
+    root = tmp_path_factory.mktemp("films")
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        render_chest_xray({"Pleural Effusion": k % 3 == 0, "Cardiomegaly": k % 3 == 1}, size=80, rng=rng).save(root / f"{k}.png")
+        (root / f"{k}.txt").write_text(CAPTIONS[k % 3])
+    return root
+
+
+def _argv(tiny_model, data, out, *extra, steps=3):
+    return ["--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir", str(data), "--resolution", "64",
+            "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--output_dir",
+            str(out), "--report_to", "none", "--checkpointing_steps", "1000", *map(str, extra)]
+
+
+class Calls:
+    """Counts calls of a method, patched on its class."""
+
+    def __init__(self, monkeypatch, cls, name):
+        self.n, original = 0, getattr(cls, name)
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+
+def _run(tiny_model, data, out, *extra, steps=3):
+    summary, models = train(*parse_args(_argv(tiny_model, data, out, *extra, steps=steps)))
+    return summary, load_file(out / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_cached_latents_and_embeddings_train_exactly_as_encoding_every_step(tiny_model, folder, tmp_path, monkeypatch):
+    encodes, texts = Calls(monkeypatch, AutoencoderKL, "encode"), Calls(monkeypatch, CLIPTextModel, "forward")
+    common = ("--strategy", "unet", "--caption_dropout_prob", "0.5", "--seed", "3")
+    plain_summary, plain = _run(tiny_model, folder, tmp_path / "plain", *common, "--cache_latents", "false",
+                                "--cache_text_embeddings", "false", steps=4)
+    assert (encodes.n, texts.n) == (4, 4)  # one batch each per step
+    encodes.n = texts.n = 0
+    summary, cached = _run(tiny_model, folder, tmp_path / "cached", *common, steps=4)
+    # 5 images in batches of 2: 3 encoder calls before the loop; the 3 captions and "" in one call
+    assert (encodes.n, texts.n) == (3, 1)
+    assert summary["encoded_once"]["latents"].startswith("5 images, in memory")
+    assert summary["encoded_once"]["text_embeddings"] == "4 distinct captions"
+    # The same draws from the same distributions: the same training. Images encoded in other
+    # batches round differently in the last bit (CPU kernels), and Adam's normalised step turns
+    # that into differences far below what training moved.
+    assert summary["final_loss"] == pytest.approx(plain_summary["final_loss"], rel=1e-5)
+    assert_same_training(cached, plain, tiny_model)
+
+
+def assert_same_training(got, expected, tiny_model):
+    """Two runs' U-Nets agree far within what training moved them: rounding, not another computation.
+    (A norm, not a maximum: a weight whose gradient is near Adam's epsilon can move by lr/10 on rounding.)"""
+    base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = sum(((expected[k] - base[k]) ** 2).sum() for k in base).sqrt().item()
+    differ = sum(((got[k] - expected[k]) ** 2).sum() for k in base).sqrt().item()
+    assert moved > 1e-2 and differ < 0.01 * moved, (moved, differ)
+
+
+def test_sample_latents_draws_what_the_vae_would(tiny_model):
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+        expected = dist.sample(generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)]) * vae.config.scaling_factor
+        got = sample_latents(dist.parameters, [torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+                             vae.config.scaling_factor)
+    assert torch.equal(got, expected)
+
+
+def test_latent_cache_on_disk_is_reused_and_keyed_by_preprocessing(tiny_model, folder, tmp_path, monkeypatch):
+    encodes = Calls(monkeypatch, AutoencoderKL, "encode")
+    cache = tmp_path / "latents"
+    _, first = _run(tiny_model, folder, tmp_path / "a", "--strategy", "lora", "--latent_cache_dir", cache)
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 5 and encodes.n == 3
+    assert all(len(f.stem) == 32 and not any(str(k) == f.stem for k in range(5)) for f in files)  # hashes, not names
+    moments = load_file(files[0])["moments"]
+    assert moments.shape == (8, 8, 8)  # 4 means + 4 log-variances at 64 / 8 px
+    encodes.n = 0
+    summary, again = _run(tiny_model, folder, tmp_path / "b", "--strategy", "lora", "--latent_cache_dir", cache)
+    assert encodes.n == 0 and "on disk" in summary["encoded_once"]["latents"]  # another run: nothing encoded
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=0, atol=0)
+    _run(tiny_model, folder, tmp_path / "c", "--strategy", "lora", "--latent_cache_dir", cache, "--resolution", "32")
+    assert encodes.n == 3 and len(list(cache.glob("*.safetensors"))) == 10  # other preprocessing, other entries
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["--strategy", "unet+vae"], "the VAE trains"),
+    (["--strategy", "lora", "--random_flip"], "random crops or flips"),
+    (["--strategy", "lora", "--cache_latents", "false"], "--cache_latents false"),
+])
+def test_latents_are_encoded_every_step_when_they_cannot_be_cached(extra, reason, tiny_model, folder, tmp_path):
+    summary, _ = _run(tiny_model, folder, tmp_path, *extra, steps=1)
+    assert reason in summary["encoded_once"]["latents"]
+
+
+def test_text_embeddings_are_not_cached_when_the_text_encoder_trains(tiny_model, folder, tmp_path):
+    summary, _ = _run(tiny_model, folder, tmp_path, "--strategy", "text", steps=1)
+    assert "the text encoder trains" in summary["encoded_once"]["text_embeddings"]
+    assert summary["encoded_once"]["latents"].startswith("5 images")
+
+
+def test_cached_encoders_leave_the_device_and_come_back_for_validation(tiny_model, folder, tmp_path, monkeypatch):
+    import sdtune.train as training
+
+    seen = []
+    original = training.validation_pipeline
+
+    def spy(models, cfg):
+        seen.append(models.vae.device)
+        return original(models, cfg)
+
+    monkeypatch.setattr(training, "validation_pipeline", spy)
+    moved = []
+    monkeypatch.setattr(training, "on_device", _recording(training.on_device, moved))
+    _run(tiny_model, folder, tmp_path, "--strategy", "lora", "--validation_prompts", CAPTIONS[0], "--validation_steps", "1",
+         "--validation_inference_steps", "2", steps=1)
+    assert len(seen) == 1 and moved and all(names == ["AutoencoderKL", "CLIPTextModel"] for names in moved)
+    assert (tmp_path / "validation" / "step-1" / "00.png").is_file()
+
+
+def _recording(context, log):
+    def wrapper(modules, device):
+        log.append([type(m).__name__ for m in modules])
+        return context(modules, device)
+    return wrapper
+
+
+def test_fused_adamw_and_channels_last_train_as_the_plain_loop(tiny_model, folder, tmp_path):
+    _, plain = _run(tiny_model, folder, tmp_path / "plain", "--strategy", "unet", "--fused_adam", "false")
+    _, fast = _run(tiny_model, folder, tmp_path / "fast", "--strategy", "unet", "--fused_adam", "--channels_last")
+    assert_same_training(fast, plain, tiny_model)
+
+
+def test_fused_adamw_is_used_when_asked(tiny_model, folder, tmp_path, monkeypatch):
+    made = []
+    original = torch.optim.AdamW.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs.get("fused"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    _run(tiny_model, folder, tmp_path / "a", "--strategy", "bitfit", steps=1)
+    _run(tiny_model, folder, tmp_path / "b", "--strategy", "bitfit", "--fused_adam", steps=1)
+    assert made == [False, True]  # default: fused on GPUs only (this is a CPU)
+
+
+def test_torch_compile_does_not_recompile_across_steps_and_epochs(tiny_model, folder, tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        # 5 images at batch 2: the partial batch is dropped, so 6 steps cross 2 epochs with one shape
+        summary, _ = _run(tiny_model, folder, tmp_path, "--strategy", "lora", "--torch_compile",
+                          "--torch_compile_backend", "eager", steps=6)
+    assert summary["steps"] == 6 and np.isfinite(summary["final_loss"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the U-Net really went through dynamo
+    torch._dynamo.reset()
+
+
+def test_low_memory_profile_turns_on_8bit_adam_and_checkpointing(tiny_model, folder, tmp_path, capsys):
+    cfg, data, adapter_cfg = parse_args(_argv(tiny_model, folder, tmp_path, "--strategy", "unet",
+                                              "--memory_profile", "low", steps=1))
+    summary, models = train(cfg, data, adapter_cfg)
+    assert "--use_8bit_adam True, --gradient_checkpointing True" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "training_summary.json").read_text())["arguments"]["train"]
+    assert recorded["use_8bit_adam"] and recorded["gradient_checkpointing"]
+    assert models.unet.is_gradient_checkpointing
+    assert summary["optimizer"] == "bitsandbytes AdamW8bit"
