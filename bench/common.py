@@ -125,6 +125,11 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """What the caching allocator held at its peak: closer than the allocated peak to what a card must have."""
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+
+
 def quiet_libraries() -> None:
     """No loading bars or dtype-cast notices from diffusers/transformers between the benchmark's lines."""
     import diffusers
