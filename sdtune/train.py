@@ -504,10 +504,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         for batch in batches:
             with accelerator.accumulate(*prepared):
                 # Every random draw of a sample comes from its own generator (see sample_seeds).
-                generators = [torch.Generator(accelerator.device).manual_seed(seed)
-                              for seed in sample_seeds(cfg.seed, micro_step, batch["indices"])]
-                captions = [c if torch.rand((), generator=g, device=g.device).item() >= cfg.caption_dropout_prob else ""
-                            for c, g in zip(batch["captions"], generators)]
+                seeds = sample_seeds(cfg.seed, micro_step, batch["indices"])
+                generators = [torch.Generator(accelerator.device).manual_seed(seed) for seed in seeds]
+                # Caption dropout is drawn on the CPU: reading a GPU draw would stall the GPU's queue.
+                captions = [c if torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+                            >= cfg.caption_dropout_prob else "" for c, seed in zip(batch["captions"], seeds)]
                 with accelerator.autocast():
                     # Frozen encoders ran once, before the loop (sdtune.caching); trained ones run here,
                     # and the diffusion loss reaches them only when they train.
@@ -541,7 +542,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 if finite:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().item()
+            loss_sum += loss.detach()  # read (a device sync) once per optimizer step, below
             loss_count += 1
             micro_step += 1
             samples_seen += len(captions) * accelerator.num_processes
@@ -559,7 +560,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                     "or check the data (python -m sdtune.data check); nothing was saved from these steps")
             if ema is not None and finite:
                 ema.step(all_trainable)
-            last_loss, loss_sum, loss_count = loss_sum / loss_count, 0.0, 0
+            last_loss, loss_sum, loss_count = float(loss_sum) / loss_count, 0.0, 0
             logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "skipped_steps": skipped_steps,
                     "samples_per_second": samples_seen / (time.time() - start)}
