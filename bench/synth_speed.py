@@ -1,7 +1,9 @@
 """Sampling speed: StableDiffusionPipeline against the toolkit's synthesis path, in one process, on one GPU.
 
-    python bench/synth_speed.py --output synth_speed.json          # one GPU, ~1-2 min on an H100
+    python bench/synth_speed.py --output synth_speed.json          # one GPU, ~3-5 min on an H100 (estimate)
     python bench/synth_speed.py --tiny --output /tmp/tiny.json     # CPU smoke run, no timing claims
+    python bench/synth_speed.py --toolkit-configs defaults= +compile=--torch_compile \
+        "+autotune=--torch_compile --torch_compile_mode max-autotune-no-cudagraphs"   # a third row (minutes more)
 
 Both sides sample the same SD1.5-architecture folder with random weights (no download) in fp16,
 with PNDM, 50 steps, guidance 7.5, 512x512, batch 8 (REFERENCE.md section 9: 2.62 images/s
@@ -11,17 +13,25 @@ seeded with sdtune.synthesis.image_seed(seed, k), as the toolkit draws it.
   reference  StableDiffusionPipeline.from_pretrained(folder, torch_dtype=float16).to("cuda"),
              called as pipe(prompts, num_inference_steps, guidance_scale, generator=[...]).
   toolkit    sdtune.synthesis: resolve_model -> load_pipeline -> set_scheduler -> prepare_pipeline
-             -> render, the calls synthesize() makes per batch (PNG writing not included),
-             with every option at the toolkit's default except those in --toolkit-args.
+             -> render, the calls synthesize() makes per batch (PNG writing not included), once per
+             --toolkit-configs NAME=FLAGS entry: synthesize_images.py flags on top of the toolkit's
+             defaults (default rows: "defaults=", i.e. channels_last, fuse_qkv and cudnn_benchmark on
+             a GPU, and "+compile=--torch_compile"), plus --toolkit-args for every row.
+  fast recipe the toolkit's defaults with --fast-recipe (default: DPM-Solver++ at 25 steps): OTHER
+             images (another sampler, half the U-Net calls), so never compared with the reference
+             and never counted toward the 1.5x target; its row shows what the recipe buys.
 
-Timing: --warmup untimed batches, then --batches timed ones, the device synchronised around
-them; images/s = timed images / elapsed. The timed batches' images of the two sides are
-compared: the mean absolute difference (pixels in [0, 1]) must be at most --atol.
+Timing: --warmup untimed batches (torch.compile compiles in the first), then --batches timed
+ones, the device synchronised around them; images/s = timed images / elapsed. Each toolkit
+configuration's timed images are compared with the reference's: the mean absolute difference
+(pixels in [0, 1]) must be at most --atol. Every configuration gets a fresh pipeline; compiled
+graphs are dropped (torch._dynamo.reset) and cudnn.benchmark restored between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import tempfile
@@ -38,6 +48,7 @@ import torch  # noqa: E402
 
 PUBLISHED_IMAGES_PER_SECOND = 2.62  # REFERENCE.md section 9: one H100, fp16, PNDM 50 steps, guidance 7.5, batch 8
 TARGET = 1.5  # issue 7: the toolkit at least 1.5x StableDiffusionPipeline's images/s, same images
+FAST_RECIPE = "--scheduler dpm++ --steps 25"  # DPM-Solver++ (Lu et al. 2022): half PNDM's 50 U-Net calls, other images
 
 
 def plan(n: int, seed: int):
@@ -81,27 +92,56 @@ def reference_side(model_dir: Path, items: list, args, device: torch.device) -> 
     return {"images_per_second": rate, "scheduler": scheduler}, images
 
 
-def toolkit_side(model_dir: Path, items: list, args, device: torch.device) -> tuple[dict, np.ndarray]:
+def toolkit_cfg(model_dir: Path, args, extra: str, device: torch.device):
+    """The SynthesisConfig of one toolkit row: the benchmark's sampling settings, then `extra` flags
+    (later flags win, so `extra` may change the sampler or steps, as the fast recipe does)."""
     from sdtune import synthesis
 
-    cfg = synthesis.parse_args(["--model_path", str(model_dir), "--prompts", "unused: the plan is given",
-                                "--steps", str(args.steps), "--guidance_scale", str(args.guidance),
-                                "--height", str(args.resolution), "--width", str(args.resolution),
-                                "--batch_size", str(args.batch_size), "--scheduler", "pndm",
-                                "--mixed_precision", args.precision, "--device", str(device),
-                                *shlex.split(args.toolkit_args)])
-    pipeline = synthesis.load_pipeline(synthesis.resolve_model(cfg.model_path, cfg.base_model), cfg.fuse_lora)
-    scheduler = synthesis.set_scheduler(pipeline, cfg.scheduler)
-    synthesis.prepare_pipeline(pipeline, cfg, device)
-    rate, images = timed_batches(lambda batch: synthesis.render(pipeline, batch, cfg), items, cfg.batch_size,
-                                 args.warmup, device)
-    return {"images_per_second": rate, "scheduler": scheduler, "scheduler_class": type(pipeline.scheduler).__name__}, images
+    return synthesis.parse_args(["--model_path", str(model_dir), "--prompts", "unused: the plan is given",
+                                 "--steps", str(args.steps), "--guidance_scale", str(args.guidance),
+                                 "--height", str(args.resolution), "--width", str(args.resolution),
+                                 "--batch_size", str(args.batch_size), "--scheduler", "pndm",
+                                 "--mixed_precision", args.precision, "--device", str(device), *shlex.split(extra)])
+
+
+def toolkit_side(extra: str):
+    """A side that samples with the toolkit's defaults plus `extra` and --toolkit-args."""
+
+    def side(model_dir: Path, items: list, args, device: torch.device) -> tuple[dict, np.ndarray]:
+        from sdtune import synthesis
+
+        cfg = toolkit_cfg(model_dir, args, f"{extra} {args.toolkit_args}", device)
+        synthesis.check_config(cfg)
+        pipeline = synthesis.load_pipeline(synthesis.resolve_model(cfg.model_path, cfg.base_model), cfg.fuse_lora)
+        scheduler = synthesis.set_scheduler(pipeline, cfg.scheduler)
+        speed = synthesis.speed_settings(pipeline, cfg, device)
+        synthesis.prepare_pipeline(pipeline, cfg, device, speed)
+        rate, images = timed_batches(lambda batch: synthesis.render(pipeline, batch, cfg), items, cfg.batch_size,
+                                     args.warmup, device)
+        return {"images_per_second": rate, "scheduler": scheduler, "scheduler_class": type(pipeline.scheduler).__name__,
+                "steps": cfg.steps, "speed": speed}, images
+
+    return side
+
+
+@contextlib.contextmanager
+def isolated():
+    """One configuration's process-wide state (compiled graphs, cudnn.benchmark) does not reach the next."""
+    import torch._dynamo
+
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch._dynamo.reset()
 
 
 def measure(side, model_dir: Path, items: list, args, device: torch.device) -> tuple[dict, np.ndarray | None]:
     start_memory(device)
     start = time.perf_counter()
-    result, images = side(model_dir, items, args, device)  # a failure here ends the run: it is short
+    with isolated():
+        result, images = side(model_dir, items, args, device)  # a failure here ends the run: it is short
     result.update(peak_gib=peak_gib(device), seconds=time.perf_counter() - start,
                   finite=bool(np.isfinite(images).all()))
     free_memory(device)
@@ -118,6 +158,19 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
             "max_8bit_levels": int(levels.max()), "share_of_8bit_values_differing": float((levels > 0).mean())}
 
 
+def toolkit_configs(entries: list[str]) -> dict[str, str]:
+    """--toolkit-configs NAME=FLAGS entries -> {name: flags}, in order; names are unique."""
+    configs = {}
+    for entry in entries:
+        name, sep, flags = entry.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{entry!r} is not NAME=FLAGS (e.g. defaults= or +compile=--torch_compile)")
+        if name.strip() in configs:
+            raise ValueError(f"configuration name {name.strip()!r} given twice")
+        configs[name.strip()] = flags.strip()
+    return configs
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny model at 64 px (no timing claims)")
@@ -126,12 +179,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--resolution", type=int, default=None, help="default 512 (tiny: 64)")
     p.add_argument("--precision", default=None, choices=("fp16", "bf16", "no"), help="both sides (default fp16; CPU: no)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches first")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first (torch.compile compiles in the first)")
     p.add_argument("--batches", type=int, default=None, help="timed batches (default 3; tiny: 1)")
     p.add_argument("--atol", type=float, default=0.01, help="largest mean |difference| of pixels in [0, 1] "
                                                             "that still counts as the same images")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--toolkit-args", default="", help="extra synthesize_images.py flags for the toolkit side")
+    p.add_argument("--toolkit-configs", nargs="+", default=None, metavar="NAME=FLAGS",
+                   help="toolkit rows, each synthesize_images.py flags on top of the toolkit's defaults, all against "
+                        "the same reference (default: defaults= +compile=--torch_compile; tiny: +compile traces "
+                        "with --torch_compile_backend eager)")
+    p.add_argument("--toolkit-args", default="", help="extra synthesize_images.py flags for every toolkit row")
+    p.add_argument("--fast-recipe", default=FAST_RECIPE,
+                   help=f"flags of the fast-recipe row: other images, not compared, not counted toward the target "
+                        f"(default: {FAST_RECIPE!r}; '' leaves the row out)")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
     p.add_argument("--output", default="synth_speed.json", help="JSON record")
     args = p.parse_args(argv)
@@ -140,7 +200,25 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, small if args.tiny else full)
     if args.batches < 1:
         p.error("--batches must be at least 1")
+    if args.toolkit_configs is None:
+        compile_flags = "--torch_compile" + (" --torch_compile_backend eager" if args.tiny else "")
+        args.toolkit_configs = ["defaults=", f"+compile={compile_flags}"]
+    try:
+        args.toolkit_configs = toolkit_configs(args.toolkit_configs)
+    except ValueError as err:
+        p.error(f"--toolkit-configs: {err}")
+    rows = {**args.toolkit_configs, **({"fast recipe": args.fast_recipe} if args.fast_recipe else {})}
+    settled = argparse.Namespace(**{**vars(args), "precision": args.precision or "no"})  # (decided with the device)
+    for name, flags in rows.items():  # bad flags fail now, not after the reference has run
+        try:
+            toolkit_cfg(Path("model"), settled, f"{flags} {args.toolkit_args}", torch.device("cpu"))
+        except SystemExit:
+            p.error(f"row {name!r}: the synthesize_images.py flags {flags} {args.toolkit_args} do not parse (above)")
     return args
+
+
+def with_ratio(row: dict, reference: dict) -> dict:
+    return {**row, "ratio": row["images_per_second"] / reference["images_per_second"]}
 
 
 def main(argv=None) -> dict:
@@ -154,57 +232,92 @@ def main(argv=None) -> dict:
     env = environment(device)
     n = (args.warmup + args.batches) * args.batch_size
     print(f"synth_speed: {env['device']}; torch {env['versions']['torch']}, diffusers {env['versions']['diffusers']}")
-    print(f"{n} images a side ({args.warmup} warm-up + {args.batches} timed batches of {args.batch_size}), "
+    print(f"{n} images a row ({args.warmup} warm-up + {args.batches} timed batches of {args.batch_size}), "
           f"{args.steps} PNDM steps, guidance {args.guidance}, {args.resolution} px, {args.precision}")
+    print("rows: StableDiffusionPipeline (reference); " + "; ".join(
+        f"toolkit {name} ({flags or 'no extra flags'})" for name, flags in args.toolkit_configs.items())
+        + (f"; fast recipe ({args.fast_recipe}: other images, not compared)" if args.fast_recipe else ""))
     if args.tiny:
         print("tiny model on the CPU: checks that every code path runs; the numbers mean nothing")
     else:
-        seconds = 60 + 2 * (15 + n / PUBLISHED_IMAGES_PER_SECOND * args.steps / 50)
-        print(f"estimated wall time on one H100: ~{seconds / 60:.1f} min")
+        compiled = sum("--torch_compile" in flags for flags in args.toolkit_configs.values())
+        sampling = n / PUBLISHED_IMAGES_PER_SECOND * args.steps / 50
+        seconds = 60 + (2 + len(args.toolkit_configs)) * (15 + sampling) + 120 * compiled
+        print(f"estimated wall time on one H100: ~{seconds / 60:.1f} min (compiling guessed at 2 min a row)")
 
     begin = time.perf_counter()
     items = plan(n, args.seed)
+    toolkit, fast = [], None
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as scratch:
         model_dir = model_folder(args.model_dir, args.tiny, Path(scratch), device)
         reference, ref_images = measure(reference_side, model_dir, items, args, device)
         print(f"reference StableDiffusionPipeline: {reference['images_per_second']:.2f} images/s, "
               f"peak {fmt(reference['peak_gib'], '.2f')} GiB", flush=True)
-        toolkit, tk_images = measure(toolkit_side, model_dir, items, args, device)
-        print(f"toolkit sdtune.synthesis:          {toolkit['images_per_second']:.2f} images/s, "
-              f"peak {fmt(toolkit['peak_gib'], '.2f')} GiB", flush=True)
+        for name, flags in args.toolkit_configs.items():
+            result, images = measure(toolkit_side(flags), model_dir, items, args, device)
+            difference = compare(ref_images, images)
+            row = with_ratio({"name": name, "flags": flags, **result, "image_difference": difference,
+                              "same_images": difference["mean_abs"] <= args.atol}, reference)
+            toolkit.append(row)
+            print(f"toolkit {name}: {row['images_per_second']:.2f} images/s ({row['ratio']:.2f}x), peak "
+                  f"{fmt(row['peak_gib'], '.2f')} GiB, mean |diff| {difference['mean_abs']:.2e}", flush=True)
+        if args.fast_recipe:
+            result, _ = measure(toolkit_side(args.fast_recipe), model_dir, items, args, device)
+            fast = with_ratio({"name": "fast recipe", "flags": args.fast_recipe, **result, "compared": False,
+                               "counts_toward_target": False,
+                               "note": "another sampler and step count: other images than the reference's"},
+                              reference)
+            print(f"fast recipe ({args.fast_recipe}): {fast['images_per_second']:.2f} images/s "
+                  f"({fast['ratio']:.2f}x, other images), peak {fmt(fast['peak_gib'], '.2f')} GiB", flush=True)
 
-    difference = compare(ref_images, tk_images)
-    same = difference["mean_abs"] <= args.atol
-    speedup = toolkit["images_per_second"] / reference["images_per_second"]
     record = {"benchmark": "synth_speed", "tiny": args.tiny, **env,
               "settings": {"batch_size": args.batch_size, "steps": args.steps, "scheduler": "pndm",
                            "guidance_scale": args.guidance, "resolution": args.resolution, "precision": args.precision,
                            "warmup_batches": args.warmup, "timed_batches": args.batches, "seed": args.seed,
-                           "atol_mean_abs": args.atol, "toolkit_args": args.toolkit_args,
+                           "atol_mean_abs": args.atol, "toolkit_configs": args.toolkit_configs,
+                           "toolkit_args": args.toolkit_args, "fast_recipe": args.fast_recipe,
                            "timing_rule": "device synchronised around the timed batches; images/s = timed images / "
-                                          "elapsed; model loading and the warm-up batches excluded"},
+                                          "elapsed; model loading, compiling and the warm-up batches excluded"},
               "published_reference_h100_images_per_second": PUBLISHED_IMAGES_PER_SECOND,
-              "reference": reference, "toolkit": toolkit, "ratio": speedup, "image_difference": difference,
-              "same_images": same, "total_seconds": time.perf_counter() - begin}
-    if not args.tiny and args.batch_size == 8 and args.steps == 50:
+              "reference": reference, "toolkit": toolkit, "fast_recipe": fast,
+              "same_images": all(row["same_images"] for row in toolkit)}
+    full_settings = not args.tiny and args.batch_size == 8 and args.steps == 50
+    if full_settings:
         record["target_ratio"] = TARGET
-        record["meets_target"] = speedup >= TARGET and same
+        for row in toolkit:
+            row["meets_target"] = row["ratio"] >= TARGET and row["same_images"]
+        record["meets_target"] = [row["name"] for row in toolkit if row["meets_target"]]
+    record["total_seconds"] = time.perf_counter() - begin
     write_json(args.output, record)
 
     print()
-    print(table([["StableDiffusionPipeline", fmt(reference["images_per_second"], ".2f"), "1.00",
-                  fmt(reference["peak_gib"], ".2f"), ""],
-                 ["sdtune.synthesis", fmt(toolkit["images_per_second"], ".2f"), fmt(speedup, ".2f"),
-                  fmt(toolkit["peak_gib"], ".2f"), f"{TARGET:.1f}x {'met' if record.get('meets_target') else 'missed'}"
-                  if "target_ratio" in record else ""]],
-                ["side", "images/s", "ratio", "peak GiB", "target"]))
-    print(f"images: mean |diff| {difference['mean_abs']:.2e}, max |diff| {difference['max_abs']:.2e}, "
-          f"{difference['share_of_8bit_values_differing']:.2%} of 8-bit values differ (at most "
-          f"{difference['max_8bit_levels']} levels): {'the same' if same else 'NOT the same'} within {args.atol}")
+    rows = [["StableDiffusionPipeline", fmt(reference["images_per_second"], ".2f"), "1.00",
+             fmt(reference["peak_gib"], ".2f"), "reference", ""]]
+    for row in toolkit:
+        images = (f"{'same' if row['same_images'] else 'NOT THE SAME'} (mean |diff| "
+                  f"{row['image_difference']['mean_abs']:.1e})")
+        target = f"{TARGET:.1f}x {'met' if row['meets_target'] else 'missed'}" if full_settings else ""
+        rows.append([f"toolkit {row['name']}", fmt(row["images_per_second"], ".2f"), fmt(row["ratio"], ".2f"),
+                     fmt(row["peak_gib"], ".2f"), images, target])
+    if fast:
+        rows.append([f"fast recipe: {fast['flags']}", fmt(fast["images_per_second"], ".2f"), fmt(fast["ratio"], ".2f"),
+                     fmt(fast["peak_gib"], ".2f"), "other images (not compared)", "not counted"])
+    print(table(rows, ["row", "images/s", "ratio", "peak GiB", "images vs reference", "target"]))
+    for row in toolkit:
+        difference = row["image_difference"]
+        print(f"toolkit {row['name']}: max |diff| {difference['max_abs']:.2e}, "
+              f"{difference['share_of_8bit_values_differing']:.2%} of 8-bit values differ (at most "
+              f"{difference['max_8bit_levels']} levels); same within mean |diff| {args.atol}: "
+              f"{'yes' if row['same_images'] else 'NO'}")
     print(f"({env['device']}; {record['total_seconds']:.0f} s in all; JSON in {args.output})")
     return record
 
 
+def succeeded(record: dict) -> bool:
+    """Every toolkit row gives the reference's images, and no row has NaN/inf pixels."""
+    rows = [record["reference"], *record["toolkit"], *([record["fast_recipe"]] if record["fast_recipe"] else [])]
+    return record["same_images"] and all(row["finite"] for row in rows)
+
+
 if __name__ == "__main__":
-    result = main()
-    sys.exit(0 if result["same_images"] and result["reference"]["finite"] and result["toolkit"]["finite"] else 1)
+    sys.exit(0 if succeeded(main()) else 1)

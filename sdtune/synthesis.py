@@ -9,6 +9,22 @@ from its own generator, so image k does not depend on the batch size, the number
 or which run (first or resumed) made it. A PNG is written under a temporary name and renamed,
 so a half-written file never counts as done; a rerun makes only what is missing. Prompts are
 encoded as training encodes captions (padded to 77 tokens, no attention mask).
+
+Speed (prepare_pipeline -> speed_settings/apply_speed; none of these changes the images beyond
+float rounding, so none is part of the resume fingerprint):
+  channels_last    U-Net and VAE in NHWC memory format: tensor-core convolutions without layout
+                   transposes (default on with CUDA)
+  fuse_qkv         diffusers' fuse_qkv_projections: one matmul for q, k and v of each self-attention,
+                   one for k and v of each cross-attention (default on with CUDA, unless an adapter
+                   stays unmerged: the fused weights would leave its q/k/v deltas out)
+  cudnn_benchmark  cuDNN times its convolution algorithms once per shape (default on with CUDA)
+  torch_compile    the U-Net and the VAE decoder through torch.compile, dynamic=False (off by default:
+                   the first batch of each size compiles, minutes on a GPU)
+Classifier-free guidance is already one U-Net call per step: StableDiffusionPipeline.__call__
+concatenates the unconditional and conditional embeddings (`torch.cat([negative_prompt_embeds,
+prompt_embeds])`) and the latents (`torch.cat([latents] * 2)`), and splits the output with `chunk(2)`;
+batch 8 runs the U-Net at batch 16. Fewer steps is the largest gain but gives other images: the
+fast recipe is --scheduler dpm++ --steps 20..25 (DPM-Solver++, Lu et al. 2022) against PNDM's 50.
 """
 
 from __future__ import annotations
@@ -50,8 +66,14 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COUNT = "count"  # the labels CSV column saying how many images a row asks for
 METADATA_COLUMNS = ["file_name", "prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler"]
 # Settings that change pixels: a resumed run must match them (batch size and device do not count).
+# (The speed options are left out too: they change pixels by float rounding only.)
 IMAGE_SETTINGS = ("model_path", "base_model", "fuse_lora", "steps", "guidance_scale", "height", "width",
                   "scheduler", "mixed_precision")
+# torch.compile's modes for inductor: "default" fuses the element-wise work (GroupNorm+SiLU, residual
+# adds, the attention reshapes) and keeps cuBLAS/cuDNN for the GEMMs and convolutions; the
+# max-autotune modes also time Triton kernels for every GEMM/conv shape (minutes more of compiling);
+# the cudagraph modes (reduce-overhead, max-autotune) remove launch overhead, little at batch 8.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -80,12 +102,29 @@ class SynthesisConfig:
     width: int = field(512, "image width in pixels, a multiple of 8")
     seed: int = field(42, "base seed; image k's seed is image_seed(seed, k), written to metadata.csv")
     batch_size: int = field(1, "images per pipeline call, per process (does not change the images' noise)")
-    scheduler: str | None = field(None, f"sampler: {', '.join(SCHEDULERS)} (default: the model's own)")
+    scheduler: str | None = field(None, f"sampler: {', '.join(SCHEDULERS)} (default: the model's own). Fast recipe: "
+                                        "dpm++ with --steps 20-25, about half the U-Net calls of pndm at 50 (other "
+                                        "images than pndm's)")
     mixed_precision: str = field("no", "weights and sampling in fp16 or bf16, or fp32 (no)", choices=tuple(DTYPES))
     device: str | None = field(None, "cuda, cuda:1, cpu, ... (default: accelerate's device for this process, "
                                      "cuda if available)")
     fuse_lora: bool = field(True, "merge a LoRA/DoRA adapter into the U-Net weights before sampling (faster; same "
                                   "images within float tolerance); a final_model/ is already merged")
+    channels_last: bool | None = field(None, "U-Net and VAE in channels_last (NHWC) memory format, faster convolutions "
+                                             "on GPU tensor cores (default: on with CUDA, off on the CPU)")
+    fuse_qkv: bool | None = field(None, "one matmul for q, k and v in every U-Net and VAE attention (diffusers' "
+                                        "fuse_qkv_projections); needs merged adapter weights (default: on with CUDA "
+                                        "unless --fuse_lora false leaves a LoRA/DoRA unmerged; off on the CPU)")
+    cudnn_benchmark: bool | None = field(None, "let cuDNN time its convolution algorithms once per batch shape "
+                                               "(torch.backends.cudnn.benchmark) (default: on with CUDA)")
+    torch_compile: bool = field(False, "torch.compile the U-Net and the VAE decoder (dynamic=False): the first batch, "
+                                       "and a smaller last batch, compile first (expect minutes on a GPU, more with "
+                                       "max-autotune); pays off on long runs")
+    torch_compile_mode: str = field("default", "torch.compile mode for inductor: default fuses element-wise work and "
+                                               "keeps cuBLAS/cuDNN; max-autotune-no-cudagraphs also times Triton "
+                                               "GEMM/conv kernels (minutes more to compile)", choices=COMPILE_MODES)
+    torch_compile_backend: str = field("inductor", "torch.compile backend (inductor; eager or aot_eager only trace, "
+                                                   "for tests)")
 
 
 def check_config(cfg: SynthesisConfig) -> None:
@@ -110,6 +149,13 @@ def check_config(cfg: SynthesisConfig) -> None:
     for name in ("height", "width"):
         if getattr(cfg, name) % 8:
             raise UserError(f"--{name} must be a multiple of 8 (the VAE's downsampling), got {getattr(cfg, name)}")
+    if cfg.torch_compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.torch_compile_backend not in backends:
+            raise UserError(f"unknown --torch_compile_backend {cfg.torch_compile_backend!r}: use inductor (eager and "
+                            "aot_eager only trace, for tests; torch._dynamo.list_backends() lists the rest)")
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -460,14 +506,92 @@ def set_scheduler(pipeline, name: str | None) -> str:
     return name
 
 
-def prepare_pipeline(pipeline, cfg: SynthesisConfig, device: torch.device | str):
+def prepare_pipeline(pipeline, cfg: SynthesisConfig, device: torch.device | str, speed: dict | None = None):
+    """Device, dtype, the speed options (`speed`, else speed_settings(...)), no progress bar; returns the pipeline."""
     pipeline.to(device)
     if cfg.mixed_precision != "no":  # (a cast to fp32 would only print diffusers' cast warning)
         pipeline.to(dtype=DTYPES[cfg.mixed_precision])
     pipeline.set_progress_bar_config(disable=True)
     if getattr(pipeline.text_encoder.config, "use_attention_mask", False):
         pipeline.text_encoder.config.use_attention_mask = False  # training encodes captions without a mask
+    apply_speed(pipeline, speed or speed_settings(pipeline, cfg, device))
     return pipeline
+
+
+def unfusable_attention(unet) -> str | None:
+    """Why fuse_qkv_projections would change this U-Net's outputs, or None when it is safe.
+
+    Fusing concatenates to_q/to_k/to_v's `.weight`: on a peft LoRA/DoRA layer (an unmerged adapter)
+    or a module with a forward hook that is the base weight only, so the adapter's q/k/v deltas
+    would silently drop out. Only plain nn.Linear projections are fused.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        for proj in ("to_q", "to_k", "to_v"):
+            layer = getattr(module, proj)
+            if type(layer) is not torch.nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+                kind = f"{type(layer).__module__}.{type(layer).__name__}"
+                return f"{name}.{proj} is a {kind}, not a plain torch Linear (an unmerged adapter?)"
+        if "Added" in type(module.processor).__name__:
+            return f"{name} has added key/value projections"
+    return None
+
+
+def speed_settings(pipeline, cfg: SynthesisConfig, device: torch.device | str) -> dict:
+    """The speed options as they apply on `device` to this pipeline: auto (None) resolved, checked."""
+    cuda = torch.device(device).type == "cuda"
+    fuse_qkv = cuda if cfg.fuse_qkv is None else cfg.fuse_qkv
+    if fuse_qkv:
+        reason = unfusable_attention(pipeline.unet)
+        if reason and cfg.fuse_qkv:
+            raise UserError(f"--fuse_qkv would drop weights: {reason}; use --fuse_lora true (merged adapter) or "
+                            "--fuse_qkv false")
+        if reason:
+            print(f"note: fuse_qkv left off: {reason}")
+            fuse_qkv = False
+    settings = {"channels_last": cuda if cfg.channels_last is None else cfg.channels_last, "fuse_qkv": fuse_qkv,
+                "cudnn_benchmark": cuda if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark,
+                "torch_compile": None}
+    if cfg.torch_compile:
+        inductor = cfg.torch_compile_backend == "inductor"
+        settings["torch_compile"] = {"modules": ["unet", "vae.decoder"], "backend": cfg.torch_compile_backend,
+                                     "mode": cfg.torch_compile_mode if inductor else None, "dynamic": False}
+    return settings
+
+
+def apply_speed(pipeline, settings: dict) -> None:
+    """Apply speed_settings(...) in place: fuse, then the memory format, then compile what results."""
+    if settings["fuse_qkv"]:
+        pipeline.fuse_qkv_projections(unet=True, vae=True)  # U-Net and VAE, FusedAttnProcessor2_0 (SDPA)
+    if settings["channels_last"]:
+        # 4-D weights (convolutions) become NHWC; their outputs follow, so the latents flow through in NHWC.
+        pipeline.unet.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+    if settings["cudnn_benchmark"]:
+        torch.backends.cudnn.benchmark = True  # process-wide: every batch but the last has one shape
+    compile_settings = settings["torch_compile"]
+    if compile_settings:
+        # nn.Module.compile compiles in place: the pipeline keeps its UNet2DConditionModel (its config,
+        # dtype and device stay readable). dynamic=False: one graph per batch shape; the step's timestep
+        # is a tensor, so the 50 steps share it. No fullgraph: a graph break costs speed, not the run
+        # (tests/test_synthesis.py checks the SD U-Net has none).
+        options = {"backend": compile_settings["backend"], "mode": compile_settings["mode"], "dynamic": False}
+        pipeline.unet.compile(**options)
+        pipeline.vae.decoder.compile(**options)  # once per batch; the encoder is not used for text-to-image
+
+
+def describe_speed(settings: dict) -> str:
+    parts = [f"{name} {'on' if settings[name] else 'off'}" for name in ("channels_last", "fuse_qkv", "cudnn_benchmark")]
+    compiled = settings["torch_compile"]
+    if compiled:
+        mode = f" {compiled['mode']}" if compiled["mode"] else ""
+        parts.append(f"torch.compile ({compiled['backend']}{mode}: U-Net, VAE decoder)")
+    else:
+        parts.append("torch.compile off")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------- images
@@ -589,7 +713,8 @@ def synthesize(cfg: SynthesisConfig) -> dict:
 
     pipeline = load_pipeline(source, cfg.fuse_lora)
     scheduler = set_scheduler(pipeline, cfg.scheduler)
-    prepare_pipeline(pipeline, cfg, device)
+    speed = speed_settings(pipeline, cfg, device)
+    prepare_pipeline(pipeline, cfg, device, speed)
 
     state.wait_for_everyone()
     if state.is_main_process:
@@ -600,7 +725,7 @@ def synthesize(cfg: SynthesisConfig) -> dict:
                               "base_model": source.base_model, "adapter": source.adapter},
                     "scheduler": scheduler, "scheduler_class": type(pipeline.scheduler).__name__,
                     "num_images": len(plan), "num_processes": state.num_processes, "device": str(device),
-                    "seed_rule": "image k: first 63 bits of sha256('<seed>:<k>')"}
+                    "speed": speed, "seed_rule": "image k: first 63 bits of sha256('<seed>:<k>')"}
         write_atomic(out / "synthesis_config.json", json.dumps(
             {"settings": settings, "resolved": resolved, "fingerprint": fingerprint, "versions": library_versions()},
             indent=2))
@@ -611,6 +736,7 @@ def synthesize(cfg: SynthesisConfig) -> dict:
     state.print(f"{len(plan)} images planned ({source.strategy or source.kind} model {source.path}, {scheduler}, "
                 f"{cfg.steps} steps); {len(plan) - len(todo)} already in {images_dir}; {len(todo)} to make on "
                 f"{state.num_processes} process(es), batch {cfg.batch_size}")
+    state.print(f"speed: {describe_speed(speed)}" + (" (the first batch compiles)" if speed["torch_compile"] else ""))
 
     start = time.time()
     progress = tqdm(total=len(mine), unit="img", desc="images", disable=not state.is_local_main_process)

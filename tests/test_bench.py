@@ -113,14 +113,50 @@ def test_train_speed_tiny_runs_every_strategy_on_both_sides(tiny_model, tmp_path
     assert "toolkit/ref" in out and "difffit (vs bitfit)" in out
 
 
+def test_synth_speed_rows_are_named_flag_sets_checked_before_anything_runs(capsys):
+    assert synth_speed.toolkit_configs(["defaults=", "+compile=--torch_compile --torch_compile_mode default"]) == {
+        "defaults": "", "+compile": "--torch_compile --torch_compile_mode default"}
+    for bad, message in ((["--torch_compile"], "is not NAME=FLAGS"), (["a=", "a=--fuse_qkv"], "given twice")):
+        with pytest.raises(ValueError, match=message):
+            synth_speed.toolkit_configs(bad)
+    args = synth_speed.parse_args(["--tiny"])
+    assert args.toolkit_configs == {"defaults": "", "+compile": "--torch_compile --torch_compile_backend eager"}
+    assert args.fast_recipe == "--scheduler dpm++ --steps 25"
+    assert synth_speed.parse_args([]).toolkit_configs == {"defaults": "", "+compile": "--torch_compile"}
+    with pytest.raises(SystemExit):  # a flag synthesize_images.py does not know fails before the model is written
+        synth_speed.parse_args(["--tiny", "--toolkit-configs", "x=--no_such_flag"])
+    assert "row 'x'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_synth_speed_tiny_gives_the_same_images_on_both_sides(tiny_model, tmp_path):
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' DPM-Solver++ + numpy 2
+def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tiny_model, tmp_path):
     output = tmp_path / "synth_speed.json"
-    synth_speed.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output)])
+    returned = synth_speed.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output),
+                                 "--toolkit-configs", "defaults=", "+speed=--channels_last --fuse_qkv",
+                                 "+compile=--torch_compile --torch_compile_backend eager"])
     record = json.loads(output.read_text())
-    assert {"device", "date", "versions", "settings", "reference", "toolkit", "ratio", "image_difference"} <= set(record)
-    assert _positive(record["reference"]["images_per_second"]) and _positive(record["toolkit"]["images_per_second"])
-    assert _positive(record["ratio"]) and record["reference"]["finite"] and record["toolkit"]["finite"]
-    assert record["reference"]["scheduler"] == "PNDMScheduler" and record["toolkit"]["scheduler_class"] == "PNDMScheduler"
-    # fp32 on the CPU, same weights, noise and scheduler: the toolkit's images are the pipeline's, exactly
-    assert record["same_images"] and record["image_difference"]["max_abs"] == 0.0
+    assert {"device", "date", "versions", "settings", "reference", "toolkit", "fast_recipe", "same_images"} <= set(record)
+    reference = record["reference"]
+    assert _positive(reference["images_per_second"]) and reference["finite"] and reference["scheduler"] == "PNDMScheduler"
+    rows = record["toolkit"]
+    assert [row["name"] for row in rows] == ["defaults", "+speed", "+compile"]
+    for row in rows:
+        assert _positive(row["images_per_second"]) and row["finite"] and row["scheduler_class"] == "PNDMScheduler"
+        assert row["ratio"] == pytest.approx(row["images_per_second"] / reference["images_per_second"])
+        assert row["same_images"] and row["steps"] == 5
+    speeds = [row["speed"] for row in rows]  # the options each row ran with, as synthesize() records them
+    assert speeds[0] == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
+    assert speeds[1]["channels_last"] and speeds[1]["fuse_qkv"]
+    assert speeds[2]["torch_compile"]["backend"] == "eager"
+    # fp32 on the CPU, same weights, noise and scheduler: the defaults' images are the pipeline's, exactly;
+    # compiling (traced, eager) too; channels_last + fuse_qkv within rounding (tests/test_synthesis.py)
+    assert rows[0]["image_difference"]["max_abs"] == rows[2]["image_difference"]["max_abs"] == 0.0
+    assert rows[1]["image_difference"]["max_abs"] <= 1e-5 and record["same_images"]
+    fast = record["fast_recipe"]
+    assert fast["scheduler_class"] == "DPMSolverMultistepScheduler" and fast["steps"] == 25
+    assert fast["compared"] is False and fast["counts_toward_target"] is False and "image_difference" not in fast
+    assert _positive(fast["ratio"]) and fast["finite"]
+    assert "target_ratio" not in record  # tiny settings are not the target's
+    assert returned["toolkit"] == rows and synth_speed.succeeded(returned)
+    assert not synth_speed.succeeded({**returned, "same_images": False})

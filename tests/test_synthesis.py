@@ -1,5 +1,7 @@
-"""synthesize_images.py on the tiny model: determinism, resume, sharding, labels CSV, every model-path kind, wrappers."""
+"""synthesize_images.py on the tiny model: determinism, resume, sharding, labels CSV, every model-path kind,
+speed options, wrappers."""
 
+import dataclasses
 import json
 import os
 import re
@@ -20,8 +22,8 @@ from sdtune import synthesis
 from sdtune.data.tables import CHEXPERT_LABELS, read_table
 from sdtune.errors import UserError, run_cli
 from sdtune.strategies import STRATEGIES
-from sdtune.synthesis import (SynthesisConfig, build_plan, image_seed, load_pipeline, main, parse_args,
-                              prepare_pipeline, render, resolve_model)
+from sdtune.synthesis import (SynthesisConfig, apply_speed, build_plan, image_seed, load_pipeline, main, parse_args,
+                              prepare_pipeline, render, resolve_model, speed_settings)
 from sdtune.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +74,8 @@ def metadata(folder):
 
 
 def float_images(model, base=None, fuse_lora=True, **settings):
-    cfg = SynthesisConfig(model_path=str(model), prompts=PROMPTS, steps=2, height=64, width=64, **settings)
+    settings = {"prompts": PROMPTS, "steps": 2, "height": 64, "width": 64, **settings}
+    cfg = SynthesisConfig(model_path=str(model), **settings)
     pipeline = prepare_pipeline(load_pipeline(resolve_model(str(model), base), fuse_lora), cfg, "cpu")
     return render(pipeline, build_plan(cfg, None), cfg)
 
@@ -101,12 +104,19 @@ def test_plan_from_prompts_and_prompts_file(tmp_path):
 def test_hyphen_and_underscore_flags_give_the_same_settings():
     values = {"model_path": "m", "base_model": "b", "output_dir": "o", "prompts": "p", "labels_csv": "l.csv",
               "caption_template": "study", "negative_prompt": "blurry", "guidance_scale": "3.0", "num_images": "2",
-              "batch_size": "4", "mixed_precision": "bf16", "fuse_lora": "false", "prompts_file": "f.txt"}
+              "batch_size": "4", "mixed_precision": "bf16", "fuse_lora": "false", "prompts_file": "f.txt",
+              "channels_last": "true", "fuse_qkv": "false", "cudnn_benchmark": "false", "torch_compile": "true",
+              "torch_compile_mode": "max-autotune-no-cudagraphs", "torch_compile_backend": "eager"}
     underscores = [x for k, v in values.items() for x in (f"--{k}", v)]
     hyphens = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", v)]
     assert parse_args(underscores) == parse_args(hyphens)
     cfg = parse_args(hyphens)
     assert cfg.fuse_lora is False and cfg.guidance_scale == 3.0 and cfg.batch_size == 4 and cfg.mixed_precision == "bf16"
+    assert (cfg.channels_last, cfg.fuse_qkv, cfg.cudnn_benchmark, cfg.torch_compile) == (True, False, False, True)
+    assert (cfg.torch_compile_mode, cfg.torch_compile_backend) == ("max-autotune-no-cudagraphs", "eager")
+    # a bare flag turns an option on; left out, the speed options are "auto" (None: decided by the device)
+    bare = parse_args(["--channels_last", "--torch_compile"])
+    assert (bare.channels_last, bare.torch_compile, bare.fuse_qkv, bare.cudnn_benchmark) == (True, True, None, None)
 
 
 # ------------------------------------------------------------------------------- images
@@ -208,6 +218,118 @@ def test_mixed_precision_sets_the_pipeline_dtype(tiny_model):
     assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.bfloat16}
 
 
+# ------------------------------------------------------------------------------- speed options
+
+# The speed options must not change the images beyond float rounding. Tolerance: 1e-5 on pixels in
+# [0, 1] (fp32, CPU, 2 steps). Measured on the tiny LoRA checkpoint: channels_last moves pixels by at
+# most 3.0e-6 (NHWC convolution kernels sum in another order), fuse_qkv by 0 (each row of the fused
+# matmul is a row of one of the three); 1e-5 leaves headroom and is ~400x below one 8-bit level
+# (3.9e-3). A wrong fusion, the LoRA's q/k/v deltas dropped, is 3.6e-2 off after only two training
+# steps (test_fuse_qkv_refuses_an_unmerged_adapter).
+
+
+def _uses_channels_last(module):
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return bool(convs) and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+
+
+def _fused(module):
+    return {type(p).__name__ for p in module.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+
+
+def test_speed_options_default_on_with_cuda_and_off_on_the_cpu(tiny_model):
+    pipeline = load_pipeline(resolve_model(str(tiny_model)))  # speed_settings only reads it
+    auto = SynthesisConfig(model_path=str(tiny_model), prompts="a")
+    off = {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
+    assert speed_settings(pipeline, auto, "cpu") == off
+    assert speed_settings(pipeline, auto, "cuda:1") == {**off, "channels_last": True, "fuse_qkv": True,
+                                                        "cudnn_benchmark": True}
+    chosen = SynthesisConfig(model_path="m", prompts="a", channels_last=True, fuse_qkv=False, torch_compile=True)
+    assert speed_settings(pipeline, chosen, "cuda") == {
+        "channels_last": True, "fuse_qkv": False, "cudnn_benchmark": True,
+        "torch_compile": {"modules": ["unet", "vae.decoder"], "backend": "inductor", "mode": "default", "dynamic": False}}
+    eager = SynthesisConfig(model_path="m", prompts="a", torch_compile=True, torch_compile_backend="eager")
+    assert speed_settings(pipeline, eager, "cpu")["torch_compile"]["mode"] is None  # modes are inductor's
+
+
+@pytest.mark.parametrize("options", [{"channels_last": True}, {"fuse_qkv": True},
+                                     {"channels_last": True, "fuse_qkv": True}], ids=["channels_last", "fuse_qkv", "both"])
+def test_channels_last_and_fuse_qkv_give_the_same_images(options, runs):
+    checkpoint = runs("lora") / "checkpoint-2"  # a trained LoRA, merged at load, then fused
+    cfg = SynthesisConfig(model_path=str(checkpoint), prompts=PROMPTS, steps=2, height=64, width=64, **options)
+    pipeline = prepare_pipeline(load_pipeline(resolve_model(str(checkpoint))), cfg, "cpu")
+    if options.get("fuse_qkv"):
+        assert _fused(pipeline.unet) and _fused(pipeline.vae)
+    if options.get("channels_last"):
+        assert _uses_channels_last(pipeline.unet) and _uses_channels_last(pipeline.vae)
+    fast = render(pipeline, build_plan(cfg, None), cfg)
+    plain = float_images(checkpoint)
+    assert np.abs(fast - plain).max() <= 1e-5, np.abs(fast - plain).max()
+
+
+def test_fuse_qkv_refuses_an_unmerged_adapter(runs, capsys):
+    checkpoint = str(runs("lora") / "checkpoint-2")
+    pipeline = load_pipeline(resolve_model(checkpoint), fuse_lora=False)  # peft LoRA layers on to_q/k/v
+    asked = SynthesisConfig(model_path=checkpoint, prompts=PROMPTS, steps=2, height=64, width=64, fuse_lora=False,
+                            fuse_qkv=True)
+    with pytest.raises(UserError, match=r"--fuse_qkv would drop weights: .*to_q is a peft\..*--fuse_qkv false"):
+        speed_settings(pipeline, asked, "cpu")
+    auto = SynthesisConfig(model_path=checkpoint, prompts=PROMPTS, fuse_lora=False)
+    assert speed_settings(pipeline, auto, "cuda")["fuse_qkv"] is False  # auto: left off, with a note
+    assert "note: fuse_qkv left off" in capsys.readouterr().out
+    # Why: fused anyway, the adapter's q/k/v deltas drop out and the images change far beyond rounding.
+    unfused = render(pipeline, build_plan(asked, None), asked)
+    apply_speed(pipeline, {"fuse_qkv": True, "channels_last": False, "cudnn_benchmark": False, "torch_compile": None})
+    assert np.abs(render(pipeline, build_plan(asked, None), asked) - unfused).max() > 1e-2
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches and counters are process-wide: empty before, emptied after."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def test_torch_compile_gives_the_same_images_and_compiles_once_per_batch_shape(tiny_model, fresh_dynamo):
+    """Backend eager: dynamo traces the U-Net and the VAE decoder as inductor would receive them,
+    without inductor's minutes of code generation."""
+    cfg = SynthesisConfig(model_path=str(tiny_model), prompts=PROMPTS, num_images=2, steps=2, height=64, width=64,
+                          batch_size=2, torch_compile=True, torch_compile_backend="eager")
+    plan = build_plan(cfg, None)  # 4 images: two batches of 2
+    plain_cfg = dataclasses.replace(cfg, torch_compile=False)
+    plain = prepare_pipeline(load_pipeline(resolve_model(str(tiny_model))), plain_cfg, "cpu")
+    plain = np.concatenate([render(plain, plan[:2], plain_cfg), render(plain, plan[2:], plain_cfg)])  # same batches
+    pipeline = prepare_pipeline(load_pipeline(resolve_model(str(tiny_model))), cfg, "cpu")
+    first = render(pipeline, plan[:2], cfg)
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2  # one U-Net graph for all steps, one decoder graph
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])  # the whole U-Net is one graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = render(pipeline, plan[2:], cfg)  # same batch size, other prompts and seeds: no recompile
+        with pytest.raises(torch._dynamo.exc.RecompileError):
+            render(pipeline, plan[:1], cfg)  # another batch size does recompile (dynamic=False): the check is live
+    assert np.abs(np.concatenate([first, second]) - plain).max() <= 1e-6
+
+
+def test_speed_options_are_recorded_and_do_not_block_a_resume(tiny_model, tmp_path, capsys):
+    synth(tmp_path, tiny_model, "--channels_last", "--fuse_qkv", "--cudnn_benchmark", "false")
+    config = json.loads((tmp_path / "synthesis_config.json").read_text())
+    settings, speed = config["settings"], config["resolved"]["speed"]
+    assert (settings["channels_last"], settings["fuse_qkv"], settings["cudnn_benchmark"]) == (True, True, False)
+    assert (settings["torch_compile"], settings["torch_compile_mode"], settings["torch_compile_backend"]) == \
+        (False, "default", "inductor")
+    assert speed == {"channels_last": True, "fuse_qkv": True, "cudnn_benchmark": False, "torch_compile": None}
+    assert "speed: channels_last on, fuse_qkv on, cudnn_benchmark off, torch.compile off" in capsys.readouterr().out
+    assert not {"channels_last", "fuse_qkv", "torch_compile"} & set(config["fingerprint"])  # rounding only
+    assert synth(tmp_path, tiny_model)["made"] == 0  # the set completes with other speed options
+    resolved = json.loads((tmp_path / "synthesis_config.json").read_text())["resolved"]["speed"]
+    assert resolved == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
+
+
 # ------------------------------------------------------------------------------- labels CSV
 
 
@@ -300,6 +422,7 @@ def _bad_labels(tmp_path, text):
     ("checkpoint without summary", "training_summary.json is missing"),
     ("adapter without base", "pass --base_model"),
     ("base for a pipeline", "--base_model is for checkpoints and adapter files"),
+    ("unknown compile backend", "unknown --torch_compile_backend 'nope': use inductor"),
 ])
 def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, capsys):
     run = runs("lora")
@@ -328,6 +451,8 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
         args["--model_path"] = str(tmp_path / "lone")
     elif case == "base for a pipeline":
         extra = ["--base_model", str(run)]
+    elif case == "unknown compile backend":
+        extra = ["--torch_compile", "--torch_compile_backend", "nope"]
     argv = [x for kv in args.items() for x in kv] + extra
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
