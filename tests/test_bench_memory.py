@@ -1,0 +1,74 @@
+"""bench/memory_estimate.py against independent counts, and bench/train_memory.py's CPU smoke run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import memory_estimate  # noqa: E402
+import train_memory  # noqa: E402
+
+from sdtune.models import SD15_TEXT_ENCODER_PARAMS, SD15_UNET_PARAMS, SD15_VAE_PARAMS  # noqa: E402
+
+
+def test_static_memory_of_full_unet_training_is_weights_gradients_and_two_moments():
+    row = memory_estimate.estimate("unet", "default", lora_rank=16)
+    gib = 2**30
+    assert row["trainable_parameters"] == SD15_UNET_PARAMS
+    assert row["weights_gib"] == pytest.approx(4 * SD15_UNET_PARAMS / gib)  # fp32, no buffers to speak of
+    assert row["gradients_gib"] == pytest.approx(4 * SD15_UNET_PARAMS / gib)
+    assert row["optimizer_state_gib"] == pytest.approx(8 * SD15_UNET_PARAMS / gib)
+
+
+def test_frozen_encoders_are_off_the_gpu_and_trained_ones_are_fp32():
+    gib = 2**30
+    lora = memory_estimate.estimate("lora", "low", lora_rank=16)
+    assert lora["weights_gib"] == pytest.approx((2 * SD15_UNET_PARAMS + 4 * 3_188_736) / gib)  # bf16 U-Net, fp32 adapters
+    everything = memory_estimate.estimate("unet+vae+text", "low", lora_rank=16)
+    total = SD15_UNET_PARAMS + SD15_VAE_PARAMS + SD15_TEXT_ENCODER_PARAMS
+    assert everything["weights_gib"] == pytest.approx(4 * total / gib, rel=1e-3)  # (+ the text encoder's position ids)
+
+
+def test_8bit_state_bytes_equal_what_bitsandbytes_allocates(tiny_model):
+    bnb = pytest.importorskip("bitsandbytes")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    params = list(unet.parameters())
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    # distinct storages: the quantisation maps (qmap1/2, 2 KiB) are one tensor shared by every parameter
+    tensors = {t.data_ptr(): t for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and t.numel() > 1}  # (not the step counter)
+    shared_maps = 2 * 256 * 4
+    allocated = sum(t.numel() * t.element_size() for t in tensors.values()) - shared_maps
+    assert memory_estimate.optimizer_state_bytes(params, eight_bit=True) == allocated
+    assert allocated < memory_estimate.optimizer_state_bytes(params, eight_bit=False)
+
+
+def test_memory_estimate_tiny_writes_every_strategy_and_profile(tmp_path, capsys):
+    output = tmp_path / "estimate.json"
+    record = memory_estimate.main(["--tiny", "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(record))
+    assert len(record["results"]) == 22
+    by = {(r["strategy"], r["profile"]): r for r in record["results"]}
+    assert by[("unet", "low")]["optimizer_state_gib"] < by[("unet", "default")]["optimizer_state_gib"]
+    assert "headroom in 12 GiB" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_memory_tiny_runs_the_low_profile(tiny_model, tmp_path):
+    output = tmp_path / "memory.json"
+    train_memory.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "lora", "unet+vae+text",
+                       "--steps", "2", "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert record["status"] == "complete" and record["settings"]["profiles"] == {"low": ["--memory_profile", "low"]}
+    assert [r["strategy"] for r in record["results"]] == ["lora", "unet+vae+text"]
+    for row in record["results"]:
+        assert row["error"] is None and row["optimizer"] == "bitsandbytes AdamW8bit"
+    assert record["results"][0]["encoded_once"]["latents"].startswith("4 images")  # frozen VAE: cached
+    assert "the VAE trains" in record["results"][1]["encoded_once"]["latents"]
