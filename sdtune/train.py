@@ -362,7 +362,10 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         if c == "unet" or trainable[c]:
             model.train()
             if cfg.gradient_checkpointing:
-                model.enable_gradient_checkpointing() if c != "text_encoder" else model.gradient_checkpointing_enable()
+                if c != "text_encoder":
+                    model.enable_gradient_checkpointing()
+                else:  # transformers renamed it in 5.x
+                    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         if cfg.channels_last and c != "text_encoder":
             model.to(memory_format=torch.channels_last)
     if cfg.enable_xformers_memory_efficient_attention:
