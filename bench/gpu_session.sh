@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure BENCHMARKS.md is waiting for, in two parts that each fit one 10-minute device call:
 #
-#   bash bench/gpu_session.sh train    # train_speed.py (6 strategies, batch 16 and 1) + dora_overhead.py  ~8 min
+#   bash bench/gpu_session.sh train    # train_speed.py (6 strategies, batch 16; unet/lora compiled) + dora_overhead.py ~8 min
 #   bash bench/gpu_session.sh synth    # synth_speed.py (defaults, +compile, fast recipe) + train_memory.py ~8 min
 #
 # JSON and logs go to $OUT (the device tool's result folder) or ./bench-results. Wheels the GPU
@@ -28,7 +28,10 @@ run() {  # name, command...: its log and JSON in $out; a failure is recorded and
 }
 case $part in
   train)
-    run train_speed python3 bench/train_speed.py --model-dir "$model" --output "$out/train_speed.json"
+    # the targets are at batch 16; batch-1 memory comes from train_memory.py (synth part)
+    run train_speed python3 bench/train_speed.py --model-dir "$model" --batch-sizes 16 --output "$out/train_speed.json"
+    run train_speed_compiled python3 bench/train_speed.py --model-dir "$model" --batch-sizes 16 --strategies unet lora \
+      --toolkit-args "--torch_compile --channels_last" --output "$out/train_speed_compiled.json"
     run dora_overhead python3 bench/dora_overhead.py --device cuda --output "$out/dora_overhead.json"
     ;;
   synth)
