@@ -274,6 +274,147 @@ def test_difffit_gamma_scales_the_residual_branch(tiny_model):
     assert not torch.allclose(output(unet), base, atol=1e-3)
 
 
+# --- DoRA's fast forward (AdapterConfig.dora_fast, issue 7) against peft's own ---
+
+
+def dora_pair(tiny_model, **settings):
+    """Two DoRA U-Nets with the same mid-training weights: the toolkit's forward and peft's."""
+    fast, peft = fresh_unet(tiny_model), fresh_unet(tiny_model)
+    get_adapter("dora", AdapterConfig(dora_fast=True, **settings)).apply(fast)
+    get_adapter("dora", AdapterConfig(dora_fast=False, **settings)).apply(peft)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in fast.named_parameters():
+            if "lora_B" in name:  # B = 0 at init would hide lora_A's gradient and B A's part of the norm
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=g))
+    peft.load_state_dict(fast.state_dict())
+    return fast, peft
+
+
+def assert_near(ours, ref, tol=2e-5, name=""):
+    """Equal up to fp32 rounding carried through the network: the largest difference is at most `tol`
+    of the tensor's largest entry (an entry-wise rtol fails on near-zero entries)."""
+    error = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert error <= tol, f"{name}: max difference {error:.1e} of the largest entry"
+
+
+def dora_variants(unet):
+    return {type(m.lora_variant["default"]).__name__ for m in unet.modules() if getattr(m, "lora_variant", None)}
+
+
+def forward_backward(unet):
+    latents, timesteps, encoder_hidden_states = inputs(seed=1)
+    latents.requires_grad_(True)  # gradients flow through the base layers too, as in a deeper graph
+    out = unet(latents, timesteps, encoder_hidden_states).sample
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+    named = dict(unet.named_parameters())
+    grads = {name: named[name].grad for name in lora_names(unet, dora=True)}
+    return out.detach(), latents.grad, grads
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fast_dora_gives_peft_doras_outputs_and_gradients(tiny_model, mode):
+    fast, peft = dora_pair(tiny_model)
+    assert dora_variants(fast) == {"FastDoraLinearVariant"} and dora_variants(peft) == {"DoraLinearVariant"}
+    fast.train(mode == "train"), peft.train(mode == "train")
+    out, latents_grad, grads = forward_backward(fast)
+    ref_out, ref_latents_grad, ref_grads = forward_backward(peft)
+    assert_near(out, ref_out, name="output")
+    assert_near(latents_grad, ref_latents_grad, name="input gradient")
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(lora_names(fresh_unet(tiny_model), dora=True))
+    for name in grads:  # lora_A, lora_B and the magnitude of every layer
+        assert ref_grads[name].abs().max() > 0, name
+        assert_near(grads[name], ref_grads[name], name=name)
+
+
+def test_fast_dora_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model):
+    """Half-precision training (frozen bf16 U-Net, fp32 adapters, autocast): the fast forward rounds
+    scale (W x + s B A x) once in bf16, so it may differ from peft's by a rounding; its distance from
+    the fp32 result must stay at peft's own level."""
+    fast, peft = dora_pair(tiny_model)
+    fp32 = copy.deepcopy(peft)
+    for unet in (fast, peft, fp32):
+        unet.to(torch.bfloat16)
+        for name, param in unet.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.float()
+    fp32.float()  # the same (bf16-rounded) base weights, computed in fp32
+
+    def run(unet, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, latents_grad, grads = forward_backward(unet)
+        return [out.float(), latents_grad.float(), *grads.values()]
+
+    truth = run(fp32, autocast=False)
+
+    def distance(results):
+        return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(results, truth))
+
+    ours, theirs = distance(run(fast, autocast=True)), distance(run(peft, autocast=True))
+    assert 0 < theirs < 0.05
+    assert ours <= 2 * theirs
+
+
+def test_fast_dora_trains_the_same_tensors_to_the_same_values(tiny_model):
+    fast, peft = dora_pair(tiny_model)
+    before = copy.deepcopy(fast.state_dict())
+    train(get_adapter("dora", AdapterConfig(dora_fast=True)), fast)  # AdamW, as the generic rows
+    train(get_adapter("dora", AdapterConfig(dora_fast=False)), peft)
+    after, ref = fast.state_dict(), peft.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {key for key in before if not torch.equal(before[key], ref[key])}
+    assert changed == lora_names(fast, dora=True)
+    assert_near(output(fast), output(peft), tol=1e-4, name="output after AdamW")
+
+    # the values: plain SGD, whose steps are the gradients (Adam's 1/sqrt(v) magnifies the rounding
+    # of near-zero gradients, so its updates match only to ~1e-3)
+    fast, peft = dora_pair(tiny_model)
+    for unet in (fast, peft):
+        params = [p for n, p in unet.named_parameters() if ".lora_" in n]
+        optimizer = torch.optim.SGD(params, lr=0.05)
+        for _ in range(3):
+            optimizer.zero_grad()
+            forward_backward(unet)
+            optimizer.step()
+    after, ref = fast.state_dict(), peft.state_dict()
+    for key in changed:
+        assert_near(after[key] - before[key], ref[key] - before[key], tol=1e-4, name=key)  # the updates
+
+
+def test_fast_dora_off_and_with_dropout_runs_peft(tiny_model):
+    """dora_fast=False leaves peft's forward; with dropout in training the fast one hands over to it."""
+    fast, peft = dora_pair(tiny_model, lora_dropout=0.2)
+    fast.train(), peft.train()
+    torch.manual_seed(5)
+    out, _, grads = forward_backward(fast)
+    torch.manual_seed(5)
+    ref_out, _, ref_grads = forward_backward(peft)
+    assert torch.equal(out, ref_out)  # the same code path, the same dropout masks
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
+
+
+def test_dora_overhead_bench_runs_on_cpu(tmp_path):
+    """bench/dora_overhead.py --quick (tiny sizes): every variant runs, the toolkit's equals peft's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "dora_overhead.py"
+    spec = importlib.util.spec_from_file_location("dora_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for dtype, variants in (("fp32", 6), ("bf16", 8)):
+        output = tmp_path / f"{dtype}.json"
+        record = bench.main(["--quick", "--device", "cpu", "--dtype", dtype, "--output", str(output)])
+        assert json.loads(output.read_text()) == record
+        rows = record["rows"]
+        assert {row["kind"] for row in rows} == {"self", "cross"} and len(rows) == 2 * variants
+        assert all(row["ms"] > 0 and row["ms_min"] > 0 for row in rows)
+        fused = [row for row in rows if row["variant"] == "dora+fused"]
+        assert len(fused) == 2 and all(row["max_rel_err"] < (1e-5 if dtype == "fp32" else 3e-2) for row in fused)
+
+
 # --- SD1.5's real architecture on the meta device: exact counts (REFERENCE.md section 1) ---
 
 

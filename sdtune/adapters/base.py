@@ -24,6 +24,9 @@ class AdapterConfig:
     lora_target_modules: list[str] = field(
         ["to_q", "to_k", "to_v", "to_out.0"], "U-Net module names that get LoRA/DoRA (the attention projections)"
     )
+    dora_fast: bool = field(
+        True, "DoRA: the toolkit's faster training forward (same maths as peft's; false runs peft's own)"
+    )
     difffit_scale_lr_multiplier: float = field(
         10.0, "DiffFit: learning rate of the scale factors gamma = lr x this (Xie et al. 2023 find ~10x best)"
     )
