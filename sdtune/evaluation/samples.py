@@ -11,44 +11,45 @@ outputs/final_model, else the only outputs/*/final_model there is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.config import add_arguments, field, from_args
 from sdtune.errors import UserError
+from sdtune.synthesis import SynthesisConfig, synthesize
 
 GRID_GAP = 2  # pixels of white between grid cells
 DEFAULT_OUTPUTS = Path("outputs")  # where the training scripts write (the tutorial's layout)
 
 
-@dataclass
-class SamplesConfig:
-    """Samples of one or more prompts from a trained model, and a grid of them."""
-
-    generate_samples: bool = field(True, "this mode (evaluate.py --generate-samples)")
-    prompt: list[str] | None = field(None, "prompt(s); each gets --num_samples images (one grid row per prompt "
-                                           "when there are several)")
-    num_samples: int = field(10, "images per prompt")
-    model_path: str | None = field(None, "a final_model/, run, checkpoint-STEP/ or adapter file, as for "
-                                         "synthesize_images.py (default: outputs/final_model, else the only "
-                                         "outputs/*/final_model)")
-    base_model: str | None = field(None, "base model for an adapter file or a checkpoint (default: the run's)")
-    output_dir: str | None = field(None, "where the samples go (default: RUN/samples/<prompt> beside a training "
-                                         "run's model, else samples/<prompt>)")
-    grid_columns: int | None = field(None, "grid columns (default: --num_samples with several prompts, else "
-                                           "ceil(sqrt(N)))")
-    steps: int = field(50, "denoising steps")
-    guidance_scale: float = field(7.5, "classifier-free guidance scale")
-    negative_prompt: str = field("", "negative prompt (empty: none)")
-    height: int = field(512, "image height, a multiple of 8 (the tiny model's native size is 64)")
-    width: int = field(512, "image width, a multiple of 8")
-    seed: int = field(42, "base seed (image k's seed as in synthesize_images.py)")
-    batch_size: int = field(1, "images per pipeline call")
-    scheduler: str | None = field(None, "sampler (default: the model's own); see synthesize_images.py --help")
-    mixed_precision: str = field("no", "fp16, bf16 or no", choices=("no", "fp16", "bf16"))
-    device: str | None = field(None, "cuda, cpu, ... (default: cuda if available)")
+# What a set of samples has of its own; every sampling setting (steps, guidance, size, seed,
+# sampler, precision, speed options, ...) is synthesize_images.py's, declared once in SynthesisConfig.
+OWN_FIELDS = [
+    ("generate_samples", bool, field(True, "this mode (evaluate.py --generate-samples)")),
+    ("prompt", list[str] | None, field(None, "prompt(s); each gets --num_samples images (one grid row per prompt "
+                                             "when there are several)")),
+    ("num_samples", int, field(10, "images per prompt")),
+    ("model_path", str | None, field(None, "a final_model/, run, checkpoint-STEP/ or adapter file, as for "
+                                           "synthesize_images.py (default: outputs/final_model, else the only "
+                                           "outputs/*/final_model)")),
+    ("output_dir", str | None, field(None, "where the samples go (default: RUN/samples/<prompt> beside a training "
+                                           "run's model, else samples/<prompt>)")),
+    ("grid_columns", int | None, field(None, "grid columns (default: --num_samples with several prompts, else "
+                                             "ceil(sqrt(N)))")),
+]
+# SynthesisConfig's fields that choose WHAT to make: samples choose it with the fields above.
+NOT_SHARED = {"model_path", "output_dir", "prompts", "prompts_file", "labels_csv", "caption_template", "findings",
+              "num_images"}
+SHARED = [f.name for f in dataclasses.fields(SynthesisConfig) if f.name not in NOT_SHARED]
+SamplesConfig = dataclasses.make_dataclass(
+    "SamplesConfig",
+    OWN_FIELDS + [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                     metadata=f.metadata))
+                  for f in dataclasses.fields(SynthesisConfig) if f.name in SHARED])
+SamplesConfig.__module__ = __name__  # (where typing resolves the annotations; make_dataclass's module= is 3.12+)
+SamplesConfig.__doc__ = "Samples of one or more prompts from a trained model, and a grid of them."
 
 
 def default_model_path(outputs: Path = DEFAULT_OUTPUTS) -> str:
@@ -104,7 +105,6 @@ def generate_samples(cfg: SamplesConfig) -> dict:
     from PIL import Image
 
     from sdtune.evaluation.images import load_image_set
-    from sdtune.synthesis import SynthesisConfig, synthesize
 
     prompts = [p.strip() for p in cfg.prompt or [] if p.strip()]
     if not prompts:
@@ -119,11 +119,8 @@ def generate_samples(cfg: SamplesConfig) -> dict:
     # Prompts go through a file: a prompt may contain commas, which --prompts would split on.
     prompts_file = out / "prompts.txt"
     prompts_file.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-    synth = SynthesisConfig(
-        model_path=model_path, base_model=cfg.base_model, output_dir=str(out), prompts_file=str(prompts_file),
-        num_images=cfg.num_samples, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, seed=cfg.seed,
-        batch_size=cfg.batch_size, scheduler=cfg.scheduler, mixed_precision=cfg.mixed_precision, device=cfg.device)
+    synth = SynthesisConfig(model_path=model_path, output_dir=str(out), prompts_file=str(prompts_file),
+                            num_images=cfg.num_samples, **{name: getattr(cfg, name) for name in SHARED})
     made = synthesize(synth)
 
     items = load_image_set(out).items  # metadata.csv order: prompt by prompt, sample by sample
