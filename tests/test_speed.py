@@ -198,3 +198,18 @@ def test_low_memory_profile_turns_on_8bit_adam_and_checkpointing(tiny_model, fol
     assert recorded["use_8bit_adam"] and recorded["gradient_checkpointing"]
     assert models.unet.is_gradient_checkpointing
     assert summary["optimizer"] == "bitsandbytes AdamW8bit"
+
+
+def test_loader_workers_and_settings(monkeypatch):
+    from types import SimpleNamespace
+
+    from sdtune.train import TrainConfig, loader_workers, make_dataloader
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=2)
+    assert loader_workers(TrainConfig(), gpu) == 7  # 16 cores shared by 2 processes, one left for each main loop
+    assert loader_workers(TrainConfig(), SimpleNamespace(device=torch.device("cpu"), num_processes=1)) == 0
+    assert loader_workers(TrainConfig(dataloader_num_workers=3), gpu) == 3
+    loader = make_dataloader(list(range(5)), TrainConfig(torch_compile=True, train_batch_size=2), workers=2, pin_memory=True)
+    assert (loader.num_workers, loader.persistent_workers, loader.pin_memory, loader.drop_last) == (2, True, True, True)
+    assert len(loader) == 2  # static shapes for the compiled U-Net: the partial batch is dropped
