@@ -36,10 +36,11 @@ set -euo pipefail
 : "${FID_BOOTSTRAP:=10}"
 : "${EVAL_ARGS:=}"                     # more evaluate.py flags, e.g. "--clip-model PATH --xrv-weights FILE"
 : "${RESUME:=true}"
+: "${LATENT_CACHE_DIR:=$OUTPUT_ROOT/latent_cache}"  # VAE latents encoded once, shared by every strategy with a frozen VAE
 : "${PYTHON:=python}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export MODEL_NAME DATA_DIR TRAIN_CSV MAX_TRAIN_STEPS RESOLUTION HEIGHT WIDTH NUM_INFERENCE_STEPS GUIDANCE_SCALE \
+export LATENT_CACHE_DIR MODEL_NAME DATA_DIR TRAIN_CSV MAX_TRAIN_STEPS RESOLUTION HEIGHT WIDTH NUM_INFERENCE_STEPS GUIDANCE_SCALE \
        NUM_IMAGES_PER_PROMPT LABELS_CSV PROMPTS_FILE PROMPTS
 REAL="${REAL_CSV:-$REAL_DIR}"
 LOGS="$OUTPUT_ROOT/logs"

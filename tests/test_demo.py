@@ -119,6 +119,10 @@ def test_run_study_smoke_on_the_tiny_model(tiny_model, phantom_chexpert, tmp_pat
         assert len(list((out / "synthetic" / name / "images").glob("*.png"))) == 4
         assert (out / "runs" / name / "evaluation" / "pool.pt.json").is_file()
         assert float(records[name]["fid_torchscript_pool_pt"]) > 0 and records[name]["clip"] == ""  # CLIP: a warning offline
+    # Both strategies freeze the VAE: they share one latent cache, each image encoded once for both.
+    encoded = [json.loads((out / "runs" / n / "training_summary.json").read_text())["encoded_once"]["latents"] for n in rows]
+    assert all("on disk" in e for e in encoded)
+    assert len(list((out / "latent_cache").glob("*.safetensors"))) == int(encoded[0].split()[0])
     # A second run continues: nothing is retrained, the table is made again.
     first_table = (out / "comparison" / "comparison.md").read_text()
     again = subprocess.run(["bash", str(ROOT / "run_study.sh")], env={**env, "STAGES": "train compare"},
