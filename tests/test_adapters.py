@@ -280,6 +280,7 @@ def test_difffit_gamma_scales_the_residual_branch(tiny_model):
 def dora_pair(tiny_model, **settings):
     """Two DoRA U-Nets with the same mid-training weights: the toolkit's forward and peft's."""
     fast, peft = fresh_unet(tiny_model), fresh_unet(tiny_model)
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same A whatever ran before
     get_adapter("dora", AdapterConfig(dora_fast=True, **settings)).apply(fast)
     get_adapter("dora", AdapterConfig(dora_fast=False, **settings)).apply(peft)
     g = torch.Generator().manual_seed(3)
@@ -353,7 +354,8 @@ def test_fast_dora_under_bf16_autocast_is_as_close_to_fp32_as_peft(tiny_model):
         return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(results, truth))
 
     ours, theirs = distance(run(fast, autocast=True)), distance(run(peft, autocast=True))
-    assert 0 < theirs < 0.05
+    # bf16 carried through the tiny U-Net: peft's worst entry is 5-7% off fp32 (depending on A's draw)
+    assert 0 < theirs < 0.1
     assert ours <= 2 * theirs
 
 

@@ -171,7 +171,9 @@ def fast_dora_variant() -> type:
             dtype = lora_A.weight.dtype  # peft uses x's, which its Linear.forward has cast to this one
             with torch.no_grad():  # no gradient through the norm, as in peft
                 lora_weight = (lora_B.weight @ lora_A.weight).to(dtype)
-                weight = dequantize_module_weight(base).to(dtype)
+                # A plain base weight is used as it is: peft's dequantize check is a torch.compile graph break.
+                weight = base.weight if type(base.weight) is torch.nn.Parameter else dequantize_module_weight(base)
+                weight = weight.to(dtype)
                 weight_norm = dora.get_weight_norm(weight, lora_weight, scaling, adapter_name=active_adapter)
             scale = (dora.weight / weight_norm).view(1, -1)
             base_result = result if base.bias is None else result - base.bias
