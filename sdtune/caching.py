@@ -23,6 +23,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from sdtune.errors import UserError
+
 MEMORY_LIMIT_BYTES = 8 * 2**30  # above this, latents go to disk (OUTPUT_DIR/latent_cache) instead of RAM
 
 
@@ -79,11 +81,16 @@ def cache_latents(vae, dataset, accelerator, dtype, batch_size: int, workers: in
         tag = f"{preprocessing}|{vae_fingerprint(vae)}|{dtype}"
         paths = [cache_dir / f"{image_key(ex.image, tag)}.safetensors" for ex in dataset.examples]
         missing = [i for i in range(len(paths)) if i % world == rank and not paths[i].is_file()]
+        bad = []
         for batch_indices, moments in _encode(vae, dataset, missing, accelerator, dtype, batch_size, workers):
             for i, m in zip(batch_indices, moments.cpu()):
+                if not torch.isfinite(m).all():
+                    bad.append(i)  # never cached: a later run must not reuse it
+                    continue
                 partial = paths[i].with_suffix(".partial")
                 save_file({"moments": m.contiguous()}, partial)
                 partial.replace(paths[i])  # a crash never leaves half a file under a valid name
+        check_finite(bad, dataset, accelerator, dtype)
         accelerator.wait_for_everyone()
         return LatentStore(paths=paths)
 
@@ -100,7 +107,23 @@ def cache_latents(vae, dataset, accelerator, dtype, batch_size: int, workers: in
         if store is None:
             store = torch.empty((n, *moments.shape[1:]), dtype=moments.dtype)
         store[index.cpu()] = moments.cpu()
+    # Every process holds all moments now; the bad ones are counted once, on the main process.
+    bad = (~torch.isfinite(store.flatten(1)).all(dim=1)).nonzero().flatten().tolist() if rank == 0 else []
+    check_finite(bad, dataset, accelerator, dtype)
     return LatentStore(tensor=store)
+
+
+def check_finite(bad: list[int], dataset, accelerator, dtype) -> None:
+    """Stop, on every process, when the frozen VAE gave NaN/inf for some images (fp16 overflow, bad pixels)."""
+    count = torch.tensor(float(len(bad)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    if count.item() == 0:
+        return
+    named = ", ".join(str(dataset.examples[i].image) for i in bad[:3])
+    raise UserError(f"the VAE encoded {int(count.item())} image(s) to NaN/inf latents under {dtype} (e.g. {named or 'on another process'}): "
+                    "use --mixed_precision bf16 or no (fp16 can overflow in the VAE), or check those images "
+                    "(python -m sdtune.data check)")
 
 
 class LatentStore:

@@ -217,3 +217,22 @@ def test_loader_workers_and_settings(monkeypatch):
     loader = make_dataloader(list(range(5)), TrainConfig(torch_compile=True, train_batch_size=2), workers=2, pin_memory=True)
     assert (loader.num_workers, loader.persistent_workers, loader.pin_memory, loader.drop_last) == (2, True, True, True)
     assert len(loader) == 2  # static shapes for the compiled U-Net: the partial batch is dropped
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_nan_latents_stop_with_the_images_named_and_are_never_cached(disk, tiny_model, folder, tmp_path, monkeypatch):
+    from sdtune.errors import UserError
+
+    original = AutoencoderKL.encode
+
+    def overflowing(self, pixels, *args, **kwargs):
+        out = original(self, pixels, *args, **kwargs)
+        out.latent_dist.parameters[0] = float("nan")  # the first image of every batch, as an fp16 overflow would
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "encode", overflowing)
+    cache = ["--latent_cache_dir", tmp_path / "latents"] if disk else []
+    with pytest.raises(UserError, match=r"encoded 3 image\(s\) to NaN/inf latents .* \(e\.g\. .*0\.png"):
+        _run(tiny_model, folder, tmp_path / "out", "--strategy", "lora", *cache, steps=1)
+    if disk:
+        assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 2  # only the finite ones
