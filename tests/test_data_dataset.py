@@ -6,12 +6,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
+from helpers.dicom import write_identified_dicom
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, inspect_dataset, load_examples
 from sdtune.data.folder import read_image_folder
@@ -30,18 +28,8 @@ def _radiograph(size=(80, 64), seed=0):
 
 def _dicom(path: Path) -> None:
     """A small MONOCHROME2 DICOM carrying patient identifiers in its header."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.PatientName, ds.PatientID, ds.InstitutionName = PATIENT_NAME, PATIENT_ID, "General Hospital"
-    ds.Rows, ds.Columns = 64, 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_identified_dicom(path, {"PatientName": PATIENT_NAME, "PatientID": PATIENT_ID, "InstitutionName": "General Hospital"},
+                           np.arange(64 * 64).reshape(64, 64) % 4096)
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ then search every file the toolkit wrote (captions, logs, tensorboard, checkpoin
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from helpers.dicom import write_identified_dicom
 
 from sdtune.evaluation.cli import main as evaluate
 from sdtune.synthesis import main as synthesize
@@ -25,21 +23,9 @@ IDENTIFIERS = {
 
 
 def _dicom(path: Path, seed: int, photometric: str = "MONOCHROME2") -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    for tag, value in IDENTIFIERS.items():
-        setattr(ds, tag, value)
-    ds.Rows = ds.Columns = 72
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     y, x = np.mgrid[:72, :72]
     noise = np.random.default_rng(seed).integers(0, 400, (72, 72))
-    ds.PixelData = ((x * 40 + y * 10 + noise) % 4096).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_identified_dicom(path, IDENTIFIERS, (x * 40 + y * 10 + noise) % 4096, photometric)
 
 
 @pytest.mark.slow
@@ -56,7 +42,9 @@ def test_identifiers_never_reach_any_output(tiny_model, tmp_path):
            "--strategy", "lora", "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
            "--checkpointing_steps", "1", "--output_dir", str(run), "--report_to", "tensorboard",
            "--validation_prompts", "Chest x-ray of a patient with Pleural Effusion", "--validation_steps", "1",
-           "--validation_inference_steps", "2", "--validation_fraction", "0.3"])
+           "--validation_inference_steps", "2", "--validation_fraction", "0.3",
+           "--latent_cache_dir", str(run / "latent_cache")])  # cached latents are searched too
+    assert len(list((run / "latent_cache").glob("*.safetensors"))) >= 3
     synthesize(["--model-path", str(run), "--prompts", "Chest x-ray of a patient with Pleural Effusion",
                 "--num-images", "2", "--steps", "2", "--height", "64", "--width", "64", "--output-dir", str(synthetic)])
     evaluate(["--real", str(tmp_path / "data"), "--fake", str(synthetic), "--metrics", "kid,vendi",
