@@ -58,12 +58,15 @@ class _Subset(Dataset):
         return self.dataset[self.indices[i]]
 
 
+def _pixels_and_indices(batch: list[dict]):  # a module-level function: worker processes may need to pickle it
+    return torch.stack([x["pixel_values"] for x in batch]), [x["index"] for x in batch]
+
+
 @torch.no_grad()
 def _encode(vae, dataset, indices: list[int], accelerator, dtype, batch_size: int, workers: int):
     """Yield (dataset indices, moments on the CPU) for `indices`, encoded in batches on this process's device."""
     loader = DataLoader(_Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
-                        pin_memory=accelerator.device.type == "cuda",
-                        collate_fn=lambda b: (torch.stack([x["pixel_values"] for x in b]), [x["index"] for x in b]))
+                        pin_memory=accelerator.device.type == "cuda", collate_fn=_pixels_and_indices)
     for pixels, batch_indices in loader:
         with accelerator.autocast():  # as the loop encodes: half-precision VAE under autocast
             moments = vae.encode(pixels.to(accelerator.device, dtype=dtype)).latent_dist.parameters
