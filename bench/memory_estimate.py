@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +34,7 @@ from common import fmt, table, write_json  # noqa: E402
 import torch  # noqa: E402
 
 from sdtune.strategies import COMPONENTS, STRATEGIES, resolve_strategy  # noqa: E402
+from sdtune.tiny import write_tiny_pipeline  # noqa: E402
 
 BUDGET_GIB = 12.0  # the tutorial's minimum GPU
 OVERHEAD_GIB = 0.5  # CUDA context: in no tensor
@@ -108,18 +110,14 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--output", default="memory_estimate.json")
     args = p.parse_args(argv)
-    tiny_model = None
-    if args.tiny:
-        import tempfile
-
-        from sdtune.tiny import write_tiny_pipeline
-
-        tiny_model = write_tiny_pipeline(Path(tempfile.mkdtemp(prefix="sdtune-tiny-")))
+    with tempfile.TemporaryDirectory(prefix="sdtune-tiny-") as scratch:
+        tiny_model = write_tiny_pipeline(Path(scratch)) if args.tiny else None  # (only its configs are read)
+        results = [estimate(name, profile, args.lora_rank, tiny_model)
+                   for profile in args.profiles for name in args.strategies]
     record = {"benchmark": "memory_estimate", "tiny": args.tiny, "torch": torch.__version__,
               "settings": {"lora_rank": args.lora_rank, "budget_gib": BUDGET_GIB, "overhead_gib": OVERHEAD_GIB,
                            "activations": "not included"},
-              "results": [estimate(name, profile, args.lora_rank, tiny_model)
-                          for profile in args.profiles for name in args.strategies]}
+              "results": results}
     write_json(args.output, record)
     rows = [[r["strategy"], r["profile"], f"{r['trainable_parameters']:,}", fmt(r["weights_gib"], ".2f"),
              fmt(r["gradients_gib"], ".2f"), fmt(r["optimizer_state_gib"], ".2f"), fmt(r["static_gib"], ".2f"),

@@ -16,6 +16,7 @@ REFERENCE.md section 9 gives the reference recipe's batch-1 peaks for comparison
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
         images = write_image_folder(scratch / "images", 4, args.resolution)
         for profile in args.profiles:
             for strategy in args.strategies:
-                extra = PROFILES[profile] + args.toolkit_args.split()
+                extra = PROFILES[profile] + shlex.split(args.toolkit_args)
                 result = measure(toolkit_run, device, 1, 1, flags, model_dir=model_dir, strategy=strategy, images=images,
                                  resolution=args.resolution, steps=args.steps, precision=precision,
                                  out_dir=scratch / f"{profile}-{strategy}", lora_rank=args.lora_rank, extra=extra)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from sdtune.errors import UserError
 
@@ -47,17 +47,6 @@ def image_key(path: str | Path, preprocessing: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class _Subset(Dataset):
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.indices[i]]
-
-
 def _pixels_and_indices(batch: list[dict]):  # a module-level function: worker processes may need to pickle it
     return torch.stack([x["pixel_values"] for x in batch]), [x["index"] for x in batch]
 
@@ -65,7 +54,7 @@ def _pixels_and_indices(batch: list[dict]):  # a module-level function: worker p
 @torch.no_grad()
 def _encode(vae, dataset, indices: list[int], accelerator, dtype, batch_size: int, workers: int):
     """Yield (dataset indices, moments on the CPU) for `indices`, encoded in batches on this process's device."""
-    loader = DataLoader(_Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
                         pin_memory=accelerator.device.type == "cuda", collate_fn=_pixels_and_indices)
     for pixels, batch_indices in loader:
         with accelerator.autocast():  # as the loop encodes: half-precision VAE under autocast
@@ -141,7 +130,7 @@ class LatentStore:
     @staticmethod
     def estimated_bytes(n: int, resolution: int, dtype: torch.dtype) -> int:
         """Moments of n images: 8 channels (4 means, 4 log-variances) at 1/8 of the resolution."""
-        return n * 8 * (resolution // 8) ** 2 * torch.empty((), dtype=dtype).element_size()
+        return n * 8 * (resolution // 8) ** 2 * dtype.itemsize
 
 
 class CachedLatentDataset(Dataset):

@@ -11,6 +11,21 @@ from sdtune.errors import UserError
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
+# torch.compile's modes for inductor: "default" fuses the element-wise work (GroupNorm+SiLU, residual
+# adds, the attention reshapes) and keeps cuBLAS/cuDNN for the GEMMs and convolutions; the
+# max-autotune modes also time Triton kernels for every GEMM/conv shape (minutes more of compiling);
+# the cudagraph modes (reduce-overhead, max-autotune) remove launch overhead.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+
+
+def check_compile_backend(name: str) -> None:
+    """One clear error for a torch.compile backend torch does not know, before any model is loaded."""
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"unknown --torch_compile_backend {name!r}: use inductor (eager and aot_eager only trace, "
+                        "for tests; torch._dynamo.list_backends() lists the rest)")
+
 
 @dataclass
 class SDComponents:

@@ -46,6 +46,7 @@ import torch
 
 from sdtune.config import field
 from sdtune.errors import UserError
+from sdtune.models import COMPILE_MODES, check_compile_backend, load_components
 from sdtune.strategies import COMPONENTS, Strategy
 
 # Short names for diffusers schedulers: (class, extra settings). Each is configured from the
@@ -69,11 +70,6 @@ METADATA_COLUMNS = ["file_name", "prompt", "negative_prompt", "seed", "steps", "
 # (The speed options are left out too: they change pixels by float rounding only.)
 IMAGE_SETTINGS = ("model_path", "base_model", "fuse_lora", "steps", "guidance_scale", "height", "width",
                   "scheduler", "mixed_precision")
-# torch.compile's modes for inductor: "default" fuses the element-wise work (GroupNorm+SiLU, residual
-# adds, the attention reshapes) and keeps cuBLAS/cuDNN for the GEMMs and convolutions; the
-# max-autotune modes also time Triton kernels for every GEMM/conv shape (minutes more of compiling);
-# the cudagraph modes (reduce-overhead, max-autotune) remove launch overhead, little at batch 8.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -150,12 +146,7 @@ def check_config(cfg: SynthesisConfig) -> None:
         if getattr(cfg, name) % 8:
             raise UserError(f"--{name} must be a multiple of 8 (the VAE's downsampling), got {getattr(cfg, name)}")
     if cfg.torch_compile:
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if cfg.torch_compile_backend not in backends:
-            raise UserError(f"unknown --torch_compile_backend {cfg.torch_compile_backend!r}: use inductor (eager and "
-                            "aot_eager only trace, for tests; torch._dynamo.list_backends() lists the rest)")
+        check_compile_backend(cfg.torch_compile_backend)
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -447,7 +438,6 @@ def load_pipeline(source: ModelSource, fuse_lora: bool = True):
 
     from sdtune.adapters import get_adapter
     from sdtune.adapters.base import copy_checked
-    from sdtune.models import load_components
     from sdtune.train import build_pipeline
 
     if source.kind in ("pipeline", "run"):

@@ -33,7 +33,7 @@ from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
-from sdtune.models import load_components
+from sdtune.models import COMPILE_MODES, check_compile_backend, load_components
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
 
 SD15_TOTAL_PARAMETERS = 859_520_964 + 83_653_863 + 123_060_480  # U-Net + VAE + text encoder
@@ -102,7 +102,8 @@ class TrainConfig:
     torch_compile: bool = field(False, "torch.compile the U-Net with static shapes (the last partial batch of each "
                                 "epoch is dropped, so nothing recompiles)")
     torch_compile_backend: str = field("inductor", "torch.compile backend")
-    torch_compile_mode: str | None = field(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)")
+    torch_compile_mode: str | None = field(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)",
+                                           choices=COMPILE_MODES)
     dataloader_num_workers: int | None = field(None, "data loading worker processes (default: 0 on CPU, "
                                                "up to 8 per GPU process)")
     # outputs
@@ -322,6 +323,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
     cfg, profile_changes = apply_memory_profile(cfg)
+    if cfg.torch_compile:
+        check_compile_backend(cfg.torch_compile_backend)
     if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
         raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)

@@ -189,6 +189,7 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     (["--strategy", "lora", "--train_unet"], "not both"),
     (["--strategy", "lora", "--resume_from_checkpoint", "/nowhere/checkpoint-3"], "does not exist"),
     (["--strategy", "bitfit", "--mixed_precision", "bf16"], "needs a GPU"),
+    (["--strategy", "lora", "--torch_compile", "--torch_compile_backend", "bogus"], "unknown --torch_compile_backend"),
 ])
 def test_user_errors(extra, message, tiny_model, table, tmp_path):
     with pytest.raises(UserError, match=message):
