@@ -103,6 +103,14 @@ def test_chexpert_view_that_matches_nothing_is_an_error(chexpert):
         read_table(chexpert, views="RL")
 
 
+def test_chexpert_views_column_with_no_frontal_rows_and_blank_cells_is_one_error(tmp_path):
+    # Found by tests/test_fuzz.py: blank view cells stay missing through pandas' astype(str)
+    rows = [chexpert_row(1, view="lateral", ap=""), {**chexpert_row(2, ap="LL"), "Frontal/Lateral": ""}]
+    table = write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", CHEXPERT_COLUMNS, rows)
+    with pytest.raises(UserError, match=r"no rows with views 'frontal' \(its Frontal/Lateral values: LATERAL\)"):
+        read_table(table)
+
+
 def test_chexpert_image_root(chexpert, tmp_path):
     # The table moved away from the images: image_root says where Paths start.
     moved = tmp_path / "tables" / "train.csv"

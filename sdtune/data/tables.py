@@ -352,16 +352,19 @@ def _keep_views(df: pd.DataFrame, path: Path, views: str | Sequence[str], fronta
     if views == "all":
         return df
     if views in ("frontal", "lateral") and frontal_lateral:  # CheXpert says it in its own column
-        keep = df[frontal_lateral].astype(str).str.lower() == views
+        column = frontal_lateral
+        keep = df[column].astype(str).str.lower() == views
     else:
         if views in ("frontal", "lateral"):
             wanted = MIMIC_FRONTAL if views == "frontal" else MIMIC_LATERAL
         else:
             wanted = [v.upper() for v in ([views] if isinstance(views, str) else views)]
-        keep = df[position].astype(str).str.upper().isin(wanted)
+        column = position
+        keep = df[column].astype(str).str.upper().isin(wanted)
     if len(df) and not keep.any():
-        seen = sorted(set(df[position].astype(str).str.upper()) - {"NAN", ""})
-        raise UserError(f"{path}: no rows with views {views!r} (its {position} values: {', '.join(seen) or 'none'})")
+        # (empty cells dropped first: pandas keeps them missing through astype(str))
+        seen = sorted(set(df[column].dropna().astype(str).str.upper()) - {"NAN", ""})
+        raise UserError(f"{path}: no rows with views {views!r} (its {column} values: {', '.join(seen) or 'none'})")
     return df[keep]
 
 
