@@ -99,6 +99,8 @@ class TrainConfig:
                                         "is frozen; it then leaves the GPU")
     fused_adam: bool | None = field(None, "torch's fused AdamW kernel (default: on for GPUs)")
     channels_last: bool = field(False, "U-Net (and a trained VAE) in channels_last memory layout, faster convolutions on GPUs")
+    cudnn_benchmark: bool | None = field(None, "let cuDNN time its convolution algorithms once per batch shape "
+                                         "(torch.backends.cudnn.benchmark; default: on with CUDA)")
     torch_compile: bool = field(False, "torch.compile the U-Net with static shapes (the last partial batch of each "
                                 "epoch is dropped, so nothing recompiles)")
     torch_compile_backend: str = field("inductor", "torch.compile backend")
@@ -348,6 +350,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     set_seed(cfg.seed)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    cudnn_benchmark = cfg.cudnn_benchmark if cfg.cudnn_benchmark is not None else accelerator.device.type == "cuda"
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # every batch has one shape (fixed resolution), bar an epoch's last
 
     # ---------------------------------------------------------------- models and what trains
     models = load_components(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
@@ -627,6 +632,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "global_batch_size": total_batch,
             "optimizer": optimizer_name,
             "encoded_once": encoded_once,
+            "speed": {"cudnn_benchmark": cudnn_benchmark, "channels_last": cfg.channels_last,
+                      "torch_compile": cfg.torch_compile_backend if cfg.torch_compile else None},
             "versions": library_versions(),
         }
         write_summary(output_dir, summary)

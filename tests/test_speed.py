@@ -161,7 +161,7 @@ def test_fused_adamw_and_channels_last_train_as_the_plain_loop(tiny_model, folde
     assert_same_training(fast, plain, tiny_model)
 
 
-def test_fused_adamw_is_used_when_asked(tiny_model, folder, tmp_path, monkeypatch):
+def test_fused_adamw_and_cudnn_benchmark_follow_the_device_unless_asked(tiny_model, folder, tmp_path, monkeypatch):
     made = []
     original = torch.optim.AdamW.__init__
 
@@ -170,9 +170,14 @@ def test_fused_adamw_is_used_when_asked(tiny_model, folder, tmp_path, monkeypatc
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
-    _run(tiny_model, folder, tmp_path / "a", "--strategy", "bitfit", steps=1)
-    _run(tiny_model, folder, tmp_path / "b", "--strategy", "bitfit", "--fused_adam", steps=1)
-    assert made == [False, True]  # default: fused on GPUs only (this is a CPU)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test: it is process-wide
+    default, _ = _run(tiny_model, folder, tmp_path / "a", "--strategy", "bitfit", steps=1)
+    assert not torch.backends.cudnn.benchmark
+    asked, _ = _run(tiny_model, folder, tmp_path / "b", "--strategy", "bitfit", "--fused_adam", "--cudnn_benchmark", steps=1)
+    assert torch.backends.cudnn.benchmark
+    assert made == [False, True]  # default: both on GPUs only (this is a CPU)
+    assert (default["speed"]["cudnn_benchmark"], asked["speed"]["cudnn_benchmark"]) == (False, True)
+    assert default["optimizer"] == "torch AdamW" and asked["optimizer"] == "torch AdamW (fused)"
 
 
 @pytest.mark.parametrize("strategy, extra", [("lora", []), ("dora", []), ("difffit", []),
