@@ -57,15 +57,22 @@ def test_ranks_see_disjoint_samples_that_cover_the_dataset(tiny_model, phantom_c
     assert len(set(rank0[: n // 2 - 3]) & set(rank1[: n // 2 - 3])) == 0
 
 
-@pytest.mark.parametrize("strategy, disk_cache", [("unet", False), ("lora", True)])
-def test_two_processes_match_one_process_with_twice_the_batch(strategy, disk_cache, tiny_model, phantom_chexpert, tmp_path):
+# torch.compile over the DDP wrapper: dynamo splits the graph at DDP's gradient buckets, and the
+# gradients must still be averaged across processes (the eager backend keeps the arithmetic identical).
+COMPILED = ["--torch_compile", "--torch_compile_backend", "eager"]
+
+
+@pytest.mark.parametrize("strategy, disk_cache, extra", [("unet", False, []), ("lora", True, []),
+                                                         ("difffit", False, COMPILED)])
+def test_two_processes_match_one_process_with_twice_the_batch(strategy, disk_cache, extra, tiny_model, phantom_chexpert,
+                                                              tmp_path):
     train = ROOT / "train_text_to_image.py"
     # Adam turns gradients near 0 into steps of +-lr whose sign is floating-point noise; a larger
     # epsilon keeps those steps small, so the comparison below can stay tight.
     stable = ["--adam_epsilon", "1e-4"]
     # The two processes cache latents in memory (gathered shards) or on disk (each writes its share).
     cache = ["--latent_cache_dir", tmp_path / "latents"] if disk_cache else []
-    _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path / "two", strategy, 1, 3, *stable, *cache))
+    _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path / "two", strategy, 1, 3, *stable, *cache, *extra))
     _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path / "one", strategy, 2, 3, *stable))
     two = load_file(tmp_path / "two" / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     one = load_file(tmp_path / "one" / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -76,6 +83,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(strategy, disk_cac
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
     assert summary["global_batch_size"] == 2
+    assert summary["speed"]["torch_compile"] == ("eager" if extra else None)
     images = int(summary["encoded_once"]["latents"].split()[0])
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == (images if disk_cache else 0)
 
