@@ -331,6 +331,13 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, strategy)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate has neither fp16 autocast nor a grad scaler on the CPU: fp16 parts would meet fp32 ones.
+        raise UserError("--mixed_precision fp16 needs a GPU: use --mixed_precision bf16 or no on CPU")
+    if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and strategy.peft in ("bitfit", "difffit"):
+        # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
+        raise UserError(f"--mixed_precision {cfg.mixed_precision} with {strategy.peft} needs a GPU: use --mixed_precision no on CPU")
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
     run_record = {"status": "running", "strategy": asdict(strategy),
@@ -343,10 +350,6 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     if cfg.report_to == "wandb":
         accelerator.print("warning: --report_to wandb sends losses, settings and validation images (with their "
                           "prompts) to Weights & Biases' servers; use tensorboard for data that must stay here")
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and strategy.peft in ("bitfit", "difffit"):
-        # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
-        raise UserError(f"--mixed_precision {cfg.mixed_precision} with {strategy.peft} needs a GPU: use --mixed_precision no on CPU")
     set_seed(cfg.seed)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

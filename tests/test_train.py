@@ -189,11 +189,21 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     (["--strategy", "lora", "--train_unet"], "not both"),
     (["--strategy", "lora", "--resume_from_checkpoint", "/nowhere/checkpoint-3"], "does not exist"),
     (["--strategy", "bitfit", "--mixed_precision", "bf16"], "needs a GPU"),
+    (["--strategy", "unet", "--mixed_precision", "fp16"], "fp16 needs a GPU: use --mixed_precision bf16 or no"),
     (["--strategy", "lora", "--torch_compile", "--torch_compile_backend", "bogus"], "unknown --torch_compile_backend"),
 ])
 def test_user_errors(extra, message, tiny_model, table, tmp_path):
     with pytest.raises(UserError, match=message):
         main(_argv(tiny_model, table, tmp_path, *extra))
+
+
+def test_a_refused_precision_leaves_the_previous_run_alone(tiny_model, table, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "training_summary.json").write_text('{"status": "complete"}')
+    with pytest.raises(UserError, match="needs a GPU"):
+        main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--mixed_precision", "fp16",
+                   "--overwrite_output_dir"))
+    assert (tmp_path / "run" / "training_summary.json").read_text() == '{"status": "complete"}'
 
 
 def test_missing_table_is_one_clear_error(tiny_model, tmp_path):
