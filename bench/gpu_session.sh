@@ -2,7 +2,8 @@
 # Every GPU figure BENCHMARKS.md is waiting for, in two parts that each fit one 10-minute device call:
 #
 #   bash bench/gpu_session.sh train    # train_speed.py (6 strategies, batch 16; unet/lora compiled) + dora_overhead.py ~8 min
-#   bash bench/gpu_session.sh synth    # synth_speed.py (defaults, +compile, fast recipe) + train_memory.py ~8 min
+#   bash bench/gpu_session.sh synth    # synth_speed.py (defaults, +compile, fast recipe) + train_memory.py
+#                                      # + the fp16 grad-scaler path of a full U-Net ~9 min
 #
 # JSON and logs go to $OUT (the device tool's result folder) or ./bench-results. Wheels the GPU
 # machine lacks travel in .whl/ (see BENCHMARKS.md) and are installed first when present.
@@ -37,6 +38,9 @@ case $part in
   synth)
     run synth_speed python3 bench/synth_speed.py --model-dir "$model" --output "$out/synth_speed.json"
     run train_memory python3 bench/train_memory.py --model-dir "$model" --output "$out/train_memory.json"
+    # fp16's path (fp32 master weights, grad scaler, fused AdamW), which no CPU can run
+    run train_speed_fp16 python3 bench/train_speed.py --model-dir "$model" --batch-sizes 16 --strategies unet \
+      --mixed-precision fp16 --output "$out/train_speed_fp16.json"
     ;;
   *) echo "unknown part $part: use train or synth" >&2; exit 2 ;;
 esac
