@@ -18,6 +18,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 model=/tmp/sd15-random  # written once per machine by the first script, reused by the next
+# Fail in seconds, not after the first benchmark: the SD1.5 builder needs open_clip's CLIP vocabulary.
+python3 -c "import diffusers, bitsandbytes, open_clip, pydicom, peft, accelerate" \
+  || { echo "missing packages: carry the wheels BENCHMARKS.md lists, in .whl/" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, peft, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
 

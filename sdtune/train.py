@@ -410,6 +410,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         (output_dir / "held_out.txt").write_text("".join(f"{e.source or e.image}\n" for e in held_out))
     if not examples:
         raise UserError(f"no training images left in {data.source}")
+    if cfg.torch_compile and len(examples) < cfg.train_batch_size:
+        raise UserError(f"--torch_compile drops each epoch's last partial batch, and {len(examples)} training images "
+                        f"make no full batch of {cfg.train_batch_size}: lower --train_batch_size or add images")
     dataset = ImageCaptionDataset(examples, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
                                   modality=None if data.data_format in ("ham10000", "isic") else "chest_xray")
     workers = loader_workers(cfg, accelerator)
