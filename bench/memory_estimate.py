@@ -99,6 +99,9 @@ def estimate(strategy_name: str, profile: str, lora_rank: int, tiny_model: Path 
            "optimizer_state_gib": optimizer_state_bytes(params, eight_bit) / gib}
     row["static_gib"] = row["weights_gib"] + row["gradients_gib"] + row["optimizer_state_gib"]
     row["headroom_gib"] = BUDGET_GIB - OVERHEAD_GIB - row["static_gib"]
+    # bitsandbytes' paged state moves to CPU memory when the GPU runs short (what --memory_profile low uses)
+    row["headroom_paged_gib"] = (row["headroom_gib"] + row["optimizer_state_gib"]
+                                 if MEMORY_PROFILES[profile].get("paged_optimizer") else None)
     return row
 
 
@@ -121,9 +124,9 @@ def main(argv=None) -> dict:
     write_json(args.output, record)
     rows = [[r["strategy"], r["profile"], f"{r['trainable_parameters']:,}", fmt(r["weights_gib"], ".2f"),
              fmt(r["gradients_gib"], ".2f"), fmt(r["optimizer_state_gib"], ".2f"), fmt(r["static_gib"], ".2f"),
-             fmt(r["headroom_gib"], ".2f")] for r in record["results"]]
+             fmt(r["headroom_gib"], ".2f"), fmt(r["headroom_paged_gib"], ".2f")] for r in record["results"]]
     print(table(rows, ["strategy", "profile", "trainable", "weights GiB", "gradients GiB", "optimizer GiB",
-                       "static GiB", f"headroom in {BUDGET_GIB:g} GiB"]))
+                       "static GiB", f"headroom in {BUDGET_GIB:g} GiB", "headroom, state paged out"]))
     return record
 
 

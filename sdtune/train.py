@@ -63,6 +63,8 @@ class TrainConfig:
     adam_weight_decay: float = field(1e-2, "AdamW decoupled weight decay")
     adam_epsilon: float = field(1e-8, "AdamW epsilon")
     use_8bit_adam: bool = field(False, "8-bit AdamW from bitsandbytes: a quarter of AdamW's optimizer memory")
+    paged_optimizer: bool = field(False, "bitsandbytes' paged AdamW (8-bit with --use_8bit_adam): on a GPU that runs "
+                                  "short, optimizer state waits in CPU memory instead of failing (CUDA unified memory)")
     lr_scheduler: str = field("constant", "learning-rate schedule", choices=(
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
     lr_warmup_steps: int = field(0, "warm-up steps of the schedule")
@@ -134,9 +136,11 @@ def resolve_learning_rates(cfg: TrainConfig, strategy: Strategy) -> dict[str, fl
 
 
 # What `--memory_profile low` turns on. With 8-bit AdamW the optimizer state is a quarter of
-# AdamW's; checkpointing trades a second forward for the activations; the cached encoders
-# leave the GPU (the defaults already cache them).
-MEMORY_PROFILES = {"default": {}, "low": {"use_8bit_adam": True, "gradient_checkpointing": True,
+# AdamW's, and paged, it can wait in CPU memory while the backward pass needs the GPU's (U-Net +
+# VAE + text encoder at 512 px: ~10 GiB of weights, gradients and state before activations);
+# checkpointing trades a second forward for the activations; the cached encoders leave the GPU
+# (the defaults already cache them).
+MEMORY_PROFILES = {"default": {}, "low": {"use_8bit_adam": True, "paged_optimizer": True, "gradient_checkpointing": True,
                                           "cache_latents": True, "cache_text_embeddings": True}}
 
 
@@ -144,6 +148,17 @@ def apply_memory_profile(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     """The config with the profile's settings on; returns (config, the settings it changed)."""
     changed = {k: v for k, v in MEMORY_PROFILES[cfg.memory_profile].items() if getattr(cfg, k) != v}
     return replace(cfg, **changed), changed
+
+
+def optimizer_class(cfg: TrainConfig, device_type: str) -> tuple[type, dict]:
+    """AdamW as asked: torch's (fused on GPUs), or bitsandbytes' 8-bit and/or paged one. Returns (class, kwargs)."""
+    paged = cfg.paged_optimizer and device_type == "cuda"  # paging is CUDA unified memory; nothing to page on a CPU
+    if cfg.use_8bit_adam or paged:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, ("Paged" if paged else "") + "AdamW" + ("8bit" if cfg.use_8bit_adam else "")), {}
+    # One kernel for all parameters instead of a dozen per tensor group.
+    return torch.optim.AdamW, {"fused": cfg.fused_adam if cfg.fused_adam is not None else device_type == "cuda"}
 
 
 def loader_workers(cfg: TrainConfig, accelerator: Accelerator) -> int:
@@ -387,15 +402,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         check_free_space(output_dir, models, all_trainable, cfg.use_8bit_adam)
 
     # ---------------------------------------------------------------- optimizer and data
-    if cfg.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-        optimizer_kwargs = {}
-    else:
-        optimizer_cls = torch.optim.AdamW
-        # One kernel for all parameters instead of a dozen per tensor group.
-        optimizer_kwargs = {"fused": cfg.fused_adam if cfg.fused_adam is not None else accelerator.device.type == "cuda"}
+    optimizer_cls, optimizer_kwargs = optimizer_class(cfg, accelerator.device.type)
     optimizer = optimizer_cls(
         optimizer_groups(models, trainable, adapter, lrs),
         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,

@@ -57,6 +57,9 @@ def test_memory_estimate_tiny_writes_every_strategy_and_profile(tmp_path, capsys
     assert len(record["results"]) == 22
     by = {(r["strategy"], r["profile"]): r for r in record["results"]}
     assert by[("unet", "low")]["optimizer_state_gib"] < by[("unet", "default")]["optimizer_state_gib"]
+    low, default = by[("unet+vae+text", "low")], by[("unet+vae+text", "default")]
+    assert low["headroom_paged_gib"] == pytest.approx(low["headroom_gib"] + low["optimizer_state_gib"])
+    assert default["headroom_paged_gib"] is None  # plain AdamW's state is not paged
     assert "headroom in 12 GiB" in capsys.readouterr().out
 
 

@@ -198,15 +198,35 @@ def test_torch_compile_makes_one_graph_and_never_recompiles(strategy, extra, tin
     torch._dynamo.reset()
 
 
-def test_low_memory_profile_turns_on_8bit_adam_and_checkpointing(tiny_model, folder, tmp_path, capsys):
+def test_low_memory_profile_turns_on_paged_8bit_adam_and_checkpointing(tiny_model, folder, tmp_path, capsys):
     cfg, data, adapter_cfg = parse_args(_argv(tiny_model, folder, tmp_path, "--strategy", "unet",
                                               "--memory_profile", "low", steps=1))
     summary, models = train(cfg, data, adapter_cfg)
-    assert "--use_8bit_adam True, --gradient_checkpointing True" in capsys.readouterr().out
+    assert "--use_8bit_adam True, --paged_optimizer True, --gradient_checkpointing True" in capsys.readouterr().out
     recorded = json.loads((tmp_path / "training_summary.json").read_text())["arguments"]["train"]
-    assert recorded["use_8bit_adam"] and recorded["gradient_checkpointing"]
+    assert recorded["use_8bit_adam"] and recorded["paged_optimizer"] and recorded["gradient_checkpointing"]
     assert models.unet.is_gradient_checkpointing
-    assert summary["optimizer"] == "bitsandbytes AdamW8bit"
+    assert summary["optimizer"] == "bitsandbytes AdamW8bit"  # a CPU has nothing to page
+
+
+@pytest.mark.parametrize("flags, device, expected", [
+    ({}, "cuda", ("AdamW", {"fused": True})),
+    ({}, "cpu", ("AdamW", {"fused": False})),
+    ({"fused_adam": False}, "cuda", ("AdamW", {"fused": False})),
+    ({"use_8bit_adam": True}, "cuda", ("AdamW8bit", {})),
+    ({"use_8bit_adam": True, "paged_optimizer": True}, "cuda", ("PagedAdamW8bit", {})),
+    ({"use_8bit_adam": True, "paged_optimizer": True}, "cpu", ("AdamW8bit", {})),
+    ({"paged_optimizer": True}, "cuda", ("PagedAdamW", {})),
+    ({"paged_optimizer": True}, "cpu", ("AdamW", {"fused": False})),
+])
+def test_optimizer_class_follows_the_flags_and_the_device(flags, device, expected):
+    import bitsandbytes as bnb
+
+    from sdtune.train import TrainConfig, optimizer_class
+
+    cls, kwargs = optimizer_class(TrainConfig(**flags), device)
+    name, want_kwargs = expected
+    assert cls is (torch.optim.AdamW if name == "AdamW" else getattr(bnb.optim, name)) and kwargs == want_kwargs
 
 
 def test_loader_workers_and_settings(monkeypatch):
