@@ -1,4 +1,4 @@
-"""bench/memory_estimate.py against independent counts, and bench/train_memory.py's CPU smoke run."""
+"""bench/memory_estimate.py and bench/loop_memory.py against independent counts; bench/train_memory.py's CPU smoke run."""
 
 import json
 import sys
@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import loop_memory  # noqa: E402
 import memory_estimate  # noqa: E402
 import train_memory  # noqa: E402
 
@@ -75,3 +76,33 @@ def test_train_memory_tiny_runs_the_low_profile(tiny_model, tmp_path):
         assert row["error"] is None and row["optimizer"] == "bitsandbytes AdamW8bit"
     assert record["results"][0]["encoded_once"]["latents"].startswith("4 images")  # frozen VAE: cached
     assert "the VAE trains" in record["results"][1]["encoded_once"]["latents"]
+
+
+def test_live_bytes_counts_new_storages_until_they_die_and_not_views():
+    layer = torch.nn.Linear(256, 512)
+    with loop_memory.LiveBytes() as counter:
+        x = torch.randn(8, 256)  # 8 KiB
+        y = layer(x)  # 16 KiB; the weight's transpose inside is a view of memory made before the mode
+        y.t()  # a view: nothing new
+        peak = counter.now
+        del x, y
+    assert peak == (8 * 256 + 8 * 512) * 4
+    assert counter.now == 0 and counter.peak == peak
+
+
+@pytest.mark.parametrize("profile", [["--memory_profile", "low"], []])
+def test_loop_memory_left_after_training_is_exactly_the_optimizer_state(profile, tiny_model, tmp_path):
+    """What the loop still holds after its last step (gradients are freed) is the optimizer state,
+    which memory_estimate counts independently (checked against bitsandbytes above)."""
+    from common import write_image_folder
+
+    images = write_image_folder(tmp_path / "images", 4, 64)
+    row = loop_memory.measure(tiny_model, images, "unet", 64, 2, profile, tmp_path / "run")
+    params = list(UNet2DConditionModel.from_pretrained(tiny_model / "unet").parameters())
+    state = memory_estimate.optimizer_state_bytes(params, eight_bit=bool(profile))
+    assert row["loop_live_at_end_gib"] * 2**30 == state
+    # during the loop: the state, a full set of fp32 gradients and the activations on top
+    assert row["loop_peak_gib"] * 2**30 > state + 4 * sum(p.numel() for p in params)
+    assert row["trained_weights_gib"] * 2**30 == 4 * sum(p.numel() for p in params)
+    assert row["estimated_peak_gib"] == pytest.approx(row["loop_peak_gib"] + row["trained_weights_gib"])
+    assert row["optimizer"] == ("bitsandbytes AdamW8bit" if profile else "torch AdamW")
