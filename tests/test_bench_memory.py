@@ -72,8 +72,10 @@ def test_train_memory_tiny_runs_the_low_profile(tiny_model, tmp_path):
     record = json.loads(output.read_text())
     assert record["status"] == "complete" and record["settings"]["profiles"] == {"low": ["--memory_profile", "low"]}
     assert [r["strategy"] for r in record["results"]] == ["lora", "unet+vae+text"]
+    assert record["settings"]["ballast"] is True
     for row in record["results"]:
         assert row["error"] is None and row["optimizer"] == "bitsandbytes AdamW8bit"
+        assert row["ballast_gib"] == 0.0  # a CPU holds no ballast
     assert record["results"][0]["encoded_once"]["latents"].startswith("4 images")  # frozen VAE: cached
     assert "the VAE trains" in record["results"][1]["encoded_once"]["latents"]
 
@@ -106,3 +108,9 @@ def test_loop_memory_left_after_training_is_exactly_the_optimizer_state(profile,
     assert row["trained_weights_gib"] * 2**30 == 4 * sum(p.numel() for p in params)
     assert row["estimated_peak_gib"] == pytest.approx(row["loop_peak_gib"] + row["trained_weights_gib"])
     assert row["optimizer"] == ("bitsandbytes AdamW8bit" if profile else "torch AdamW")
+
+
+def test_ballast_leaves_exactly_the_budget_free():
+    gib = 2**30
+    assert train_memory.ballast_bytes(80 * gib, 11.5) == int(68.5 * gib)  # an 80 GiB card acting as a 12 GiB one
+    assert train_memory.ballast_bytes(10 * gib, 11.5) == 0  # already smaller than the budget: nothing held
