@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from sdtune.errors import UserError  # noqa: E402
 from sdtune.strategies import STRATEGIES  # noqa: E402
 
 GIB = 2**30
@@ -128,14 +129,22 @@ def main(argv=None) -> dict:
         model_dir = model_folder(args.model_dir, args.tiny, scratch, torch.device("cpu"))
         images = write_image_folder(scratch / "images", 4, resolution)
         for strategy in args.strategies:
-            row = measure(model_dir, images, strategy, resolution, 2, extra, scratch / f"run-{strategy}")
+            try:
+                row = measure(model_dir, images, strategy, resolution, 2, extra, scratch / f"run-{strategy}")
+            except (UserError, RuntimeError) as err:  # e.g. BitFit/DiffFit refuse bf16 on the CPU; the rest go on
+                row = {"strategy": strategy, "error": str(err).splitlines()[0]}
+                record["results"].append(row)
+                print(f"{strategy}: not measured: {row['error']}", flush=True)
+                write_json(args.output, record)
+                continue
             record["results"].append(row)
             print(f"{strategy}: loop peak {row['loop_peak_gib']:.2f} GiB + weights {row['trained_weights_gib']:.2f} "
                   f"trained, {row['frozen_weights_on_gpu_gib']:.2f} frozen = ~{row['estimated_peak_gib']:.2f} GiB "
                   f"({row['seconds']:.0f} s)", flush=True)
             write_json(args.output, record)
-    rows = [[r["strategy"], fmt(r["trained_weights_gib"], ".2f"), fmt(r["frozen_weights_on_gpu_gib"], ".2f"),
-             fmt(r["loop_peak_gib"], ".2f"), fmt(r["estimated_peak_gib"], ".2f"), r["optimizer"]] for r in record["results"]]
+    rows = [[r["strategy"], fmt(r.get("trained_weights_gib"), ".2f"), fmt(r.get("frozen_weights_on_gpu_gib"), ".2f"),
+             fmt(r.get("loop_peak_gib"), ".2f"), fmt(r.get("estimated_peak_gib"), ".2f"), r.get("optimizer") or r["error"]]
+            for r in record["results"]]
     print(table(rows, ["strategy", "trained weights GiB", "frozen on GPU GiB", "loop peak GiB", "estimated peak GiB",
                        "optimizer"]))
     return record

@@ -114,3 +114,13 @@ def test_ballast_leaves_exactly_the_budget_free():
     gib = 2**30
     assert train_memory.ballast_bytes(80 * gib, 11.5) == int(68.5 * gib)  # an 80 GiB card acting as a 12 GiB one
     assert train_memory.ballast_bytes(10 * gib, 11.5) == 0  # already smaller than the budget: nothing held
+
+
+def test_loop_memory_records_a_refused_strategy_and_goes_on(tiny_model, tmp_path):
+    output = tmp_path / "loop.json"
+    record = loop_memory.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "lora",
+                               "--output", str(output), "--toolkit-args", "--mixed_precision", "bf16"])
+    bitfit, lora = record["results"]
+    assert "needs a GPU" in bitfit["error"]  # BitFit refuses bf16 on a CPU
+    assert lora["loop_peak_gib"] > 0 and "error" not in lora
+    assert json.loads(output.read_text())["results"] == record["results"]
