@@ -18,6 +18,7 @@ where CUDA autocast runs it in fp32. bench/train_memory.py measures the real thi
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -131,6 +132,7 @@ def main(argv=None) -> dict:
         for strategy in args.strategies:
             try:
                 row = measure(model_dir, images, strategy, resolution, 2, extra, scratch / f"run-{strategy}")
+                shutil.rmtree(scratch / f"run-{strategy}")  # its final model: up to 4 GB each at full size
             except (UserError, RuntimeError) as err:  # e.g. BitFit/DiffFit refuse bf16 on the CPU; the rest go on
                 row = {"strategy": strategy, "error": str(err).splitlines()[0]}
                 record["results"].append(row)
