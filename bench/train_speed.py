@@ -341,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-precision", default=None, choices=("fp16", "bf16", "no"),
                    help="the reference recipe's precision (default fp16, as section 9 ran it; CPU: no)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA/DoRA rank (alpha = rank on both sides)")
-    p.add_argument("--images", type=int, default=None, help="phantom X-rays in the dataset (default 32; tiny: 8)")
+    p.add_argument("--images", type=int, default=None,
+                   help="phantom X-rays in the dataset (default 32, tiny: 8; at least the largest batch)")
     p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for the toolkit side, "
                                                       "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
@@ -349,9 +350,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = args.tiny
     for name, full, small in (("batch_sizes", [16, 1], [2]), ("resolution", 512, 64), ("warmup", 3, 1),
-                              ("steps", 10, 2), ("images", 32, 8)):
+                              ("steps", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
+    if args.images is None:  # a compiled run (static shapes) needs at least one full batch
+        args.images = max(8 if tiny else 32, *args.batch_sizes)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the clock starts at the end of the warm-up)")
     return args

@@ -160,3 +160,12 @@ def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tin
     assert "target_ratio" not in record  # tiny settings are not the target's
     assert returned["toolkit"] == rows and synth_speed.succeeded(returned)
     assert not synth_speed.succeeded({**returned, "same_images": False})
+
+
+def test_train_speed_dataset_holds_at_least_one_full_batch_of_the_largest_size():
+    # a compiled run drops partial batches, so fewer images than a batch would leave it nothing to time
+    assert train_speed.parse_args(["--tiny", "--batch-sizes", "16"]).images == 16
+    assert train_speed.parse_args(["--tiny"]).images == 8
+    assert train_speed.parse_args([]).images == 32
+    assert train_speed.parse_args(["--batch-sizes", "64", "1"]).images == 64
+    assert train_speed.parse_args(["--tiny", "--batch-sizes", "16", "--images", "4"]).images == 4  # as asked
