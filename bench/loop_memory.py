@@ -120,7 +120,6 @@ def main(argv=None) -> dict:
     resolution = 64 if args.tiny else 512
     extra = args.toolkit_args if args.toolkit_args is not None else ["--memory_profile", "low", "--mixed_precision", "bf16"]
     quiet_libraries()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     record = {"benchmark": "loop_memory", "tiny": args.tiny, **environment(torch.device("cpu")),
               "settings": {"resolution": resolution, "batch_size": 1, "steps": 2, "toolkit_args": extra,
                            "counts": "tensor storages the training loop creates and holds (dispatch mode), CPU"},
