@@ -247,29 +247,7 @@ def main(argv=None) -> dict:
 
     begin = time.perf_counter()
     items = plan(n, args.seed)
-    toolkit, fast = [], None
-    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as scratch:
-        model_dir = model_folder(args.model_dir, args.tiny, Path(scratch), device)
-        reference, ref_images = measure(reference_side, model_dir, items, args, device)
-        print(f"reference StableDiffusionPipeline: {reference['images_per_second']:.2f} images/s, "
-              f"peak {fmt(reference['peak_gib'], '.2f')} GiB", flush=True)
-        for name, flags in args.toolkit_configs.items():
-            result, images = measure(toolkit_side(flags), model_dir, items, args, device)
-            difference = compare(ref_images, images)
-            row = with_ratio({"name": name, "flags": flags, **result, "image_difference": difference,
-                              "same_images": difference["mean_abs"] <= args.atol}, reference)
-            toolkit.append(row)
-            print(f"toolkit {name}: {row['images_per_second']:.2f} images/s ({row['ratio']:.2f}x), peak "
-                  f"{fmt(row['peak_gib'], '.2f')} GiB, mean |diff| {difference['mean_abs']:.2e}", flush=True)
-        if args.fast_recipe:
-            result, _ = measure(toolkit_side(args.fast_recipe), model_dir, items, args, device)
-            fast = with_ratio({"name": "fast recipe", "flags": args.fast_recipe, **result, "compared": False,
-                               "counts_toward_target": False,
-                               "note": "another sampler and step count: other images than the reference's"},
-                              reference)
-            print(f"fast recipe ({args.fast_recipe}): {fast['images_per_second']:.2f} images/s "
-                  f"({fast['ratio']:.2f}x, other images), peak {fmt(fast['peak_gib'], '.2f')} GiB", flush=True)
-
+    full_settings = not args.tiny and args.batch_size == 8 and args.steps == 50
     record = {"benchmark": "synth_speed", "tiny": args.tiny, **env,
               "settings": {"batch_size": args.batch_size, "steps": args.steps, "scheduler": "pndm",
                            "guidance_scale": args.guidance, "resolution": args.resolution, "precision": args.precision,
@@ -279,16 +257,46 @@ def main(argv=None) -> dict:
                            "timing_rule": "device synchronised around the timed batches; images/s = timed images / "
                                           "elapsed; model loading, compiling and the warm-up batches excluded"},
               "published_reference_h100_images_per_second": PUBLISHED_IMAGES_PER_SECOND,
-              "reference": reference, "toolkit": toolkit, "fast_recipe": fast,
-              "same_images": all(row["same_images"] for row in toolkit)}
-    full_settings = not args.tiny and args.batch_size == 8 and args.steps == 50
+              "reference": None, "toolkit": [], "fast_recipe": None, "same_images": None, "status": "running"}
     if full_settings:
         record["target_ratio"] = TARGET
-        for row in toolkit:
-            row["meets_target"] = row["ratio"] >= TARGET and row["same_images"]
-        record["meets_target"] = [row["name"] for row in toolkit if row["meets_target"]]
-    record["total_seconds"] = time.perf_counter() - begin
-    write_json(args.output, record)
+
+    def save(status: str = "running") -> None:  # after every row: a run cut short keeps the rows it finished
+        record["same_images"] = all(row["same_images"] for row in record["toolkit"])
+        if full_settings:
+            for row in record["toolkit"]:
+                row["meets_target"] = row["ratio"] >= TARGET and row["same_images"]
+            record["meets_target"] = [row["name"] for row in record["toolkit"] if row["meets_target"]]
+        record.update(status=status, total_seconds=time.perf_counter() - begin)
+        write_json(args.output, record)
+
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as scratch:
+        model_dir = model_folder(args.model_dir, args.tiny, Path(scratch), device)
+        reference, ref_images = measure(reference_side, model_dir, items, args, device)
+        record["reference"] = reference
+        save()
+        print(f"reference StableDiffusionPipeline: {reference['images_per_second']:.2f} images/s, "
+              f"peak {fmt(reference['peak_gib'], '.2f')} GiB", flush=True)
+        for name, flags in args.toolkit_configs.items():
+            result, images = measure(toolkit_side(flags), model_dir, items, args, device)
+            difference = compare(ref_images, images)
+            row = with_ratio({"name": name, "flags": flags, **result, "image_difference": difference,
+                              "same_images": difference["mean_abs"] <= args.atol}, reference)
+            record["toolkit"].append(row)
+            save()
+            print(f"toolkit {name}: {row['images_per_second']:.2f} images/s ({row['ratio']:.2f}x), peak "
+                  f"{fmt(row['peak_gib'], '.2f')} GiB, mean |diff| {difference['mean_abs']:.2e}", flush=True)
+        if args.fast_recipe:
+            result, _ = measure(toolkit_side(args.fast_recipe), model_dir, items, args, device)
+            fast = with_ratio({"name": "fast recipe", "flags": args.fast_recipe, **result, "compared": False,
+                               "counts_toward_target": False,
+                               "note": "another sampler and step count: other images than the reference's"},
+                              reference)
+            record["fast_recipe"] = fast
+            print(f"fast recipe ({args.fast_recipe}): {fast['images_per_second']:.2f} images/s "
+                  f"({fast['ratio']:.2f}x, other images), peak {fmt(fast['peak_gib'], '.2f')} GiB", flush=True)
+    save("complete")
+    toolkit, fast = record["toolkit"], record["fast_recipe"]
 
     print()
     rows = [["StableDiffusionPipeline", fmt(reference["images_per_second"], ".2f"), "1.00",

@@ -313,6 +313,31 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+# Settings that must match for an earlier run's reference measurement to stand for this run's.
+REFERENCE_SETTINGS = ("resolution", "warmup_steps", "timed_steps", "reference_precision", "lora_rank", "images")
+
+
+def earlier_references(path: str | None, record: dict) -> dict[tuple[str, int], dict]:
+    """Reference rows of an earlier train_speed JSON measured on the same device with the same settings,
+    keyed by (recipe, batch): a second run (e.g. the compiled toolkit) is then compared with the very same
+    reference figures instead of spending a GPU minute re-measuring them. Anything else is ignored."""
+    import json
+
+    if not path or not Path(path).is_file():
+        return {}
+    earlier = json.loads(Path(path).read_text())
+    if earlier.get("device") != record["device"] or earlier.get("tiny") != record["tiny"] or any(
+            earlier.get("settings", {}).get(k) != record["settings"][k] for k in REFERENCE_SETTINGS):
+        print(f"--reference-json {path}: another device or other settings; measuring the references again")
+        return {}
+    found = {}
+    for row in earlier.get("results", []):
+        ref = row["reference"]
+        if "error" not in ref and ref.get("samples_per_second") is not None:
+            found[(ref["recipe"], row["batch_size"])] = {**ref, "reused_from": str(path)}
+    return found
+
+
 def estimate_minutes(strategies, batch_sizes, precisions, total_steps) -> float:
     """Rough H100 wall time: ~10 s of loading per run, steps at about the published reference speed."""
     seconds = 60.0  # imports, images, the 4.3 GB model folder
@@ -346,6 +371,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for the toolkit side, "
                                                       "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
+    p.add_argument("--reference-json", default=None,
+                   help="an earlier train_speed JSON: its reference rows with the same device and settings are reused "
+                        "instead of measured again (e.g. for a second, compiled toolkit run)")
     p.add_argument("--output", default="train_speed.json", help="JSON record, rewritten after every run")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -398,7 +426,7 @@ def main(argv=None) -> dict:
                            "lora_alpha": args.lora_rank, "images": args.images, "toolkit_args": args.toolkit_args,
                            "timing_rule": "device synchronised after every optimizer step; samples/s = timed steps x "
                                           "batch / (end of last step - end of last warm-up step)",
-                           "reference_recipe_of": REFERENCE_RECIPE},
+                           "reference_recipe_of": REFERENCE_RECIPE, "reference_json": args.reference_json},
               "published_reference_h100_batch16": {k: {"samples_per_second": v[0], "peak_gib": v[1]} for k, v in PUBLISHED.items()},
               "results": [], "status": "running"}
     begin = time.perf_counter()
@@ -408,7 +436,10 @@ def main(argv=None) -> dict:
         images = write_image_folder(scratch / "images", args.images, args.resolution)
         common = dict(model_dir=model_dir, images=images, resolution=args.resolution, steps=total_steps,
                       lora_rank=args.lora_rank)
-        references: dict[tuple[str, int], dict] = {}
+        references = earlier_references(args.reference_json, record)
+        for key, ref in references.items():
+            print(f"reference {key[0]:13s} batch {key[1]:2d}: {fmt(ref.get('samples_per_second'))} samples/s, "
+                  f"peak {fmt(ref.get('peak_gib'), '.2f')} GiB (reused from {args.reference_json})", flush=True)
         for n, (batch, strategy) in enumerate(order, 1):
             recipe = REFERENCE_RECIPE.get(strategy, strategy)
             if (recipe, batch) not in references:

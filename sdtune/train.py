@@ -161,6 +161,33 @@ def optimizer_class(cfg: TrainConfig, device_type: str) -> tuple[type, dict]:
     return torch.optim.AdamW, {"fused": cfg.fused_adam if cfg.fused_adam is not None else device_type == "cuda"}
 
 
+def page_optimizer_state(optimizer) -> int:
+    """Put a paged optimizer's loaded state back in pages; returns how many tensors moved.
+
+    bitsandbytes allocates a paged optimizer's moments in CUDA unified memory (which can wait in CPU
+    memory while the GPU runs short) and lists them in its page manager. A checkpoint's moments load
+    as ordinary tensors that still carry the saved `is_paged` flag, so bitsandbytes would neither
+    move them to the GPU nor page them, and would hand them to its prefetch and kernels as managed
+    memory. Each moment is copied into a buffer from the optimizer's own allocator (paged above its
+    size threshold, an ordinary tensor on the parameter's device below it).
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    in_pages = {id(t) for t in optimizer.page_mng.paged_tensors}
+    moved = 0
+    for param, state in optimizer.state.items():
+        for key in ("state1", "state2"):  # the moments; their small quantisation maps stay as they are
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor) or id(value) in in_pages or value.shape != param.shape:
+                continue
+            buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
+            buffer.copy_(value)
+            state[key] = buffer
+            moved += 1
+    return moved
+
+
 def loader_workers(cfg: TrainConfig, accelerator: Accelerator) -> int:
     """Decoding and resizing 512 px images on the main thread would starve a GPU; on the CPU it only adds start-up."""
     if cfg.dataloader_num_workers is not None:
@@ -496,6 +523,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         else:
             accelerator.load_state(str(path))
             global_step = int(path.name.split("-")[-1])
+            paged = page_optimizer_state(optimizer)
+            accelerator.print(f"resumed from {path} at step {global_step}"
+                              + (f"; {paged} optimizer state tensors back in paged memory" if paged else ""))
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
 

@@ -113,6 +113,30 @@ def test_train_speed_tiny_runs_every_strategy_on_both_sides(tiny_model, tmp_path
     assert "toolkit/ref" in out and "difffit (vs bitfit)" in out
 
 
+def test_train_speed_reuses_an_earlier_reference_only_when_device_and_settings_match(tiny_model, tmp_path, monkeypatch):
+    first = tmp_path / "first.json"
+    train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "--output", str(first)])
+    measured = json.loads(first.read_text())["results"][0]["reference"]
+
+    def no_reference(**kwargs):
+        raise AssertionError("the reference was measured again")
+
+    monkeypatch.setattr(train_speed, "reference_run", no_reference)
+    second = tmp_path / "second.json"
+    train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "difffit", "--reference-json", str(first),
+                      "--output", str(second)])
+    row = json.loads(second.read_text())["results"][0]
+    assert "error" not in row["toolkit"] and row["reference"]["reused_from"] == str(first)
+    assert {k: v for k, v in row["reference"].items() if k != "reused_from"} == measured  # bitfit's, for DiffFit
+    assert row["ratio"] == pytest.approx(row["toolkit"]["samples_per_second"] / measured["samples_per_second"])
+
+    record = json.loads(first.read_text())
+    assert set(train_speed.earlier_references(str(first), record)) == {("bitfit", 2)}
+    for changed in ({"settings": {**record["settings"], "timed_steps": 5}}, {"device": "another GPU"}):
+        assert train_speed.earlier_references(str(first), {**record, **changed}) == {}
+    assert train_speed.earlier_references(str(tmp_path / "absent.json"), record) == {}
+
+
 def test_synth_speed_rows_are_named_flag_sets_checked_before_anything_runs(capsys):
     assert synth_speed.toolkit_configs(["defaults=", "+compile=--torch_compile --torch_compile_mode default"]) == {
         "defaults": "", "+compile": "--torch_compile --torch_compile_mode default"}
@@ -137,6 +161,7 @@ def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tin
                                  "+compile=--torch_compile --torch_compile_backend eager"])
     record = json.loads(output.read_text())
     assert {"device", "date", "versions", "settings", "reference", "toolkit", "fast_recipe", "same_images"} <= set(record)
+    assert record["status"] == "complete"
     reference = record["reference"]
     assert _positive(reference["images_per_second"]) and reference["finite"] and reference["scheduler"] == "PNDMScheduler"
     rows = record["toolkit"]
@@ -160,6 +185,24 @@ def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tin
     assert "target_ratio" not in record  # tiny settings are not the target's
     assert returned["toolkit"] == rows and synth_speed.succeeded(returned)
     assert not synth_speed.succeeded({**returned, "same_images": False})
+
+
+def test_synth_speed_cut_short_keeps_the_rows_it_finished(tiny_model, tmp_path, monkeypatch):
+    side = synth_speed.toolkit_side
+
+    def cut_at_channels_last(extra):
+        if "--channels_last" in extra:
+            raise KeyboardInterrupt  # as a device call's time limit ends the script
+        return side(extra)
+
+    monkeypatch.setattr(synth_speed, "toolkit_side", cut_at_channels_last)
+    output = tmp_path / "synth_speed.json"
+    with pytest.raises(KeyboardInterrupt):
+        synth_speed.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output), "--fast-recipe", "",
+                          "--toolkit-configs", "defaults=", "+speed=--channels_last"])
+    record = json.loads(output.read_text())
+    assert record["status"] == "running" and _positive(record["reference"]["images_per_second"])
+    assert [row["name"] for row in record["toolkit"]] == ["defaults"] and record["same_images"]
 
 
 def test_train_speed_dataset_holds_at_least_one_full_batch_of_the_largest_size():

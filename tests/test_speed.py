@@ -229,6 +229,64 @@ def test_optimizer_class_follows_the_flags_and_the_device(flags, device, expecte
     assert cls is (torch.optim.AdamW if name == "AdamW" else getattr(bnb.optim, name)) and kwargs == want_kwargs
 
 
+def test_a_resumed_run_pages_its_optimizer_state_again(tiny_model, folder, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import bitsandbytes as bnb
+
+    import sdtune.train as training
+
+    # A CPU has no unified memory: stand in for bitsandbytes' pager, which flags each paged tensor and
+    # lists it in its page manager, and run its PagedAdamW8bit where optimizer_class would on a GPU.
+    pages = bnb.functional.GlobalPageManager.get_instance()
+    monkeypatch.setattr(pages, "paged_tensors", [])
+
+    def get_state_buffer(self, param, dtype=torch.float32):
+        buffer = torch.zeros_like(param, dtype=dtype)
+        buffer.is_paged, buffer.page_deviceid = True, 0
+        pages.paged_tensors.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(bnb.optim.optimizer.Optimizer8bit, "get_state_buffer", get_state_buffer)
+    monkeypatch.setattr(bnb.optim.optimizer.Optimizer8bit, "prefetch_state", lambda self, param: None)  # pages only
+    monkeypatch.setattr(training, "optimizer_class", lambda cfg, device_type: (bnb.optim.PagedAdamW8bit, {}))
+    in_pages_at_step = []
+    step = bnb.optim.PagedAdamW8bit.step
+
+    def checked_step(self, *args, **kwargs):
+        moments = [s[k] for s in self.state.values() for k in ("state1", "state2") if k in s]
+        listed = {id(t) for t in pages.paged_tensors}
+        in_pages_at_step.append((len(moments), sum(id(m) in listed for m in moments),
+                                 sum(getattr(m, "is_paged", False) for m in moments)))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.optim.PagedAdamW8bit, "step", checked_step)
+    flags = ("--strategy", "unet", "--checkpointing_steps", "2")
+    _, straight = _run(tiny_model, folder, tmp_path, *flags, steps=4)
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    in_pages_at_step.clear()
+    capsys.readouterr()
+    _, resumed = _run(tiny_model, folder, tmp_path, *flags, "--resume_from_checkpoint", "latest", steps=4)
+    moments, listed, flagged = in_pages_at_step[0]  # the first step after loading checkpoint-2
+    assert moments > 0 and flagged == moments  # the checkpoint kept the flags: bitsandbytes would trust them
+    assert listed == moments, "the loaded optimizer state is not in pages"
+    assert f"at step 2; {moments} optimizer state tensors back in paged memory" in capsys.readouterr().out
+    for k in straight:  # the copy into pages kept every moment
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-6, atol=1e-7)
+
+
+def test_page_optimizer_state_leaves_unpaged_optimizers_alone():
+    from sdtune.train import page_optimizer_state
+
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones(4)
+    optimizer.step()
+    before = dict(optimizer.state[param])
+    assert page_optimizer_state(optimizer) == 0
+    assert all(optimizer.state[param][k] is v for k, v in before.items())
+
+
 def test_loader_workers_and_settings(monkeypatch):
     from types import SimpleNamespace
 
