@@ -1,49 +1,94 @@
 #!/usr/bin/env bash
-# Every GPU figure BENCHMARKS.md is waiting for, in two parts that each fit one 10-minute device call:
+# Every GPU figure BENCHMARKS.md is waiting for, most important first, within a time budget:
 #
-#   bash bench/gpu_session.sh train    # train_speed.py (6 strategies, batch 16; unet/lora compiled) + dora_overhead.py ~8 min
-#   bash bench/gpu_session.sh synth    # synth_speed.py (defaults, +compile, fast recipe) + train_memory.py
-#                                      # + the fp16 grad-scaler path of a full U-Net ~9 min
+#   bash bench/gpu_session.sh [SECONDS] [TASK ...]   # default 480 s and every task, in this order:
 #
-# JSON and logs go to $OUT (the device tool's result folder) or ./bench-results. Wheels the GPU
-# machine lacks travel in .whl/ (see BENCHMARKS.md) and are installed first when present.
+#   task           what it measures                                                     guess, H100
+#   targets        train_speed.py: unet lora dora bitfit at batch 16 (issue 7's targets)      ~4 min
+#   synth          synth_speed.py: StableDiffusionPipeline, toolkit defaults, fast recipe     ~1.5 min
+#   memory         train_memory.py: 11 strategies, batch 1, 512 px, --memory_profile low,
+#                  11.5 GiB left free by a ballast; heaviest first                            ~3 min
+#   more           train_speed.py: difffit, unet+vae+text (bitfit's reference reused)         ~1.5 min
+#   compiled       train_speed.py: unet lora with --torch_compile --channels_last            ~4 min
+#   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 ~1 min
+#   resume         paged_resume.py: a resumed low-profile run keeps its state paged           ~1 min
+#   synth_compile  synth_speed.py: the +compile row                                           ~2.5 min
+#   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16              ~1 min
+#
+# A device call is short and its end is fixed, so each task runs with the time left (timeout) and
+# one without enough left is skipped, not started. Every script rewrites its JSON after each row:
+# a task cut short keeps what it finished. $OUT (the device tool's result folder, else
+# ./bench-results) gets logs, JSON and session.txt (each task's exit and seconds; 124: cut at the
+# deadline). A second call on the same warm machine can name the tasks the first did not reach: the
+# installed wheels, the 4.3 GB model folder and the reference figures (/tmp/sdtune-gpu) are reused.
+# Wheels the GPU machine lacks travel in .whl/ (BENCHMARKS.md says which).
 set -uo pipefail
-part=${1:?usage: bench/gpu_session.sh train|synth}
+budget=480
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
+all=(targets synth memory more compiled fp16 resume synth_compile dora)
+tasks=("$@")
+(( ${#tasks[@]} )) || tasks=("${all[@]}")
+for t in "${tasks[@]}"; do
+  [[ " ${all[*]} " == *" $t "* ]] || { echo "unknown task $t: use ${all[*]}" >&2; exit 2; }
+done
+start=$SECONDS
 out=${OUT:-bench-results}
-mkdir -p "$out"
-cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+state=${SDTUNE_GPU_STATE:-/tmp/sdtune-gpu}   # survives between calls while the machine stays warm
+model=$state/sd15-random
+tiny=() quick=() batch=(--batch-sizes 16)
+if [[ ${SDTUNE_GPU_TINY:-} == 1 ]]; then  # a CPU dry run of this script's logic (tests/test_bench.py): the tiny model
+  tiny=(--tiny) quick=(--quick) batch=(--tiny --batch-sizes 2) model=$state/tiny-sd15
 fi
+mkdir -p "$out" "$state"
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null && [[ ! -e $state/site/.installed ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$state/site" .whl/*.whl \
+    && touch "$state/site/.installed" || exit 1
+fi
+[[ -d $state/site ]] && export PYTHONPATH=$state/site
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
-model=/tmp/sd15-random  # written once per machine by the first script, reused by the next
 # Fail in seconds, not after the first benchmark: the SD1.5 builder needs open_clip's CLIP vocabulary.
 python3 -c "import diffusers, bitsandbytes, open_clip, pydicom, peft, accelerate" \
   || { echo "missing packages: carry the wheels BENCHMARKS.md lists, in .whl/" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, diffusers, peft, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
+python3 -c "import torch, diffusers, peft, transformers, accelerate, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$out/gpu.txt"
+echo "budget ${budget} s; tasks: ${tasks[*]}" | tee -a "$out/session.txt"
 
-run() {  # name, command...: its log and JSON in $out; a failure is recorded and the next one still runs
-  local name=$1; shift
-  echo "=== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log"
-  echo "=== $name exit ${PIPESTATUS[0]}"
+task() {  # name, seconds worth starting with, command...
+  local name=$1 need=$2 left begin rc; shift 2
+  left=$(( budget - (SECONDS - start) ))
+  if (( left < need )); then
+    echo "$name skipped: ${left} s left, worth starting with ${need}" | tee -a "$out/session.txt"
+    return
+  fi
+  echo "=== $name (${left} s left): $*"
+  begin=$SECONDS
+  # SIGINT: Python stops with KeyboardInterrupt; the JSON already holds every finished row.
+  timeout --signal=INT --kill-after=15 "$left" "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "$name exit $rc after $(( SECONDS - begin )) s" | tee -a "$out/session.txt"
+  cp "$out"/*.json "$state"/ 2>/dev/null
 }
-case $part in
-  train)
-    # the issue's targets are at batch 16; batch-1 memory comes from train_memory.py (synth part)
-    run train_speed python3 bench/train_speed.py --model-dir "$model" --batch-sizes 16 --output "$out/train_speed.json"
-    run train_speed_compiled python3 bench/train_speed.py --model-dir "$model" --batch-sizes 16 --strategies unet lora \
-      --toolkit-args "--torch_compile --channels_last" --output "$out/train_speed_compiled.json"
-    run dora_overhead python3 bench/dora_overhead.py --device cuda --output "$out/dora_overhead.json"
-    ;;
-  synth)
-    run synth_speed python3 bench/synth_speed.py --model-dir "$model" --output "$out/synth_speed.json"
-    run train_memory python3 bench/train_memory.py --model-dir "$model" --output "$out/train_memory.json"
+
+speed=(python3 bench/train_speed.py --model-dir "$model" "${batch[@]}" --reference-json "$state/train_speed.json")
+synth=(python3 bench/synth_speed.py --model-dir "$model" "${tiny[@]}")
+for t in "${tasks[@]}"; do
+  case $t in
+    targets) task targets 150 "${speed[@]}" --strategies unet lora dora bitfit --output "$out/train_speed.json" ;;
+    synth) task synth 60 "${synth[@]}" --toolkit-configs defaults= --output "$out/synth_speed.json" ;;
+    memory) task memory 60 python3 bench/train_memory.py --model-dir "$model" "${tiny[@]}" --output "$out/train_memory.json" \
+              --strategies unet+vae+text unet+vae unet+text unet vae+text vae text bitfit difffit dora lora ;;
+    more) task more 60 "${speed[@]}" --strategies difffit unet+vae+text --output "$out/train_speed_more.json" ;;
+    compiled) task compiled 150 "${speed[@]}" --strategies unet lora --toolkit-args "--torch_compile --channels_last" \
+                --output "$out/train_speed_compiled.json" ;;
     # fp16's path (fp32 master weights, grad scaler, fused AdamW), which no CPU can run
-    run train_speed_fp16 python3 bench/train_speed.py --model-dir "$model" --batch-sizes 16 --strategies unet \
-      --mixed-precision fp16 --output "$out/train_speed_fp16.json"
-    ;;
-  *) echo "unknown part $part: use train or synth" >&2; exit 2 ;;
-esac
+    fp16) task fp16 40 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;
+    resume) task resume 45 python3 bench/paged_resume.py --model-dir "$model" "${tiny[@]}" \
+              --output "$out/paged_resume.json" ;;
+    synth_compile) task synth_compile 120 "${synth[@]}" --fast-recipe "" --toolkit-configs +compile=--torch_compile \
+                     --output "$out/synth_speed_compiled.json" ;;
+    dora) task dora 40 python3 bench/dora_overhead.py --device "${SDTUNE_GPU_DEVICE:-cuda}" "${quick[@]}" \
+            --output "$out/dora_overhead.json" ;;
+  esac
+done
+echo "session: $(( SECONDS - start )) s of ${budget}" | tee -a "$out/session.txt"

@@ -436,7 +436,8 @@ def main(argv=None) -> dict:
         images = write_image_folder(scratch / "images", args.images, args.resolution)
         common = dict(model_dir=model_dir, images=images, resolution=args.resolution, steps=total_steps,
                       lora_rank=args.lora_rank)
-        references = earlier_references(args.reference_json, record)
+        needed = {(REFERENCE_RECIPE.get(s, s), b) for b, s in order}
+        references = {k: v for k, v in earlier_references(args.reference_json, record).items() if k in needed}
         for key, ref in references.items():
             print(f"reference {key[0]:13s} batch {key[1]:2d}: {fmt(ref.get('samples_per_second'))} samples/s, "
                   f"peak {fmt(ref.get('peak_gib'), '.2f')} GiB (reused from {args.reference_json})", flush=True)

@@ -212,3 +212,17 @@ def test_train_speed_dataset_holds_at_least_one_full_batch_of_the_largest_size()
     assert train_speed.parse_args([]).images == 32
     assert train_speed.parse_args(["--batch-sizes", "64", "1"]).images == 64
     assert train_speed.parse_args(["--tiny", "--batch-sizes", "16", "--images", "4"]).images == 4  # as asked
+
+
+def test_paged_resume_tiny_resumes_and_records_what_page_optimizer_state_did(tiny_model, tmp_path):
+    import paged_resume
+
+    output = tmp_path / "paged_resume.json"
+    returned = paged_resume.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert record == json.loads(json.dumps(returned)) and record["status"] == "complete"
+    straight, resumed, at = record["straight"], record["resumed"], record["at_resume"]
+    assert straight["steps"] == resumed["steps"] == 2
+    assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-6)  # step 2 again, from checkpoint-1
+    # the watch ran at the resume; the CPU's 8-bit AdamW is not paged, so nothing moved
+    assert at["optimizer"] == "AdamW8bit" and at["moments"] > 0 and at["moved"] == 0 and not record["paged_again"]
