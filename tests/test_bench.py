@@ -226,3 +226,38 @@ def test_paged_resume_tiny_resumes_and_records_what_page_optimizer_state_did(tin
     assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-6)  # step 2 again, from checkpoint-1
     # the watch ran at the resume; the CPU's 8-bit AdamW is not paged, so nothing moved
     assert at["optimizer"] == "AdamW8bit" and at["moments"] > 0 and at["moved"] == 0 and not record["paged_again"]
+
+
+# ------------------------------------------------------------------------------- bench/gpu_session.sh
+
+
+def _session(tmp_path, *args):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "SDTUNE_GPU_STATE": str(tmp_path / "state"), "SDTUNE_GPU_TINY": "1", "SDTUNE_GPU_DEVICE": "cpu"}
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_session_refuses_unknown_tasks_and_skips_what_the_budget_cannot_hold(tmp_path):
+    bad = _session(tmp_path, "60", "targets", "benchmarks")
+    assert bad.returncode == 2 and "unknown task benchmarks" in bad.stderr
+    short = _session(tmp_path, "30", "targets", "resume")
+    assert short.returncode == 0, short.stderr
+    session = (tmp_path / "out" / "session.txt").read_text()
+    # neither is worth starting with 30 s (150 s and 45 s): nothing ran, so no JSON and no log
+    assert "targets skipped" in session and "resume skipped" in session
+    assert not list((tmp_path / "out").glob("*.json")) and not (tmp_path / "out" / "targets.log").exists()
+
+
+@pytest.mark.slow
+def test_gpu_session_runs_a_task_and_keeps_its_json_for_the_next_call(tmp_path):
+    done = _session(tmp_path, "300", "resume")
+    assert done.returncode == 0, done.stderr
+    assert "resume exit 0" in (tmp_path / "out" / "session.txt").read_text()
+    record = json.loads((tmp_path / "out" / "paged_resume.json").read_text())
+    assert record["status"] == "complete" and record["resumed"]["steps"] == 2
+    assert json.loads((tmp_path / "state" / "paged_resume.json").read_text()) == record  # for a second call
+    assert (tmp_path / "state" / "tiny-sd15" / "model_index.json").is_file()  # the model, written once
