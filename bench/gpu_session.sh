@@ -91,4 +91,5 @@ for t in "${tasks[@]}"; do
             --output "$out/dora_overhead.json" ;;
   esac
 done
-echo "session: $(( SECONDS - start )) s of ${budget}" | tee -a "$out/session.txt"
+echo "session: $(( SECONDS - start )) s of ${budget}" >> "$out/session.txt"
+echo; cat "$out/session.txt"  # the device tool returns only the output's tail: the summary comes last
