@@ -253,11 +253,27 @@ def test_gpu_session_refuses_unknown_tasks_and_skips_what_the_budget_cannot_hold
 
 
 @pytest.mark.slow
-def test_gpu_session_runs_a_task_and_keeps_its_json_for_the_next_call(tmp_path):
-    done = _session(tmp_path, "300", "resume")
+def test_gpu_session_runs_its_tasks_keeps_their_json_for_the_next_call_and_gpu_tables_reads_them(tmp_path):
+    import gpu_tables
+
+    done = _session(tmp_path, "300", "targets", "resume")
     assert done.returncode == 0, done.stderr
-    assert "resume exit 0" in (tmp_path / "out" / "session.txt").read_text()
-    record = json.loads((tmp_path / "out" / "paged_resume.json").read_text())
+    out = tmp_path / "out"
+    session = (out / "session.txt").read_text()
+    assert "targets exit 0" in session and "resume exit 0" in session
+    record = json.loads((out / "paged_resume.json").read_text())
     assert record["status"] == "complete" and record["resumed"]["steps"] == 2
     assert json.loads((tmp_path / "state" / "paged_resume.json").read_text()) == record  # for a second call
     assert (tmp_path / "state" / "tiny-sd15" / "model_index.json").is_file()  # the model, written once
+
+    text = gpu_tables.tables(out)
+    speed = json.loads((out / "train_speed.json").read_text())
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    for r, name in zip(speed["results"], ("full U-Net", "LoRA r16", "DoRA r16", "BitFit")):
+        cells = rows[name]  # strategy, batch, toolkit, reference samples/s, toolkit samples/s, toolkit/ref, ...
+        ref, tk = r["reference"]["samples_per_second"], r["toolkit"]["samples_per_second"]
+        assert (cells[1], cells[3], cells[4]) == ("2", f"{ref:.1f}", f"{tk:.1f}")
+        assert cells[5] == f"{tk / ref:.2f}"
+    assert f"{record['at_resume']['moved']} of {record['at_resume']['moments']} moments" in text
+    assert "targets exit 0" in text.split("### The session")[1]
+    assert gpu_tables.tables(tmp_path / "state" / "tiny-sd15").startswith("no gpu_session.sh results")

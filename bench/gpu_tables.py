@@ -1,0 +1,175 @@
+"""BENCHMARKS.md's tables from a gpu_session.sh result folder, as Markdown.
+
+    python bench/gpu_tables.py RESULTS_DIR > tables.md
+
+Reads whichever of the session's JSON files are there (train_speed*.json, synth_speed*.json,
+train_memory.json, paged_resume.json, dora_overhead.json) and prints one table per benchmark,
+headed by the device, versions and date the runs recorded. A run cut short (status "running")
+is marked as such; a row that failed shows its error. Nothing is computed that the JSON does
+not hold, except the gap to a target (reached / target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt  # noqa: E402
+
+NAMES = {"unet": "full U-Net", "lora": "LoRA", "dora": "DoRA", "bitfit": "BitFit", "difffit": "DiffFit",
+         "unet+vae+text": "U-Net+VAE+text"}
+TRAIN_FILES = ("train_speed.json", "train_speed_more.json", "train_speed_compiled.json", "train_speed_fp16.json")
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cut_short(record: dict) -> str:
+    return " **(cut short: the rows it finished)**" if record.get("status") == "running" else ""
+
+
+def origin(record: dict) -> str:
+    versions = record.get("versions", {})
+    names = ", ".join(f"{k} {versions[k]}" for k in ("torch", "cuda", "diffusers", "transformers", "accelerate", "peft")
+                      if versions.get(k))
+    return f"{record.get('device', record.get('device_name', '?'))}; {names}; {record.get('date', 'date not recorded')}"
+
+
+def train_speed_table(folder: Path) -> str | None:
+    rows, heads = [], []
+    for name in TRAIN_FILES:
+        record = load(folder, name)
+        if record is None:
+            continue
+        settings = record["settings"]
+        heads.append(f"`{name}`: {settings['resolution']} px, {settings['warmup_steps']} warm-up + "
+                     f"{settings['timed_steps']} timed steps, reference {settings['reference_precision']}; "
+                     f"{origin(record)}{cut_short(record)}")
+        flags = settings.get("toolkit_args") or ""
+        rank = record["settings"].get("lora_rank")
+        for r in record["results"]:
+            ref, tk = r["reference"], r["toolkit"]
+            strategy = NAMES.get(r["strategy"], r["strategy"]) + (f" r{rank}" if r["strategy"] in ("lora", "dora") else "")
+            if ref.get("recipe") != r["strategy"]:
+                strategy += f" (vs {NAMES.get(ref['recipe'], ref['recipe'])} reference)"
+            toolkit = r["toolkit_mixed_precision"] + (f" `{flags}`" if flags else "")
+            if "target_ratio" in r:
+                reached = r["ratio"]
+                target = (f"{r['target_ratio']:.1f}x: {'met' if r['meets_target'] else 'missed'}"
+                          + ("" if reached is None else f" ({reached / r['target_ratio']:.0%} of it)"))
+            else:
+                target = "-"
+            once = (tk.get("encoded_once") or {}).get("seconds")
+            rows.append([strategy, r["batch_size"], toolkit, fmt(ref.get("samples_per_second")),
+                         fmt(tk.get("samples_per_second")), fmt(r.get("ratio"), ".2f"), target,
+                         fmt(ref.get("peak_gib"), ".2f"), fmt(tk.get("peak_gib"), ".2f"), fmt(once),
+                         ref.get("error") or tk.get("error") or ""])
+    if not rows:
+        return None
+    header = ["strategy", "batch", "toolkit", "reference samples/s", "toolkit samples/s", "toolkit/ref",
+              "target", "ref peak GiB", "toolkit peak GiB", "encoded once, s", "error"]
+    return "### Training speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows)
+
+
+def synth_speed_table(folder: Path) -> str | None:
+    rows, heads = [], []
+    for name in ("synth_speed.json", "synth_speed_compiled.json"):
+        record = load(folder, name)
+        if record is None or record.get("reference") is None:
+            continue
+        heads.append(f"`{name}`: {origin(record)}{cut_short(record)}")
+        ref = record["reference"]
+        rows.append([f"StableDiffusionPipeline ({name})", fmt(ref["images_per_second"], ".2f"), "1.00",
+                     fmt(ref.get("peak_gib"), ".2f"), "-", "-"])
+        for row in record["toolkit"]:
+            same = f"{'yes' if row['same_images'] else 'NO'} (mean abs. diff. {row['image_difference']['mean_abs']:.1e})"
+            target = "-"
+            if "meets_target" in row:
+                target = f"{record['target_ratio']:.1f}x: {'met' if row['meets_target'] else 'missed'}"
+            rows.append([f"sdtune {row['name']} {row['flags']}".strip(), fmt(row["images_per_second"], ".2f"),
+                         fmt(row["ratio"], ".2f"), fmt(row.get("peak_gib"), ".2f"), same, target])
+        if record.get("fast_recipe"):
+            fast = record["fast_recipe"]
+            rows.append([f"fast recipe {fast['flags']}", fmt(fast["images_per_second"], ".2f"), fmt(fast["ratio"], ".2f"),
+                         fmt(fast.get("peak_gib"), ".2f"), "other images (not compared)", "not counted"])
+    if not rows:
+        return None
+    header = ["synthesis", "images/s", "ratio to its reference", "peak GiB", "same images", "target"]
+    return "### Synthesis speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows)
+
+
+def train_memory_table(folder: Path) -> str | None:
+    record = load(folder, "train_memory.json")
+    if record is None:
+        return None
+    published = record.get("published_reference_batch1_gib", {})
+    budget = record["settings"]["budget_gib"]
+    rows = [[r["strategy"], r["profile"], fmt(r["peak_gib"], ".2f"),
+             fmt(r["peak_reserved_gib"], ".2f"), fmt(r.get("ballast_gib"), ".1f"),
+             {True: "yes", False: "**no**", None: "-"}[r["fits_budget"]],
+             fmt((published.get(r["strategy"]) or [None])[0], ".1f"), r.get("error") or ""] for r in record["results"]]
+    header = ["strategy", "profile", "peak allocated GiB", "peak reserved GiB", "ballast GiB", f"fits {budget} GiB",
+              "reference GiB (plain)", "error"]
+    return (f"### Memory at batch 1, {record['settings']['resolution']} px\n\n- {origin(record)}{cut_short(record)}\n\n"
+            + markdown(header, rows))
+
+
+def paged_resume_line(folder: Path) -> str | None:
+    record = load(folder, "paged_resume.json")
+    if record is None:
+        return None
+    at = record["at_resume"]
+    return (f"### Paged resume\n\n- {origin(record)}\n\n{at.get('optimizer')}: {at.get('moved')} of {at.get('moments')} "
+            f"moments copied back into pages; large moments in pages {at.get('large_moments_in_pages')}/"
+            f"{at.get('large_moments')}; allocated {fmt(at.get('allocated_gib_before_paging'), '.2f')} -> "
+            f"{fmt(at.get('allocated_gib_after_paging'), '.2f')} GiB; peak straight "
+            f"{fmt(record['straight']['peak_gib'], '.2f')} GiB, resumed {fmt(record['resumed']['peak_gib'], '.2f')} GiB; "
+            f"paged again: {'yes' if record.get('paged_again') else 'no'}")
+
+
+def dora_overhead_table(folder: Path) -> str | None:
+    record = load(folder, "dora_overhead.json")
+    if record is None:
+        return None
+    by_shape: dict[str, dict] = {}
+    for row in record["rows"]:
+        by_shape.setdefault(row["shape"], {})[row["variant"]] = row
+    rows = [[shape, fmt(v["lora"]["ms"], ".2f"), fmt(v["dora"]["ratio_to_lora"], ".2f"),
+             fmt(v["dora+fused"]["ratio_to_lora"], ".2f"), fmt(v["dora+fused"].get("max_rel_err"), ".0e")]
+            for shape, v in by_shape.items() if {"lora", "dora", "dora+fused"} <= set(v)]
+    head = (f"{record['device_name']}, {record['dtype']}, batch {record['batch']}, rank {record['rank']}; "
+            + ", ".join(f"{k} {v}" for k, v in record["versions"].items()))
+    return ("### DoRA's overhead\n\n- " + head + "\n\n"
+            + markdown(["shape", "LoRA ms", "peft DoRA / LoRA", "toolkit DoRA / LoRA", "max rel. difference"], rows))
+
+
+def tables(folder: Path) -> str:
+    parts = [f(folder) for f in (train_speed_table, synth_speed_table, train_memory_table, paged_resume_line,
+                                 dora_overhead_table)]
+    parts = [p for p in parts if p]
+    session = folder / "session.txt"
+    if session.is_file():
+        parts.append("### The session\n\n```\n" + session.read_text().strip() + "\n```")
+    return "\n\n".join(parts) if parts else f"no gpu_session.sh results in {folder}"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="where gpu_session.sh wrote its JSON ($OUT)")
+    text = tables(p.parse_args(argv).folder)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
