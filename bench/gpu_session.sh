@@ -12,6 +12,7 @@
 #   compiled       train_speed.py: unet lora with --torch_compile --channels_last            ~4 min
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 ~1 min
 #   resume         paged_resume.py: a resumed low-profile run keeps its state paged           ~1 min
+#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo on the GPU  ~3 min
 #   synth_compile  synth_speed.py: the +compile row                                           ~2.5 min
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16              ~1 min
 #
@@ -25,7 +26,7 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(targets synth memory more compiled fp16 resume synth_compile dora)
+all=(targets synth memory more resume e2e compiled fp16 synth_compile dora)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
 for t in "${tasks[@]}"; do
@@ -35,9 +36,10 @@ start=$SECONDS
 out=${OUT:-bench-results}
 state=${SDTUNE_GPU_STATE:-/tmp/sdtune-gpu}   # survives between calls while the machine stays warm
 model=$state/sd15-random
-tiny=() quick=() batch=(--batch-sizes 16)
+tiny=() quick=() batch=(--batch-sizes 16) e2e=(env) resolution=512
 if [[ ${SDTUNE_GPU_TINY:-} == 1 ]]; then  # a CPU dry run of this script's logic (tests/test_bench.py): the tiny model
-  tiny=(--tiny) quick=(--quick) batch=(--tiny --batch-sizes 2) model=$state/tiny-sd15
+  tiny=(--tiny) quick=(--quick) batch=(--tiny --batch-sizes 2) model=$state/tiny-sd15 resolution=64
+  e2e=(env MIXED_PRECISION=no DEMO_STEPS=20 DEMO_PHANTOMS=60 DEMO_IMAGES=2 DEMO_SAMPLING_STEPS=3)
 fi
 mkdir -p "$out" "$state"
 cd "$(dirname "$0")/.."
@@ -85,6 +87,7 @@ for t in "${tasks[@]}"; do
     fp16) task fp16 40 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;
     resume) task resume 45 python3 bench/paged_resume.py --model-dir "$model" "${tiny[@]}" \
               --output "$out/paged_resume.json" ;;
+    e2e) task e2e 120 "${e2e[@]}" bash bench/gpu_e2e.sh "$model" "$state/e2e" "$resolution" ;;
     synth_compile) task synth_compile 120 "${synth[@]}" --fast-recipe "" --toolkit-configs +compile=--torch_compile \
                      --output "$out/synth_speed_compiled.json" ;;
     dora) task dora 40 python3 bench/dora_overhead.py --device "${SDTUNE_GPU_DEVICE:-cuda}" "${quick[@]}" \

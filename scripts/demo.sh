@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the study in miniature, offline, on a CPU, in a few minutes.
+# `make demo`: the study in miniature, offline, on a CPU in a few minutes (on a GPU when there is one).
 # Builds the tiny SD1.5-family model and phantom CheXpert data, fine-tunes the model with LoRA and
 # with the full U-Net (train_text_to_image.py), makes a labelled synthetic set with each
 # (synthesize_images.py), evaluates it against the phantom's held-out valid set (evaluate.py:
@@ -17,6 +17,7 @@ set -euo pipefail
 : "${DEMO_FID_BOOTSTRAP:=0}"           # resamples for FID's spread (each costs a few seconds on a CPU)
 : "${RESOLUTION:=64}"                  # the tiny model's native size
 : "${TRAIN_BATCH_SIZE:=8}"
+: "${DEMO_DEVICE:=}"                  # synthesis and evaluation: cpu, cuda, ... (empty: a GPU when there is one, as training)
 : "${PYTHON:=python}"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
@@ -26,6 +27,7 @@ MODEL="$DEMO_DIR/tiny-sd15"
 DATA="$DEMO_DIR/phantom/CheXpert-v1.0-small"
 START=$SECONDS
 mkdir -p "$LOGS"
+DEVICE=(${DEMO_DEVICE:+--device "$DEMO_DEVICE"})
 
 # Run one step quietly: its full output goes to a log, which is shown if it fails.
 step() {
@@ -65,16 +67,16 @@ for s in $DEMO_STRATEGIES; do
   rm -rf "$synthetic"  # a new model: the images of an earlier demo must not be resumed
   step "synthesize-$s" "$PYTHON" "$ROOT/synthesize_images.py" --model-path "$run" --labels-csv "$LABELS" \
     --output-dir "$synthetic" --steps "$DEMO_SAMPLING_STEPS" --height "$RESOLUTION" --width "$RESOLUTION" \
-    --batch-size 8 --device cpu
+    --batch-size 8 "${DEVICE[@]}"
   step "evaluate-$s" "$PYTHON" "$ROOT/evaluate.py" --real "$DATA/valid.csv" --fake "$synthetic" \
     --metrics fid,kid,vendi,ms_ssim --per-condition --fid-bootstrap "$DEMO_FID_BOOTSTRAP" \
-    --cache-dir "$DEMO_DIR/feature-cache" --device cpu --output "$run/evaluation/inception.json"
+    --cache-dir "$DEMO_DIR/feature-cache" "${DEVICE[@]}" --output "$run/evaluation/inception.json"
   RUNS+=("$run") SYNTHETIC+=("$synthetic")
 done
 FIRST="${RUNS[0]}"
 step "generate-samples-${FIRST##*/}" "$PYTHON" "$ROOT/evaluate.py" --generate-samples --num-samples 4 \
   --prompt "Chest x-ray of a patient with Cardiomegaly" --model-path "$FIRST" --steps "$DEMO_SAMPLING_STEPS" \
-  --height "$RESOLUTION" --width "$RESOLUTION" --device cpu --output-dir "$FIRST/samples/cardiomegaly"
+  --height "$RESOLUTION" --width "$RESOLUTION" "${DEVICE[@]}" --output-dir "$FIRST/samples/cardiomegaly"
 step compare "$PYTHON" "$ROOT/evaluate.py" compare "${RUNS[@]}" --output-dir "$DEMO_DIR/comparison"
 step phantom-findings "$PYTHON" -m sdtune.evaluation.phantom_findings "${SYNTHETIC[@]}" \
   --real "$DATA/valid.csv"

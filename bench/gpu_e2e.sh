@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What a researcher runs first, on a GPU: the tutorial's wrappers and the demo, end to end (gpu_session.sh's e2e task).
+#
+#   bash bench/gpu_e2e.sh MODEL_DIR WORK_DIR [RESOLUTION]
+#
+# 1. ./lora.sh with its own defaults (fp16 with a grad scaler, rank 8, batch 4 x 4 accumulation,
+#    through `accelerate launch`) for 2 steps on phantom chest X-rays from a CheXpert table, and
+#    ./synthesis_lora.sh on its output (2 prompts, 10 steps): the LoRA file saved, loaded and fused.
+# 2. The demo (scripts/demo.sh) on the GPU: tiny model, LoRA and full U-Net, synthesis, FID/KID/
+#    Vendi/MS-SSIM, the comparison table.
+# The tests run all of this on the CPU; only a GPU run shows the CUDA paths of the user's scripts.
+set -euo pipefail
+model=${1:?usage: bench/gpu_e2e.sh MODEL_DIR WORK_DIR [RESOLUTION]}
+work=${2:?usage: bench/gpu_e2e.sh MODEL_DIR WORK_DIR [RESOLUTION]}
+resolution=${3:-512}
+root="$(cd "$(dirname "$0")/.." && pwd)"
+rm -rf "$work" && mkdir -p "$work"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
+
+python3 -m sdtune.phantom "$work/phantom" --n 24 --size "$resolution"
+MODEL_NAME=$model TRAIN_CSV="$work/phantom/CheXpert-v1.0-small/train.csv" OUTPUT_DIR="$work/lora" \
+  MAX_TRAIN_STEPS=2 RESOLUTION=$resolution CHECKPOINTING_STEPS=1000 "$root/lora.sh" --report_to none
+ls "$work/lora/final_model"
+MODEL_PATH="$work/lora" OUTPUT_DIR="$work/synthetic" NUM_INFERENCE_STEPS=10 BATCH_SIZE=2 HEIGHT=$resolution \
+  WIDTH=$resolution PROMPTS="Chest x-ray of a patient with Pleural Effusion, Chest x-ray of a patient with Cardiomegaly" \
+  "$root/synthesis_lora.sh"
+echo "synthetic images: $(find "$work/synthetic" -name '*.png' | wc -l)"
+
+DEMO_DIR="$work/demo" DEMO_STEPS=${DEMO_STEPS:-300} DEMO_PHANTOMS=${DEMO_PHANTOMS:-400} PYTHON=python3 \
+  bash "$root/scripts/demo.sh"
