@@ -729,7 +729,8 @@ def synthesize(cfg: SynthesisConfig) -> dict:
     state.print(f"speed: {describe_speed(speed)}" + (" (the first batch compiles)" if speed["torch_compile"] else ""))
 
     start = time.time()
-    progress = tqdm(total=len(mine), unit="img", desc="images", disable=not state.is_local_main_process)
+    # disable= only off the main process: an explicit value would override tqdm's TQDM_DISABLE
+    progress = tqdm(total=len(mine), unit="img", desc="images", **({} if state.is_local_main_process else {"disable": True}))
     for first in range(0, len(mine), cfg.batch_size):
         batch = mine[first:first + cfg.batch_size]
         for item, image in zip(batch, pipeline.numpy_to_pil(render(pipeline, batch, cfg))):

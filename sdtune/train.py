@@ -548,7 +548,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     train_reconstruction = bool(trainable["vae"]) and cfg.vae_recon_weight > 0
     latent_scale = models.vae.config.scaling_factor
     micro_step = global_step * cfg.gradient_accumulation_steps
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    # disable= only off the main process: an explicit value would override tqdm's TQDM_DISABLE
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps",
+                    **({} if accelerator.is_local_main_process else {"disable": True}))
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
     last_loss, skipped_steps, nonfinite_in_a_row = float("nan"), 0, 0
     stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly

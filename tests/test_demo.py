@@ -77,6 +77,9 @@ def test_make_demo_at_minimal_size(tmp_path):
     assert (demo / "runs" / "lora" / "samples" / "cardiomegaly" / "grid.png").is_file()
     assert "| Cardiomegaly | cardiothoracic_ratio |" in result.stdout  # the phantom finding scores
     assert f"everything is in {demo}" in result.stdout
+    # demo.sh sets TQDM_DISABLE=1: no progress bar in the logs of training, synthesis or features
+    for log in ("train-lora", "synthesize-lora", "evaluate-lora"):
+        assert "%|" not in (demo / "logs" / f"{log}.log").read_text(), log
 
 
 class _Pool(torch.nn.Module):

@@ -225,7 +225,8 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
     out = []
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
         starts = range(0, len(mine), batch_size)
-        for start in tqdm(starts, desc=progress, disable=progress is None or not state.is_main_process, unit="batch"):
+        shown = progress is not None and state.is_main_process  # disable= only then: it would override TQDM_DISABLE
+        for start in tqdm(starts, desc=progress, unit="batch", **({} if shown else {"disable": True})):
             images = list(pool.map(pixels, [items[i] for i in mine[start:start + batch_size]]))
             out.append(extractor(images).cpu())
     feats = torch.cat(out) if out else torch.empty(0, extractor.dim, dtype=torch.float64)
