@@ -72,7 +72,8 @@ task() {  # name, seconds worth starting with, command...
   cp "$out"/*.json "$state"/ 2>/dev/null
 }
 
-speed=(python3 bench/train_speed.py --model-dir "$model" "${batch[@]}" --reference-json "$state/train_speed.json")
+# --reuse: what an earlier call measured here (references, finished rows) is not measured again
+speed=(python3 bench/train_speed.py --model-dir "$model" "${batch[@]}" --reuse "$state")
 synth=(python3 bench/synth_speed.py --model-dir "$model" "${tiny[@]}")
 for t in "${tasks[@]}"; do
   case $t in

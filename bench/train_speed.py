@@ -313,29 +313,37 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-# Settings that must match for an earlier run's reference measurement to stand for this run's.
-REFERENCE_SETTINGS = ("resolution", "warmup_steps", "timed_steps", "reference_precision", "lora_rank", "images")
+# Settings that must match for an earlier run's measurement to stand for this run's.
+SAME_SETTINGS = ("resolution", "warmup_steps", "timed_steps", "reference_precision", "lora_rank", "images")
 
 
-def earlier_references(path: str | None, record: dict) -> dict[tuple[str, int], dict]:
-    """Reference rows of an earlier train_speed JSON measured on the same device with the same settings,
-    keyed by (recipe, batch): a second run (e.g. the compiled toolkit) is then compared with the very same
-    reference figures instead of spending a GPU minute re-measuring them. Anything else is ignored."""
+def earlier_measurements(paths: list[str] | None, record: dict) -> tuple[dict, dict]:
+    """What earlier train_speed JSON files measured on the same device with the same settings:
+    references keyed (recipe, batch), and finished toolkit rows keyed (strategy, batch, precision,
+    toolkit args). A run cut short then goes on where it stopped, and a second run (e.g. the
+    compiled toolkit) is compared with the very same reference figures instead of spending GPU
+    time re-measuring them. Failed measurements and other devices or settings are ignored."""
     import json
 
-    if not path or not Path(path).is_file():
-        return {}
-    earlier = json.loads(Path(path).read_text())
-    if earlier.get("device") != record["device"] or earlier.get("tiny") != record["tiny"] or any(
-            earlier.get("settings", {}).get(k) != record["settings"][k] for k in REFERENCE_SETTINGS):
-        print(f"--reference-json {path}: another device or other settings; measuring the references again")
-        return {}
-    found = {}
-    for row in earlier.get("results", []):
-        ref = row["reference"]
-        if "error" not in ref and ref.get("samples_per_second") is not None:
-            found[(ref["recipe"], row["batch_size"])] = {**ref, "reused_from": str(path)}
-    return found
+    references, rows = {}, {}
+    files = [f for p in paths or [] for f in (sorted(Path(p).glob("train_speed*.json")) if Path(p).is_dir() else [p])]
+    for path in files:
+        if not Path(path).is_file():
+            continue
+        earlier = json.loads(Path(path).read_text())
+        if earlier.get("device") != record["device"] or earlier.get("tiny") != record["tiny"] or any(
+                earlier.get("settings", {}).get(k) != record["settings"][k] for k in SAME_SETTINGS):
+            print(f"--reuse {path}: another device or other settings; nothing reused from it")
+            continue
+        for row in earlier.get("results", []):
+            ref, tk = row["reference"], row["toolkit"]
+            if "error" not in ref and ref.get("samples_per_second") is not None:
+                references.setdefault((ref["recipe"], row["batch_size"]), {"reused_from": str(path), **ref})
+            if "error" not in tk and tk.get("samples_per_second") is not None:
+                key = (row["strategy"], row["batch_size"], row["toolkit_mixed_precision"],
+                       earlier["settings"].get("toolkit_args", ""))
+                rows.setdefault(key, {**row, "reused_from": str(path)})
+    return references, rows
 
 
 def estimate_minutes(strategies, batch_sizes, precisions, total_steps) -> float:
@@ -371,9 +379,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for the toolkit side, "
                                                       "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
-    p.add_argument("--reference-json", default=None,
-                   help="an earlier train_speed JSON: its reference rows with the same device and settings are reused "
-                        "instead of measured again (e.g. for a second, compiled toolkit run)")
+    p.add_argument("--reuse", nargs="+", default=None, metavar="JSON_OR_DIR",
+                   help="earlier train_speed JSON files (a folder: its train_speed*.json): what they measured on this device with the same settings is "
+                        "not measured again (references; toolkit rows with the same strategy, batch, precision and "
+                        "--toolkit-args): a run cut short goes on where it stopped; a compiled run keeps the references")
     p.add_argument("--output", default="train_speed.json", help="JSON record, rewritten after every run")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -426,7 +435,7 @@ def main(argv=None) -> dict:
                            "lora_alpha": args.lora_rank, "images": args.images, "toolkit_args": args.toolkit_args,
                            "timing_rule": "device synchronised after every optimizer step; samples/s = timed steps x "
                                           "batch / (end of last step - end of last warm-up step)",
-                           "reference_recipe_of": REFERENCE_RECIPE, "reference_json": args.reference_json},
+                           "reference_recipe_of": REFERENCE_RECIPE, "reuse": args.reuse},
               "published_reference_h100_batch16": {k: {"samples_per_second": v[0], "peak_gib": v[1]} for k, v in PUBLISHED.items()},
               "results": [], "status": "running"}
     begin = time.perf_counter()
@@ -436,13 +445,23 @@ def main(argv=None) -> dict:
         images = write_image_folder(scratch / "images", args.images, args.resolution)
         common = dict(model_dir=model_dir, images=images, resolution=args.resolution, steps=total_steps,
                       lora_rank=args.lora_rank)
-        needed = {(REFERENCE_RECIPE.get(s, s), b) for b, s in order}
-        references = {k: v for k, v in earlier_references(args.reference_json, record).items() if k in needed}
-        for key, ref in references.items():
-            print(f"reference {key[0]:13s} batch {key[1]:2d}: {fmt(ref.get('samples_per_second'))} samples/s, "
-                  f"peak {fmt(ref.get('peak_gib'), '.2f')} GiB (reused from {args.reference_json})", flush=True)
+        references, done = earlier_measurements(args.reuse, record)
+        announced = set()
         for n, (batch, strategy) in enumerate(order, 1):
             recipe = REFERENCE_RECIPE.get(strategy, strategy)
+            todo = []
+            for precision in precisions:
+                row = done.get((strategy, batch, precision, args.toolkit_args))
+                if row is None:
+                    todo.append(precision)
+                    continue
+                record["results"].append(row)
+                print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}: "
+                      f"{fmt(row['toolkit'].get('samples_per_second'))} samples/s, x{fmt(row['ratio'], '.2f')} the "
+                      f"reference (reused from {row['reused_from']})", flush=True)
+                write_json(args.output, record)
+            if not todo:
+                continue
             if (recipe, batch) not in references:
                 ref = measure(reference_run, device, args.warmup, batch, flags, recipe=recipe,
                               precision=args.reference_precision, **common)
@@ -450,8 +469,13 @@ def main(argv=None) -> dict:
                 print(f"[{n}/{len(order)}] reference {recipe:13s} batch {batch:2d}: "
                       f"{fmt(ref.get('samples_per_second'))} samples/s, peak {fmt(ref.get('peak_gib'), '.2f')} GiB"
                       + note(ref), flush=True)
+            elif (recipe, batch) not in announced:
+                ref = references[(recipe, batch)]
+                print(f"[{n}/{len(order)}] reference {recipe:13s} batch {batch:2d}: "
+                      f"{fmt(ref.get('samples_per_second'))} samples/s (reused from {ref['reused_from']})", flush=True)
+            announced.add((recipe, batch))
             ref = references[(recipe, batch)]
-            for precision in precisions:
+            for precision in todo:
                 out_dir = scratch / f"toolkit-{strategy}-{batch}-{precision}"
                 tk = measure(toolkit_run, device, args.warmup, batch, flags, strategy=strategy, precision=precision,
                              out_dir=out_dir, extra=shlex.split(args.toolkit_args), **common)

@@ -113,28 +113,42 @@ def test_train_speed_tiny_runs_every_strategy_on_both_sides(tiny_model, tmp_path
     assert "toolkit/ref" in out and "difffit (vs bitfit)" in out
 
 
-def test_train_speed_reuses_an_earlier_reference_only_when_device_and_settings_match(tiny_model, tmp_path, monkeypatch):
-    first = tmp_path / "first.json"
+def test_train_speed_reuses_earlier_measurements_only_for_the_same_device_and_settings(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    first = tmp_path / "earlier" / "train_speed.json"
     train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "--output", str(first)])
-    measured = json.loads(first.read_text())["results"][0]["reference"]
+    earlier = json.loads(first.read_text())["results"][0]
 
     def no_reference(**kwargs):
         raise AssertionError("the reference was measured again")
 
+    toolkit_runs = []
+    toolkit_run = train_speed.toolkit_run
     monkeypatch.setattr(train_speed, "reference_run", no_reference)
+    monkeypatch.setattr(train_speed, "toolkit_run", lambda **kw: toolkit_runs.append(kw["strategy"]) or toolkit_run(**kw))
     second = tmp_path / "second.json"
-    train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "difffit", "--reference-json", str(first),
-                      "--output", str(second)])
-    row = json.loads(second.read_text())["results"][0]
-    assert "error" not in row["toolkit"] and row["reference"]["reused_from"] == str(first)
-    assert {k: v for k, v in row["reference"].items() if k != "reused_from"} == measured  # bitfit's, for DiffFit
-    assert row["ratio"] == pytest.approx(row["toolkit"]["samples_per_second"] / measured["samples_per_second"])
+    # the folder: its train_speed*.json; bitfit's row is finished there, DiffFit is compared with bitfit's reference
+    train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "difffit",
+                      "--reuse", str(first.parent), "--output", str(second)])
+    assert toolkit_runs == ["difffit"]
+    bitfit, difffit = json.loads(second.read_text())["results"]
+    assert bitfit == {**earlier, "reused_from": str(first)}
+    assert "error" not in difffit["toolkit"] and difffit["reference"] == {"reused_from": str(first), **earlier["reference"]}
+    assert difffit["ratio"] == pytest.approx(difffit["toolkit"]["samples_per_second"]
+                                             / earlier["reference"]["samples_per_second"])
+    # other toolkit flags: a new toolkit row, the same reference
+    third = tmp_path / "third.json"
+    train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "--reuse", str(first),
+                      "--toolkit-args=--channels_last", "--output", str(third)])
+    assert toolkit_runs == ["difffit", "bitfit"]
+    assert json.loads(third.read_text())["results"][0]["reference"]["reused_from"] == str(first)
 
     record = json.loads(first.read_text())
-    assert set(train_speed.earlier_references(str(first), record)) == {("bitfit", 2)}
+    references, rows = train_speed.earlier_measurements([str(first)], record)
+    assert set(references) == {("bitfit", 2)} and set(rows) == {("bitfit", 2, "no", "")}
     for changed in ({"settings": {**record["settings"], "timed_steps": 5}}, {"device": "another GPU"}):
-        assert train_speed.earlier_references(str(first), {**record, **changed}) == {}
-    assert train_speed.earlier_references(str(tmp_path / "absent.json"), record) == {}
+        assert train_speed.earlier_measurements([str(first)], {**record, **changed}) == ({}, {})
+    assert train_speed.earlier_measurements([str(tmp_path / "absent.json")], record) == ({}, {})
 
 
 def test_synth_speed_rows_are_named_flag_sets_checked_before_anything_runs(capsys):
