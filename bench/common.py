@@ -167,6 +167,24 @@ def write_json(path: str | Path, record: dict) -> None:
     partial.replace(path)
 
 
+def earlier_records(paths: list[str] | None, pattern: str, record: dict, same: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(path, record) of earlier JSON records (files, or folders: their `pattern` files) made on the same
+    device, in the same mode (tiny or not), with the same `same` settings: what they measured stands for
+    this run's measurement (--reuse). Others are named and skipped."""
+    files = [f for p in paths or [] for f in (sorted(Path(p).glob(pattern)) if Path(p).is_dir() else [Path(p)])]
+    found = []
+    for path in files:
+        if not path.is_file():
+            continue
+        earlier = json.loads(path.read_text())
+        if earlier.get("device") != record["device"] or earlier.get("tiny") != record["tiny"] or any(
+                earlier.get("settings", {}).get(k) != record["settings"][k] for k in same):
+            print(f"--reuse {path}: another device or other settings; nothing reused from it")
+            continue
+        found.append((str(path), earlier))
+    return found
+
+
 def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 

@@ -79,7 +79,8 @@ for t in "${tasks[@]}"; do
   case $t in
     targets) task targets 150 "${speed[@]}" --strategies unet lora dora bitfit --output "$out/train_speed.json" ;;
     synth) task synth 60 "${synth[@]}" --toolkit-configs defaults= --output "$out/synth_speed.json" ;;
-    memory) task memory 60 python3 bench/train_memory.py --model-dir "$model" "${tiny[@]}" --output "$out/train_memory.json" \
+    memory) task memory 60 python3 bench/train_memory.py --model-dir "$model" "${tiny[@]}" --reuse "$state" \
+              --output "$out/train_memory.json" \
               --strategies unet+vae+text unet+vae unet+text unet vae+text vae text bitfit difffit dora lora ;;
     more) task more 60 "${speed[@]}" --strategies difffit unet+vae+text --output "$out/train_speed_more.json" ;;
     compiled) task compiled 150 "${speed[@]}" --strategies unet lora --toolkit-args "--torch_compile --channels_last" \

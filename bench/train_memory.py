@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, fmt, model_folder, pick_device, quiet_libraries, table, write_image_folder, write_json  # noqa: E402
+from common import (earlier_records, environment, fmt, model_folder, pick_device, quiet_libraries, table,  # noqa: E402
+                    write_image_folder, write_json)
 from train_speed import _backend_flags, measure, toolkit_run  # noqa: E402
 
 import torch  # noqa: E402
@@ -40,6 +41,8 @@ from sdtune.strategies import STRATEGIES  # noqa: E402
 PUBLISHED_BATCH1 = {"unet": (16.6, 8.7), "lora": (3.7, None), "dora": (3.7, None), "bitfit": (6.3, None),
                     "unet+text": (18.7, None), "unet+vae+text": (22.5, 15.5)}
 PROFILES = {"low": ["--memory_profile", "low"], "default": []}
+# Settings that must match for an earlier run's peak to stand for this run's (--reuse).
+SAME_SETTINGS = ("resolution", "steps", "mixed_precision", "budget_gib", "ballast", "lora_rank", "toolkit_args")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for every run")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
+    p.add_argument("--reuse", nargs="+", default=None, metavar="JSON_OR_DIR",
+                   help="earlier train_memory JSON files (a folder: its train_memory*.json): strategies they measured "
+                        "without error on this device with the same settings are not run again")
     p.add_argument("--output", default="train_memory.json", help="JSON record, rewritten after every run")
     args = p.parse_args(argv)
     args.resolution = args.resolution or (64 if args.tiny else 512)
@@ -105,8 +111,16 @@ def main(argv=None) -> dict:
         scratch = Path(scratch)
         model_dir = model_folder(args.model_dir, args.tiny, scratch, device)
         images = write_image_folder(scratch / "images", 4, args.resolution)
+        done = {(r["strategy"], r["profile"]): {**r, "reused_from": path}
+                for path, earlier in earlier_records(args.reuse, "train_memory*.json", record, SAME_SETTINGS)
+                for r in earlier["results"] if not r["error"]}
         for profile in args.profiles:
             for strategy in args.strategies:
+                if (strategy, profile) in done:
+                    record["results"].append(done[(strategy, profile)])
+                    print(f"{profile:7s} {strategy:13s}: reused from {done[(strategy, profile)]['reused_from']}")
+                    write_json(args.output, record)
+                    continue
                 extra = PROFILES[profile] + shlex.split(args.toolkit_args)
                 held = {}
                 result = measure(run_on_budget, device, 1, 1, flags, budget_gib=args.budget_gib if args.ballast else None,

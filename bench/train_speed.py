@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (StepClock, environment, fmt, free_memory, model_folder, peak_gib, peak_reserved_gib,  # noqa: E402
+from common import (StepClock, earlier_records, environment, fmt, free_memory, model_folder, peak_gib, peak_reserved_gib,  # noqa: E402
                     pick_device, quiet_libraries, start_memory, table, write_image_folder, write_json)
 
 import torch  # noqa: E402
@@ -322,27 +322,17 @@ def earlier_measurements(paths: list[str] | None, record: dict) -> tuple[dict, d
     references keyed (recipe, batch), and finished toolkit rows keyed (strategy, batch, precision,
     toolkit args). A run cut short then goes on where it stopped, and a second run (e.g. the
     compiled toolkit) is compared with the very same reference figures instead of spending GPU
-    time re-measuring them. Failed measurements and other devices or settings are ignored."""
-    import json
-
+    time re-measuring them. Failed measurements are measured again."""
     references, rows = {}, {}
-    files = [f for p in paths or [] for f in (sorted(Path(p).glob("train_speed*.json")) if Path(p).is_dir() else [p])]
-    for path in files:
-        if not Path(path).is_file():
-            continue
-        earlier = json.loads(Path(path).read_text())
-        if earlier.get("device") != record["device"] or earlier.get("tiny") != record["tiny"] or any(
-                earlier.get("settings", {}).get(k) != record["settings"][k] for k in SAME_SETTINGS):
-            print(f"--reuse {path}: another device or other settings; nothing reused from it")
-            continue
+    for path, earlier in earlier_records(paths, "train_speed*.json", record, SAME_SETTINGS):
         for row in earlier.get("results", []):
             ref, tk = row["reference"], row["toolkit"]
             if "error" not in ref and ref.get("samples_per_second") is not None:
-                references.setdefault((ref["recipe"], row["batch_size"]), {"reused_from": str(path), **ref})
+                references.setdefault((ref["recipe"], row["batch_size"]), {"reused_from": path, **ref})
             if "error" not in tk and tk.get("samples_per_second") is not None:
                 key = (row["strategy"], row["batch_size"], row["toolkit_mixed_precision"],
                        earlier["settings"].get("toolkit_args", ""))
-                rows.setdefault(key, {**row, "reused_from": str(path)})
+                rows.setdefault(key, {**row, "reused_from": path})
     return references, rows
 
 

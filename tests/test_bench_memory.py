@@ -65,8 +65,8 @@ def test_memory_estimate_tiny_writes_every_strategy_and_profile(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_train_memory_tiny_runs_the_low_profile(tiny_model, tmp_path):
-    output = tmp_path / "memory.json"
+def test_train_memory_tiny_runs_the_low_profile_and_reuses_earlier_runs(tiny_model, tmp_path, monkeypatch):
+    output = tmp_path / "train_memory.json"
     train_memory.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "lora", "unet+vae+text",
                        "--steps", "2", "--output", str(output)])
     record = json.loads(output.read_text())
@@ -78,6 +78,21 @@ def test_train_memory_tiny_runs_the_low_profile(tiny_model, tmp_path):
         assert row["ballast_gib"] == 0.0  # a CPU holds no ballast
     assert record["results"][0]["encoded_once"]["latents"].startswith("4 images")  # frozen VAE: cached
     assert "the VAE trains" in record["results"][1]["encoded_once"]["latents"]
+
+    # --reuse: a second run measures only what the first did not (same device and settings)
+    runs = []
+    toolkit_run = train_memory.toolkit_run
+    monkeypatch.setattr(train_memory, "toolkit_run", lambda **kw: runs.append(kw["strategy"]) or toolkit_run(**kw))
+    again = tmp_path / "again" / "train_memory.json"
+    train_memory.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "unet+vae+text", "bitfit",
+                       "--steps", "2", "--reuse", str(tmp_path), "--output", str(again)])
+    assert runs == ["bitfit"]
+    rows = json.loads(again.read_text())["results"]
+    assert rows[0] == {**record["results"][1], "reused_from": str(output)} and rows[1]["strategy"] == "bitfit"
+    runs.clear()
+    train_memory.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "lora", "--steps", "3",
+                       "--reuse", str(output), "--output", str(tmp_path / "other.json")])
+    assert runs == ["lora"]  # other settings (3 steps): measured again
 
 
 def test_live_bytes_counts_new_storages_until_they_die_and_not_views():
