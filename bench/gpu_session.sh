@@ -9,10 +9,10 @@
 #   memory         train_memory.py: 11 strategies, batch 1, 512 px, --memory_profile low,
 #                  11.5 GiB left free by a ballast; heaviest first                            ~3 min
 #   more           train_speed.py: difffit, unet+vae+text (bitfit's reference reused)         ~1.5 min
+#   resume         paged_resume.py: a resumed low-profile run keeps its state paged           ~1 min
+#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo     ~3 min
 #   compiled       train_speed.py: unet lora with --torch_compile --channels_last            ~4 min
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 ~1 min
-#   resume         paged_resume.py: a resumed low-profile run keeps its state paged           ~1 min
-#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo on the GPU  ~3 min
 #   synth_compile  synth_speed.py: the +compile row                                           ~2.5 min
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16              ~1 min
 #
@@ -21,7 +21,8 @@
 # a task cut short keeps what it finished. $OUT (the device tool's result folder, else
 # ./bench-results) gets logs, JSON and session.txt (each task's exit and seconds; 124: cut at the
 # deadline). A second call on the same warm machine can name the tasks the first did not reach: the
-# installed wheels, the 4.3 GB model folder and the reference figures (/tmp/sdtune-gpu) are reused.
+# installed wheels, the 4.3 GB model folder and the JSON (/tmp/sdtune-gpu) are reused, and --reuse
+# lets train_speed and train_memory go on where a task was cut.
 # Wheels the GPU machine lacks travel in .whl/ (BENCHMARKS.md says which).
 set -uo pipefail
 budget=480
@@ -33,7 +34,7 @@ for t in "${tasks[@]}"; do
   [[ " ${all[*]} " == *" $t "* ]] || { echo "unknown task $t: use ${all[*]}" >&2; exit 2; }
 done
 start=$SECONDS
-out=${OUT:-bench-results}
+out=$(realpath -m "${OUT:-bench-results}")  # absolute: the script moves to the repository's root
 state=${SDTUNE_GPU_STATE:-/tmp/sdtune-gpu}   # survives between calls while the machine stays warm
 model=$state/sd15-random
 tiny=() quick=() batch=(--batch-sizes 16) e2e=(env) resolution=512
