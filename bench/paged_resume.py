@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, fmt, model_folder, peak_gib, pick_device, quiet_libraries, start_memory, write_image_folder, write_json  # noqa: E402
-from train_speed import patched  # noqa: E402
+from train_speed import fresh_accelerator, patched  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -55,17 +55,13 @@ def inspect_paging(record: dict):
 
 def run(argv: list[str], device: torch.device, watch: dict | None = None) -> dict:
     import sdtune.train as training
-    from accelerate.state import AcceleratorState, GradientState
 
     start_memory(device)
     start = time.perf_counter()
     noop = lambda *args, **kwargs: None  # noqa: E731  (the 4 GB final model: disk time, nothing to check)
-    try:
-        with patched(training, save_final_model=noop), inspect_paging(watch) if watch is not None else contextlib.nullcontext():
-            summary, _ = training.train(*training.parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    with fresh_accelerator(), patched(training, save_final_model=noop), \
+            inspect_paging(watch) if watch is not None else contextlib.nullcontext():
+        summary, _ = training.train(*training.parse_args(argv))
     return {"steps": summary["steps"], "final_loss": summary.get("final_loss"), "optimizer": summary.get("optimizer"),
             "peak_gib": peak_gib(device), "seconds": time.perf_counter() - start}
 

@@ -229,12 +229,24 @@ def patched(module, **replacements):
             setattr(module, name, value)
 
 
+@contextlib.contextmanager
+def fresh_accelerator():
+    """Around one in-process training run: accelerate keeps its state in class-level singletons, so the
+    next run would otherwise inherit this one's accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, resolution: int, steps: int,
                 precision: str, device: torch.device, lora_rank: int, out_dir: Path, extra: list[str],
                 seed: int = 0) -> dict:
     """sdtune.train.train() as train_text_to_image.py calls it, with a clock on its progress bar."""
     import sdtune.train as training
-    from accelerate.state import AcceleratorState, GradientState
 
     argv = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(images),
             "--resolution", str(resolution), "--strategy", strategy, "--train_batch_size", str(batch_size),
@@ -246,16 +258,13 @@ def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, r
     log = io.StringIO()
     noop = lambda *args, **kwargs: None  # noqa: E731
     try:
-        with patched(training, tqdm=_ProgressClock, save_checkpoint=noop, save_final_model=noop), \
-                contextlib.redirect_stdout(log):
+        with fresh_accelerator(), patched(training, tqdm=_ProgressClock, save_checkpoint=noop,
+                                          save_final_model=noop), contextlib.redirect_stdout(log):
             summary, models = training.train(*training.parse_args(argv))
         del models
     except BaseException:
         print(log.getvalue(), end="")  # the toolkit's own messages say what went wrong
         raise
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # each in-process run gets a fresh accelerator
-        GradientState._reset_state()
     return {"clock": clock, "losses": [summary.get("final_loss")], "skipped_steps": summary.get("skipped_nonfinite_steps"),
             "log_tail": log.getvalue()[-1500:],  # the toolkit's own start-up lines (strategy, batch, trainable)
             "trainable_parameters": summary.get("trainable_parameters", {}).get("total"),
