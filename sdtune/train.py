@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
+                               set_seed)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -273,7 +274,11 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 
 def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
     output_dir = Path(cfg.output_dir)
-    return Accelerator(
+    # Several processes on a machine without CUDA: accelerate would leave each on its own, every one
+    # training the whole run into the same output_dir; cpu=True joins them over gloo (as synthesis does).
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=launched > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -284,6 +289,13 @@ def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
         # A VAE trained without the reconstruction term leaves its decoder out of the graph.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=strategy.vae and cfg.vae_recon_weight == 0)],
     )
+    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(accelerator.distributed_type)
+    if sharded:
+        # Both replace the trained parameters with sharded ones, which the loop, the checkpoints
+        # and the final model (written by one process) do not handle. SD1.5 does not need them.
+        raise UserError(f"accelerate's {sharded} mode is not supported: launch with configs/accelerate/ddp.yaml, "
+                        "and add --memory_profile low for less memory per GPU")
+    return accelerator
 
 
 def make_dataloader(dataset, cfg: TrainConfig, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:

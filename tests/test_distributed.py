@@ -21,17 +21,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script, processes, *args):
+def _launch(script, processes, *args, mode=None, use_cpu_flag=True, check=True):
     # `--multi_gpu` picks torch's elastic launcher; ACCELERATE_USE_CPU=1 makes it gloo on CPUs
     # (`accelerate launch --cpu` alone starts a single process).
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "ACCELERATE_USE_CPU": "1"}
-    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if use_cpu_flag:
+        env["ACCELERATE_USE_CPU"] = "1"
+    mode = mode or (["--multi_gpu"] if processes > 1 else ["--cpu"])
     command = ["accelerate", "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(script), *map(str, args)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
@@ -94,6 +97,29 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(tiny_model, phantom_chex
     assert (tmp_path / "checkpoint-2" / "unet_trained.safetensors").is_file()
     _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 2, 4, "--resume_from_checkpoint", "latest"))
     assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_processes_launched_on_a_machine_without_cuda_join_over_gloo(tiny_model, phantom_chexpert, tmp_path):
+    # Without ACCELERATE_USE_CPU, accelerate alone would leave each process a run of its own, all
+    # writing into one output_dir.
+    result = _launch(ROOT / "train_text_to_image.py", 2, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 1, 1),
+                     use_cpu_flag=False)
+    assert "1 per device x 2 processes" in result.stdout
+    assert json.loads((tmp_path / "training_summary.json").read_text())["global_batch_size"] == 2
+
+
+def test_fsdp_is_refused_in_one_line_before_the_output_folder_is_touched(tiny_model, phantom_chexpert, tmp_path):
+    # The helper puts accelerate in its real FSDP mode on CPU processes (see its docstring).
+    result = _launch(ROOT / "tests" / "helpers" / "fsdp_on_cpu.py", 2,
+                     *_args(tiny_model, phantom_chexpert, tmp_path / "out", "unet", 1, 1),
+                     mode=["--use_fsdp", "--fsdp_version", "2"], check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, result.stderr[-3000:]  # one line from each process, and no traceback of theirs
+    assert all("FSDP mode is not supported" in e and "configs/accelerate/ddp.yaml" in e for e in errors)
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_strategy_script_launches_num_gpus_processes(tiny_model, phantom_chexpert, tmp_path):
