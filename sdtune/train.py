@@ -35,6 +35,7 @@ from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, 
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
 from sdtune.models import COMPILE_MODES, check_compile_backend, load_components
+from sdtune.processes import launched_without_cuda
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
 
 SD15_TOTAL_PARAMETERS = 859_520_964 + 83_653_863 + 123_060_480  # U-Net + VAE + text encoder
@@ -274,11 +275,8 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 
 def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
     output_dir = Path(cfg.output_dir)
-    # Several processes on a machine without CUDA: accelerate would leave each on its own, every one
-    # training the whole run into the same output_dir; cpu=True joins them over gloo (as synthesis does).
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
-        cpu=launched > 1 and not torch.cuda.is_available(),
+        cpu=launched_without_cuda(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,

@@ -149,3 +149,25 @@ def test_evaluation_features_shard_across_processes(phantom_chexpert, tmp_path):
     two, one = torch.load(tmp_path / "two.pt", weights_only=True), torch.load(tmp_path / "one.pt", weights_only=True)
     assert one.shape[0] >= 5 and one.shape[1] == 12
     assert torch.equal(two, one)  # same rows, same order
+
+
+def test_evaluate_launched_as_two_processes_reports_once_what_one_process_reports(phantom_chexpert, tmp_path):
+    class Net(torch.nn.Module):
+        # 4 features (one channel of the gray images, 2x2 means): fewer than the 10 real images, so
+        # the covariances are not singular and FID is not at the mercy of rounding.
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
+
+    torch.jit.script(Net()).save(str(tmp_path / "net.pt"))
+    images = phantom_chexpert / "CheXpert-v1.0-small"
+    args = ["--real", images / "valid", "--fake", images / "train", "--metrics", "fid,kid",
+            "--fid_features", tmp_path / "net.pt", "--fid_input_size", 32, "--kid_subset_size", 2, "--cache", "false"]
+    two = _launch(ROOT / "evaluate.py", 2, *args, "--output", tmp_path / "two.json", use_cpu_flag=False)
+    one = _launch(ROOT / "evaluate.py", 1, *args, "--output", tmp_path / "one.json")
+    for said in ("; resize: ", "FID ", "results:"):
+        assert two.stdout.count(said) == one.stdout.count(said) == 1, two.stdout
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["features"]["cache"] == {"real": "off", "fake": "off"}  # both processes extracted
+    assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-9)
+    assert two["metrics"]["kid"] == pytest.approx(one["metrics"]["kid"], rel=1e-9)
+    assert two["samples"] == one["samples"] == {"real": 10, "fake": 90}

@@ -17,8 +17,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from accelerate import PartialState
+
 from sdtune.config import add_arguments, from_args
 from sdtune.evaluation.core import EvalConfig, compute_metrics
+from sdtune.processes import launched_without_cuda
 
 
 def _compare(argv: list[str]):
@@ -58,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: list[str]) -> dict:
     cfg = from_args(EvalConfig, build_parser().parse_args(argv))
-    results = compute_metrics(cfg=cfg)
+    state = PartialState(cpu=launched_without_cuda())
+    results = compute_metrics(cfg=cfg, log=state.print)
+    if not state.is_main_process:
+        return results  # every process of a launch holds the results; one reports them
     print(summary(results))
     if cfg.output:
         out = Path(cfg.output).expanduser()

@@ -223,8 +223,9 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
     from tqdm.auto import tqdm
 
     from sdtune.evaluation.images import pixels
+    from sdtune.processes import launched_without_cuda
 
-    state = PartialState()
+    state = PartialState(cpu=launched_without_cuda())
     mine = list(range(state.process_index, len(items), state.num_processes))
     extractor.to(device)
     out = []

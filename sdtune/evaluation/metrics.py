@@ -33,7 +33,9 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID between two feature sets (N, D), by torchmetrics' FrechetInceptionDistance."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]))
+    # Every process of a launch already holds all the features (extract_features gathers them);
+    # torchmetrics' sync at compute() would gather them again, counting each image once per process.
+    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
@@ -65,7 +67,8 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: i
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)  # as in frechet_distance
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng():  # torchmetrics draws subsets from the global generator
