@@ -904,7 +904,8 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
             generators = [torch.Generator(accelerator.device).manual_seed(cfg.seed + k) for k in ks]
             images += pipeline(prompts, num_inference_steps=cfg.validation_inference_steps, generator=generators).images
     # The real set's features are cached on disk, so only the generated images are encoded each time.
-    results = compute_metrics(cfg.validation_real, images, metrics="fid", fid_bootstrap=0, log=lambda message: None)
+    results = compute_metrics(cfg.validation_real, images, metrics="fid", fid_bootstrap=0, log=lambda message: None,
+                              all_processes=False)  # the main process alone is here
     fid = results["metrics"]["fid"]["value"]
     accelerator.log({"validation_fid": fid}, step=step)
     path = output_dir / "validation" / "fid.csv"

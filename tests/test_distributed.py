@@ -21,7 +21,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script, processes, *args, mode=None, use_cpu_flag=True, check=True):
+def _launch(script, processes, *args, mode=None, use_cpu_flag=True, check=True, timeout=600):
     # `--multi_gpu` picks torch's elastic launcher; ACCELERATE_USE_CPU=1 makes it gloo on CPUs
     # (`accelerate launch --cpu` alone starts a single process).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -32,7 +32,7 @@ def _launch(script, processes, *args, mode=None, use_cpu_flag=True, check=True):
     command = ["accelerate", "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(script), *map(str, args)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -107,6 +107,19 @@ def test_processes_launched_on_a_machine_without_cuda_join_over_gloo(tiny_model,
                      use_cpu_flag=False)
     assert "1 per device x 2 processes" in result.stdout
     assert json.loads((tmp_path / "training_summary.json").read_text())["global_batch_size"] == 2
+
+
+def test_validation_fid_in_a_two_process_run_is_computed_by_the_main_process_alone(tiny_model, phantom_chexpert,
+                                                                                  tmp_path, monkeypatch):
+    # It used to share the feature extraction with processes that were not extracting: a hang.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real set's feature cache
+    valid = phantom_chexpert / "CheXpert-v1.0-small" / "valid.csv"
+    _launch(ROOT / "train_text_to_image.py", 2,
+            *_args(tiny_model, phantom_chexpert, tmp_path, "lora", 1, 2, "--validation_fid_steps", 1,
+                   "--validation_real", valid, "--validation_prompts", "Chest x-ray", "--validation_fid_images", 4,
+                   "--validation_inference_steps", 2), timeout=300)
+    rows = [line.split(",") for line in (tmp_path / "validation" / "fid.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(r[1]) > 0 and r[3] == "4" for r in rows)
 
 
 def test_fsdp_is_refused_in_one_line_before_the_output_folder_is_touched(tiny_model, phantom_chexpert, tmp_path):

@@ -95,11 +95,13 @@ def check_config(cfg: EvalConfig, have_real: bool, have_fake: bool) -> list[str]
 
 
 def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extractor: Extractor | None = None,
-                    log: Callable[[str], None] = print, **settings) -> dict:
+                    log: Callable[[str], None] = print, all_processes: bool = True, **settings) -> dict:
     """Every metric of `cfg.metrics` for `fake` against `real` (paths, ImageSets, image lists or NCHW tensors).
 
     Settings are EvalConfig fields, e.g. compute_metrics(real_dir, images, metrics="fid", fid_bootstrap=0).
-    Pass `extractor` to reuse a loaded feature network between calls.
+    Pass `extractor` to reuse a loaded feature network between calls. Under `accelerate launch`
+    every process must call it (they share the feature extraction), unless `all_processes=False`:
+    then this process computes everything alone.
     """
     start = time.time()
     cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
@@ -130,7 +132,7 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
         feats = {}
         for label, image_set in (("real", real_set), ("fake", fake_set)):
             if image_set is not None:
-                feats[label], how = _features(image_set, label, extractor, cfg, device, log)
+                feats[label], how = _features(image_set, label, extractor, cfg, device, log, all_processes)
                 results["features"]["cache"][label] = how
         results["metrics"].update(_feature_metrics(names, feats, real_set, fake_set, extractor.dim, cfg, warn))
 
@@ -209,11 +211,13 @@ def _per_condition(real, fake, real_set: ImageSet, fake_set: ImageSet, cfg: Eval
     return table
 
 
-def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalConfig, device: str, log):
+def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalConfig, device: str, log,
+              all_processes: bool):
     """(features, how they were obtained: hit, computed, or memory)."""
     files = image_set.files
+    extract = dict(progress=f"{label} features", all_processes=all_processes)
     if not cfg.cache or files is None:
-        feats = extract_features(extractor, image_set.items, cfg.batch_size, device, progress=f"{label} features")
+        feats = extract_features(extractor, image_set.items, cfg.batch_size, device, **extract)
         return feats, ("off" if files is not None else "memory")
     store = FeatureCache(cfg.cache_dir)
     key = cache_key(files, extractor.describe())
@@ -221,7 +225,7 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
     if cached is not None and cached.shape == (len(files), extractor.dim):
         log(f"{label} features: from the cache ({store.folder / key}.npy)")
         return cached, "hit"
-    feats = extract_features(extractor, image_set.items, cfg.batch_size, device, progress=f"{label} features")
+    feats = extract_features(extractor, image_set.items, cfg.batch_size, device, **extract)
     store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
     return feats, "computed"
 

@@ -212,11 +212,12 @@ def get_extractor(spec: str = "inception", *, resize: str = "tf1-bilinear", inpu
 
 
 def extract_features(extractor: Extractor, items, batch_size: int = 32, device: str = "cpu",
-                     progress: str | None = None) -> torch.Tensor:
+                     progress: str | None = None, all_processes: bool = True) -> torch.Tensor:
     """Features (N, dim) float64 of an ImageSet's items, decoded a batch at a time.
 
     Under `accelerate launch` with several processes, each process encodes every num_processes-th
-    item and all of them get the full matrix back, in the items' order.
+    item and all of them get the full matrix back, in the items' order. `all_processes=False` is
+    for one process working alone (e.g. the main process during training): it encodes everything.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -226,7 +227,8 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
     from sdtune.processes import launched_without_cuda
 
     state = PartialState(cpu=launched_without_cuda())
-    mine = list(range(state.process_index, len(items), state.num_processes))
+    processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
+    mine = list(range(rank, len(items), processes))
     extractor.to(device)
     out = []
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
@@ -236,7 +238,7 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
             images = list(pool.map(pixels, [items[i] for i in mine[start:start + batch_size]]))
             out.append(extractor(images).cpu())
     feats = torch.cat(out) if out else torch.empty(0, extractor.dim, dtype=torch.float64)
-    if state.num_processes == 1:
+    if processes == 1:
         return feats
     merged = torch.empty(len(items), feats.shape[1], dtype=feats.dtype)
     for indices, part in gather_object([(mine, feats)]):
