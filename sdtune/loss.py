@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 
-def sample_seeds(seed: int, micro_step: int, indices: list[int]) -> list[int]:
-    """One seed per sample from (run seed, micro-step, dataset index) alone.
+def sample_seeds(seed: int, step: int, indices: list[int]) -> list[int]:
+    """One seed per sample from (run seed, optimizer step, dataset index) alone.
 
-    Noise, timesteps and caption dropout then depend on which sample is drawn when, not on how
-    the batch is split across processes or whether the run was resumed.
+    Noise, timesteps and caption dropout then depend on which sample is drawn for which update,
+    not on how the global batch is split (processes, gradient accumulation) or on a resume.
     """
-    return [int(np.random.SeedSequence([seed, micro_step, i]).generate_state(1)[0]) for i in indices]
+    return [int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]) for i in indices]
 
 
 def _randn(shape, generators, device, dtype) -> torch.Tensor:

@@ -557,7 +557,6 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     unet, text_encoder, encode, tokenizer = forward["unet"], forward["text_encoder"], forward["vae"], models.tokenizer
     train_reconstruction = bool(trainable["vae"]) and cfg.vae_recon_weight > 0
     latent_scale = models.vae.config.scaling_factor
-    micro_step = global_step * cfg.gradient_accumulation_steps
     # disable= only off the main process: an explicit value would override tqdm's TQDM_DISABLE
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps",
                     **({} if accelerator.is_local_main_process else {"disable": True}))
@@ -570,7 +569,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         for batch in batches:
             with accelerator.accumulate(*prepared):
                 # Every random draw of a sample comes from its own generator (see sample_seeds).
-                seeds = sample_seeds(cfg.seed, micro_step, batch["indices"])
+                seeds = sample_seeds(cfg.seed, global_step, batch["indices"])
                 generators = [torch.Generator(accelerator.device).manual_seed(seed) for seed in seeds]
                 # Caption dropout is drawn on the CPU: reading a GPU draw would stall the GPU's queue.
                 captions = [c if torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
@@ -610,7 +609,6 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()  # read (a device sync) once per optimizer step, below
             loss_count += 1
-            micro_step += 1
             samples_seen += len(captions) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue

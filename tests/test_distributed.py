@@ -91,6 +91,22 @@ def test_two_processes_match_one_process_with_twice_the_batch(strategy, disk_cac
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == (images if disk_cache else 0)
 
 
+def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(tiny_model, phantom_chexpert, tmp_path):
+    # Three prepared models, and a global batch of 4 = 1 x 2 processes x 2 accumulation steps. A
+    # sample's noise depends on the optimizer step it serves, not on the micro-batch it came in.
+    train, stable = ROOT / "train_text_to_image.py", ["--adam_epsilon", "1e-4"]
+    _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path / "two", "unet+vae+text", 1, 2, *stable,
+                             "--gradient_accumulation_steps", 2))
+    _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path / "one", "unet+vae+text", 4, 2, *stable))
+    for component, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("vae", "diffusion_pytorch_model")):
+        two, one = (load_file(tmp_path / run / "final_model" / component / f"{name}.safetensors") for run in ("two", "one"))
+        base = load_file(tiny_model / component / f"{name}.safetensors")
+        assert any(not torch.equal(one[k], base[k]) for k in base), component
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "training_summary.json").read_text())["global_batch_size"] == 4
+
+
 def test_a_checkpoint_from_two_processes_resumes_on_one(tiny_model, phantom_chexpert, tmp_path):
     train = ROOT / "train_text_to_image.py"
     _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 1, 2, "--checkpointing_steps", 2))

@@ -109,7 +109,7 @@ def test_latent_encoder_decodes_unscaled_latents():
 
 
 def test_per_sample_generators_make_noise_independent_of_batching():
-    seeds = sample_seeds(7, micro_step=3, indices=[10, 11, 12, 13])
+    seeds = sample_seeds(7, step=3, indices=[10, 11, 12, 13])
     assert len(set(seeds)) == 4 and seeds == sample_seeds(7, 3, [10, 11, 12, 13])
     assert seeds[0] != sample_seeds(7, 4, [10])[0] and seeds[0] != sample_seeds(8, 3, [10])[0]
 
