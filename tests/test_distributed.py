@@ -200,3 +200,16 @@ def test_evaluate_launched_as_two_processes_reports_once_what_one_process_report
     assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-9)
     assert two["metrics"]["kid"] == pytest.approx(one["metrics"]["kid"], rel=1e-9)
     assert two["samples"] == one["samples"] == {"real": 10, "fake": 90}
+
+
+def test_generate_samples_launched_as_two_processes_writes_one_grid_of_every_sample(tiny_model, tmp_path):
+    out = tmp_path / "samples"
+    result = _launch(ROOT / "evaluate.py", 2, "--generate-samples", "--num-samples", 5, "--prompt", "Chest x-ray",
+                     "--model-path", tiny_model, "--output-dir", out, "--steps", 2, "--height", 32, "--width", 48)
+    assert result.stdout.count("5 samples in") == 1  # the main process, after metadata.csv is complete
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metadata.csv", "prompts.txt",
+                                                     "synthesis_config.json"]
+    assert len(list((out / "images").glob("*.png"))) == 5
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size == (3 * 48 + 2 * 2, 2 * 32 + 2)

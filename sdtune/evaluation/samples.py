@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def image_grid(images: list, columns: int, gap: int = GRID_GAP):
 
 def generate_samples(cfg: SamplesConfig) -> dict:
     """The samples as a synthesis dataset (images/, metadata.csv, synthesis_config.json) plus grid.png."""
+    from accelerate import PartialState
     from PIL import Image
 
     from sdtune.evaluation.images import load_image_set
@@ -117,11 +119,15 @@ def generate_samples(cfg: SamplesConfig) -> dict:
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(model_path, cfg.base_model, prompts)
     out.mkdir(parents=True, exist_ok=True)
     # Prompts go through a file: a prompt may contain commas, which --prompts would split on.
-    prompts_file = out / "prompts.txt"
-    prompts_file.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    # Written aside and renamed: under `accelerate launch` another process may be reading it already.
+    prompts_file, partial = out / "prompts.txt", out / f".prompts.txt.{os.getpid()}"
+    partial.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    partial.replace(prompts_file)
     synth = SynthesisConfig(model_path=model_path, output_dir=str(out), prompts_file=str(prompts_file),
                             num_images=cfg.num_samples, **{name: getattr(cfg, name) for name in SHARED})
     made = synthesize(synth)
+    if not PartialState().is_main_process:
+        return made  # the main process writes metadata.csv (in synthesize), then the grid
 
     items = load_image_set(out).items  # metadata.csv order: prompt by prompt, sample by sample
     columns = cfg.grid_columns or (cfg.num_samples if len(prompts) > 1 else math.ceil(math.sqrt(len(items))))
