@@ -17,8 +17,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from accelerate import PartialState
-
 from sdtune.config import add_arguments, from_args
 from sdtune.evaluation.core import EvalConfig, compute_metrics
 from sdtune.processes import launched_without_cuda
@@ -60,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: list[str]) -> dict:
+    from accelerate import PartialState
+
     cfg = from_args(EvalConfig, build_parser().parse_args(argv))
     state = PartialState(cpu=launched_without_cuda())
     results = compute_metrics(cfg=cfg, log=state.print)
