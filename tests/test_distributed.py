@@ -202,6 +202,20 @@ def test_evaluate_launched_as_two_processes_reports_once_what_one_process_report
     assert two["samples"] == one["samples"] == {"real": 10, "fake": 90}
 
 
+def test_clip_score_shared_by_two_processes_equals_one_process(phantom_chexpert, tmp_path):
+    from helpers.clip import write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path / "clip", seed=0)
+    # A clinical table as the fake set: its captions come from the labels; 9 images do not split evenly.
+    args = ["--fake", phantom_chexpert / "CheXpert-v1.0-small" / "valid.csv", "--metrics", "clip", "--clip_model", clip,
+            "--batch_size", 2]
+    _launch(ROOT / "evaluate.py", 2, *args, "--output", tmp_path / "two.json", use_cpu_flag=False)
+    _launch(ROOT / "evaluate.py", 1, *args, "--output", tmp_path / "one.json")
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"]["clip"] for n in ("two", "one"))
+    assert two["n"] == one["n"] >= 5 and one["value"] > 0
+    assert two["value"] == pytest.approx(one["value"], rel=1e-5)
+
+
 def test_generate_samples_launched_as_two_processes_writes_one_grid_of_every_sample(tiny_model, tmp_path):
     out = tmp_path / "samples"
     result = _launch(ROOT / "evaluate.py", 2, "--generate-samples", "--num-samples", 5, "--prompt", "Chest x-ray",

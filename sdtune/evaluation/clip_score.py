@@ -102,14 +102,24 @@ def load_clip(name: str = DEFAULT_CLIP):
 
 @torch.inference_mode()
 def clip_score(images, captions: list[str], name: str = DEFAULT_CLIP, batch_size: int = 32, device: str = "cpu",
-               model_and_processor=None) -> dict:
-    """CLIP score of uint8 (3, H, W) images (a list, or a loader `images(i)`) against their captions."""
+               model_and_processor=None, all_processes: bool = True) -> dict:
+    """CLIP score of uint8 (3, H, W) images (a list, or a loader `images(i)`) against their captions.
+
+    Under `accelerate launch` each process scores every num_processes-th image, and torchmetrics
+    sums the scores and counts of all processes at compute(); `all_processes=False` scores alone.
+    """
+    from accelerate import PartialState
     from torchmetrics.multimodal.clip_score import CLIPScore
 
+    from sdtune.processes import launched_without_cuda
+
+    state = PartialState(cpu=launched_without_cuda())
+    processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
     model, processor = model_and_processor or load_clip(name)
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor), sync_on_compute=processes > 1).to(device)
     load = images if callable(images) else images.__getitem__
-    for start in range(0, len(captions), batch_size):
-        indices = range(start, min(start + batch_size, len(captions)))
+    mine = range(rank, len(captions), processes)
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
         metric.update([load(i).to(device) for i in indices], [captions[i] for i in indices])
     return {"value": float(metric.compute()), "n": len(captions), "model": name}

@@ -161,7 +161,8 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
                 log(f"clip: {cfg.clip_model} on {len(captioned)} images")
                 results["metrics"]["clip"] = clip_score(lambda i: pixels(fake_set.items[captioned[i]]),
                                                         [fake_set.items[i].caption for i in captioned],
-                                                        cfg.clip_model, cfg.batch_size, device)
+                                                        cfg.clip_model, cfg.batch_size, device,
+                                                        all_processes=all_processes)
             except ClipUnavailable as err:
                 warn(f"clip skipped: {err}")
 
