@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) through `accelerate launch`: sharded once, same result as one process, resumable."""
+"""Two CPU processes (gloo) through `accelerate launch`: training (sharded once, resumable), evaluation and
+sampling give what one process gives; FSDP is refused."""
 
 import json
 import os
