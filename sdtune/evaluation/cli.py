@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sdtune.config import add_arguments, from_args
 from sdtune.evaluation.core import EvalConfig, compute_metrics
-from sdtune.processes import launched_without_cuda
+from sdtune.processes import process_state
 
 
 def _compare(argv: list[str]):
@@ -58,10 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: list[str]) -> dict:
-    from accelerate import PartialState
-
     cfg = from_args(EvalConfig, build_parser().parse_args(argv))
-    state = PartialState(cpu=launched_without_cuda())
+    state = process_state()
     results = compute_metrics(cfg=cfg, log=state.print)
     if not state.is_main_process:
         return results  # every process of a launch holds the results; one reports them

@@ -108,12 +108,11 @@ def clip_score(images, captions: list[str], name: str = DEFAULT_CLIP, batch_size
     Under `accelerate launch` each process scores every num_processes-th image, and torchmetrics
     sums the scores and counts of all processes at compute(); `all_processes=False` scores alone.
     """
-    from accelerate import PartialState
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    from sdtune.processes import launched_without_cuda
+    from sdtune.processes import process_state
 
-    state = PartialState(cpu=launched_without_cuda())
+    state = process_state()
     processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
     model, processor = model_and_processor or load_clip(name)
     metric = CLIPScore(model_name_or_path=lambda: (model, processor), sync_on_compute=processes > 1).to(device)

@@ -219,14 +219,13 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
     item and all of them get the full matrix back, in the items' order. `all_processes=False` is
     for one process working alone (e.g. the main process during training): it encodes everything.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from sdtune.evaluation.images import pixels
-    from sdtune.processes import launched_without_cuda
+    from sdtune.processes import process_state
 
-    state = PartialState(cpu=launched_without_cuda())
+    state = process_state()
     processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
     mine = list(range(rank, len(items), processes))
     extractor.to(device)

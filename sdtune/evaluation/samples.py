@@ -103,10 +103,10 @@ def image_grid(images: list, columns: int, gap: int = GRID_GAP):
 
 def generate_samples(cfg: SamplesConfig) -> dict:
     """The samples as a synthesis dataset (images/, metadata.csv, synthesis_config.json) plus grid.png."""
-    from accelerate import PartialState
     from PIL import Image
 
     from sdtune.evaluation.images import load_image_set
+    from sdtune.processes import process_state
 
     prompts = [p.strip() for p in cfg.prompt or [] if p.strip()]
     if not prompts:
@@ -126,7 +126,7 @@ def generate_samples(cfg: SamplesConfig) -> dict:
     synth = SynthesisConfig(model_path=model_path, output_dir=str(out), prompts_file=str(prompts_file),
                             num_images=cfg.num_samples, **{name: getattr(cfg, name) for name in SHARED})
     made = synthesize(synth)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return made  # the main process writes metadata.csv (in synthesize), then the grid
 
     items = load_image_set(out).items  # metadata.csv order: prompt by prompt, sample by sample
