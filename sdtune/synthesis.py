@@ -477,11 +477,8 @@ def load_pipeline(source: ModelSource, fuse_lora: bool = True):
     if adapter is not None and (fuse_lora or adapter.name not in ("lora", "dora")):
         models.unet = adapter.merge(models.unet)
     models.unet.requires_grad_(False)
-    pipeline = build_pipeline(source.base_model, train_cfg, unet=models.unet, text_encoder=models.text_encoder,
-                              vae=models.vae, tokenizer=models.tokenizer)
-    if train_cfg.prediction_type:
-        pipeline.scheduler.register_to_config(prediction_type=train_cfg.prediction_type)  # as save_final_model does
-    return pipeline
+    return build_pipeline(source.base_model, train_cfg, train_cfg.prediction_type, unet=models.unet,
+                          text_encoder=models.text_encoder, vae=models.vae, tokenizer=models.tokenizer)
 
 
 def set_scheduler(pipeline, name: str | None) -> str:

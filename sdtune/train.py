@@ -70,7 +70,7 @@ class TrainConfig:
     lr_scheduler: str = field("constant", "learning-rate schedule", choices=(
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
     lr_warmup_steps: int = field(0, "warm-up steps of the schedule")
-    max_grad_norm: float = field(1.0, "clip the gradient norm of ALL trainable parameters to this")
+    max_grad_norm: float = field(1.0, "clip the gradient norm of ALL trainable parameters to this (0: no clipping)")
     train_batch_size: int = field(4, "images per device per micro-step")
     gradient_accumulation_steps: int = field(1, "micro-steps per optimizer step")
     max_train_steps: int | None = field(None, "optimizer steps to train (overrides --num_train_epochs)")
@@ -266,7 +266,9 @@ def load_ema(ema, path: Path) -> None:
         shadow = [f.get_tensor(k) for k in sorted(f.keys())]
     if len(shadow) != len(ema.shadow_params) or any(a.shape != b.shape for a, b in zip(shadow, ema.shadow_params)):
         raise UserError(f"{path} does not match this run's trainable parameters")
+    device = ema.shadow_params[0].device
     ema.load_state_dict({**state, "shadow_params": shadow})
+    ema.to(device)  # the file loads onto the CPU; the EMA must stay beside the weights it follows
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
@@ -405,6 +407,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     set_seed(cfg.seed)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    # An infinite bound still measures the norm, which decides whether a step is finite.
+    max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     cudnn_benchmark = cfg.cudnn_benchmark if cfg.cudnn_benchmark is not None else accelerator.device.type == "cuda"
     if cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # every batch has one shape (fixed resolution), bar an epoch's last
@@ -538,6 +542,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                               + (f"; {paged} optimizer state tensors back in paged memory" if paged else ""))
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
+    if global_step >= max_train_steps:  # resumed from the last checkpoint (say the final save failed): only save
+        first_epoch = num_epochs
 
     # ---------------------------------------------------------------- derived numbers, once
     counts = {c: count_parameters(trainable[c]) for c in COMPONENTS}
@@ -561,7 +567,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps",
                     **({} if accelerator.is_local_main_process else {"disable": True}))
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
-    last_loss, skipped_steps, nonfinite_in_a_row = float("nan"), 0, 0
+    last_loss, skipped_steps, nonfinite_in_a_row = None, 0, 0  # None: no step taken in this run
     stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
@@ -599,7 +605,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 finite = True
                 if accelerator.sync_gradients:
                     # The norm is of the synchronised gradients, so every process decides alike.
-                    grad_norm = accelerator.clip_grad_norm_(all_trainable, cfg.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(all_trainable, max_grad_norm)
                     finite = bool(torch.isfinite(grad_norm))
                 # fp16's grad scaler skips non-finite steps itself and must see them to lower its scale.
                 if finite or cfg.mixed_precision == "fp16":
@@ -652,6 +658,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     stop.restore()
     for module in (models.vae, models.text_encoder):  # the cached encoders come back: callers may sample
         module.to(accelerator.device)
+    for module in (models.unet, models.vae, models.text_encoder):
+        module.eval()  # sampling needs no adapter dropout
     wall_time = time.time() - start
     if stop.name:
         if accelerator.is_main_process:
@@ -787,12 +795,16 @@ def check_free_space(output_dir: Path, models, trainable: list, use_8bit_adam: b
                         f"about {needed / 2**30:.1f} GiB: free some space or choose another --output_dir")
 
 
-def build_pipeline(base: str, cfg: TrainConfig, **components):
-    """A StableDiffusionPipeline of the base model with the given components swapped in."""
+def build_pipeline(base: str, cfg: TrainConfig, prediction_type: str | None = None, **components):
+    """A StableDiffusionPipeline of the base model with the given components swapped in, its
+    sampler set to the training target (a v-prediction model sampled as epsilon gives noise)."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(base, revision=cfg.revision, variant=cfg.variant, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False, **components)
+    pipeline = StableDiffusionPipeline.from_pretrained(base, revision=cfg.revision, variant=cfg.variant, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False, **components)
+    if prediction_type:
+        pipeline.scheduler.register_to_config(prediction_type=prediction_type)
+    return pipeline
 
 
 def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, output_dir: Path, prediction_type: str) -> None:
@@ -811,8 +823,7 @@ def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, outp
         adapter.load(unet, adapter_file)
         unet = adapter.merge(unet)
         components["unet"] = unet
-    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, **components)
-    pipeline.scheduler.register_to_config(prediction_type=prediction_type)
+    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, prediction_type, **components)
     # Written aside and renamed, so a final_model/ folder is always complete.
     partial = output_dir / ".final_model.partial"
     if partial.exists():
@@ -850,11 +861,23 @@ def ema_weights(ema, params):
         ema.restore(params)
 
 
-def validation_pipeline(models, cfg: TrainConfig):
-    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, unet=models.unet, vae=models.vae,
-                              text_encoder=models.text_encoder, tokenizer=models.tokenizer)
+@contextmanager
+def validation_pipeline(accelerator, models, cfg: TrainConfig, ema, params):
+    """A pipeline over the current (EMA) weights for a while: the cached encoders back on the device,
+    every component in eval mode (adapter dropout off), the sampler set to the training target."""
+    pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, models.noise_scheduler.config.prediction_type,
+                              unet=models.unet, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    modules = [models.unet, models.vae, models.text_encoder]
+    training = [m.training for m in modules]
+    with on_device([models.vae, models.text_encoder], accelerator.device), ema_weights(ema, params), accelerator.autocast():
+        for m in modules:
+            m.eval()
+        try:
+            yield pipeline
+        finally:
+            for m, mode in zip(modules, training):
+                m.train(mode)
 
 
 @torch.no_grad()
@@ -864,12 +887,11 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
         return
     import numpy as np
 
-    pipeline = validation_pipeline(models, cfg)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
-    with on_device([models.vae, models.text_encoder], accelerator.device), ema_weights(ema, params), accelerator.autocast():
+    with validation_pipeline(accelerator, models, cfg, ema, params) as pipeline:
         for i, prompt in enumerate(cfg.validation_prompts):
             image = pipeline(prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator).images[0]
             image.save(folder / f"{i:02d}.png")
@@ -882,7 +904,6 @@ def log_validation(accelerator, models, cfg: TrainConfig, output_dir: Path, step
             import wandb
 
             tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, cfg.validation_prompts)]}, step=step)
-    del pipeline
 
 
 @torch.no_grad()
@@ -893,9 +914,8 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
         return
     from sdtune.evaluation import compute_metrics
 
-    pipeline = validation_pipeline(models, cfg)
     images = []
-    with on_device([models.vae, models.text_encoder], accelerator.device), ema_weights(ema, params), accelerator.autocast():
+    with validation_pipeline(accelerator, models, cfg, ema, params) as pipeline:
         for start in range(0, cfg.validation_fid_images, 8):
             ks = range(start, min(start + 8, cfg.validation_fid_images))
             prompts = [cfg.validation_prompts[k % len(cfg.validation_prompts)] for k in ks]
@@ -912,7 +932,6 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
         path.write_text("step,fid,real_images,generated_images\n")
     with open(path, "a") as f:
         f.write(f"{step},{fid},{results['samples']['real']},{len(images)}\n")
-    del pipeline
 
 
 SETTINGS = (TrainConfig, DataConfig, AdapterConfig)

@@ -135,9 +135,9 @@ def test_cached_encoders_leave_the_device_and_come_back_for_validation(tiny_mode
     seen = []
     original = training.validation_pipeline
 
-    def spy(models, cfg):
+    def spy(accelerator, models, cfg, ema, params):
         seen.append(models.vae.device)
-        return original(models, cfg)
+        return original(accelerator, models, cfg, ema, params)
 
     monkeypatch.setattr(training, "validation_pipeline", spy)
     moved = []

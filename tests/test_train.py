@@ -156,6 +156,66 @@ def test_resume_equals_a_straight_run(strategy, extra, tiny_model, table, tmp_pa
     assert any(not torch.equal(straight[k], base[k]) for k in straight)
 
 
+def test_resuming_from_the_last_checkpoint_only_saves(tiny_model, table, tmp_path):
+    argv = _argv(tiny_model, table, tmp_path, "--strategy", "bitfit", "--checkpointing_steps", "1")
+    main(argv)
+    straight = _weights(tmp_path / "final_model", "unet")
+    shutil.rmtree(tmp_path / "final_model")  # say the final save was cut short: checkpoint-2 is the last step
+    summary = main(argv + ["--resume_from_checkpoint", "latest"])
+    assert summary["steps"] == 2 and summary["final_loss"] is None  # no step taken, none logged
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    resumed = _weights(tmp_path / "final_model", "unet")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_a_resumed_ema_stays_on_the_device_of_the_weights_it_follows(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    from sdtune.train import load_ema, save_ema
+
+    weights = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    save_ema(EMAModel(weights, decay=0.5), tmp_path / "ema.safetensors")
+    resumed = EMAModel(weights, decay=0.5)
+    resumed.to("meta")  # stands in for a GPU: the file itself loads onto the CPU
+    load_ema(resumed, tmp_path / "ema.safetensors")
+    assert [p.device.type for p in resumed.shadow_params] == ["meta", "meta"]
+
+
+def test_max_grad_norm_0_trains_unclipped(tiny_model, table, tmp_path):
+    runs = {}
+    for bound in ("0", "1e9"):
+        main(_argv(tiny_model, table, tmp_path / bound, "--strategy", "lora", "--max_grad_norm", bound))
+        runs[bound] = load_file(tmp_path / bound / "pytorch_lora_weights.safetensors")
+    assert runs["0"].keys() == runs["1e9"].keys()
+    assert all(torch.equal(runs["0"][k], runs["1e9"][k]) for k in runs["0"])
+    assert any(runs["0"][k].abs().max() > 0 for k in runs["0"] if k.endswith("lora.up.weight"))  # up starts at 0
+
+
+def test_validation_samples_the_training_target_without_dropout(tiny_model, table, tmp_path, monkeypatch):
+    import sdtune.train as training
+
+    sampled, trained = [], []
+    call = StableDiffusionPipeline.__call__
+
+    def spy_call(pipe, *args, **kwargs):
+        dropout = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout)]
+        sampled.append((pipe.scheduler.config.prediction_type, pipe.unet.training, any(m.training for m in dropout)))
+        return call(pipe, *args, **kwargs)
+
+    def spy_loss(unet, *args, **kwargs):
+        trained.append(unet.training)
+        return diffusion_loss(unet, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy_call)
+    monkeypatch.setattr(training, "diffusion_loss", spy_loss)
+    _, models = train(*parse_args(_argv(tiny_model, table, tmp_path, "--strategy", "lora", "--lora_dropout", "0.5",
+                                        "--prediction_type", "v_prediction", "--validation_prompts", PROMPT,
+                                        "--validation_steps", "1", "--validation_inference_steps", "2")))
+    assert sampled == [("v_prediction", False, False)] * 2  # one validation after each of the two steps
+    assert trained == [True, True]  # training goes on in train mode after a validation
+    assert not models.unet.training  # what train() returns is ready to sample
+
+
 def test_final_model_and_lora_file_reproduce_the_trained_model(tiny_model, table, tmp_path):
     cfg, data, adapter_cfg = parse_args(_argv(tiny_model, table, tmp_path, "--strategy", "lora", steps=3))
     _, models = train(cfg, data, adapter_cfg)
