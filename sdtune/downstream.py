@@ -83,7 +83,10 @@ class DownstreamConfig:
     n_per_class: int = field(100, "arms b, c: real images per label (>= this many positives where the data has them)")
     arms: str = field("a,b,c,d", "comma-separated arms: a all real, b N real per class, c b + synthetic, d synthetic only")
     seeds: str = field("0,1,2", "comma-separated seeds; a seed gives the same initial weights in every arm")
-    test_fraction: float = field(0.2, "fraction of real patients held out as the test set")
+    test_fraction: float = field(0.2, "fraction of real patients held out as the test set (unless the synthetic "
+                                      "sets' generator held out patients of --real: then those are the test set)")
+    allow_seen_test_patients: bool = field(False, "measure even when a synthetic set's generator trained on every "
+                                                  "patient of --real (the results then say so)")
     split_seed: int = field(0, "seed of the patient-level train/test split (the same test set for every arm and seed)")
     skip_bad_files: bool = field(False, "leave out unreadable images and bad rows instead of stopping")
     workers: int = field(8, "threads decoding images")
@@ -239,6 +242,63 @@ def read_synthetic(path: str, labels: list[str]) -> list[Example]:
     return examples
 
 
+def generator_runs(synthetic_sets: list[str]) -> list[tuple[str, Path, dict]]:
+    """(set, run folder, training summary) of each synthetic set made by a model this toolkit trained:
+    synthesis_config.json names the model, whose run folder holds training_summary.json."""
+    found = []
+    for path in synthetic_sets:
+        config = synthetic_file(path).parent / "synthesis_config.json"
+        if not config.is_file():
+            continue
+        try:
+            model = Path(json.loads(config.read_text())["settings"]["model_path"]).expanduser()
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"cannot read the model path from {config}: {err}") from None
+        for folder in (model, model.parent):  # a run folder; its final_model/, checkpoint-N/ or adapter file
+            summary = folder / "training_summary.json"
+            if summary.is_file():
+                try:
+                    found.append((path, folder, json.loads(summary.read_text())))
+                except (OSError, ValueError) as err:
+                    raise UserError(f"cannot read {summary}: {err}") from None
+                break
+    return found
+
+
+def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, dict]], warn) -> tuple[set[str] | None, dict]:
+    """The rows (or files) of --real that every generator trained on --real held out, or None when no
+    generator trained on it; and a record of the rule for the results.
+
+    A generator that trained on the test patients can reproduce them, which would flatter arms c
+    and d. So when the generators trained on --real, the test set is what they held out
+    (--validation_fraction), and a generator that held out nothing is an error unless allowed.
+    """
+    real = Path(cfg.real).expanduser().resolve()
+    held, used, seen = None, [], []
+    for set_path, run_dir, summary in generators:
+        data = summary.get("arguments", {}).get("data", {})
+        trained_on = summary.get("data_source") or data.get("train_csv") or data.get("train_data_dir")
+        if not trained_on or Path(trained_on).expanduser().resolve() != real:
+            continue
+        listed = run_dir / "held_out.txt"
+        held_out_none = not data.get("validation_fraction") or not listed.is_file()
+        if held_out_none or data.get("split") == "image":
+            why = "held out no patients" if held_out_none else "split it by image (--split image)"
+            problem = (f"--synthetic {set_path} comes from {run_dir}, which trained on {cfg.real} and {why}: "
+                       "its images may reproduce the test patients")
+            if not cfg.allow_seen_test_patients:
+                raise UserError(f"{problem}. Train the generator with --validation_fraction 0.2 (its held-out "
+                                "patients become this test set), or pass --allow_seen_test_patients to measure anyway")
+            warn(f"{problem} (--allow_seen_test_patients)")
+            seen.append(str(run_dir))
+            continue
+        names = set(listed.read_text().splitlines())
+        held = names if held is None else held & names
+        used.append(str(run_dir))
+    rule = "held out by the generator" if used else "patient split (--test_fraction, --split_seed)"
+    return held, {"rule": rule, "generators_holding_it_out": used, "generators_that_saw_it": seen}
+
+
 def label_matrix(examples: list[Example], labels: list[str], metadata: bool, uncertainty: str) -> np.ndarray:
     """(N, labels) floats: 1 positive, 0 negative, NaN unknown (left out of the loss and the AUROC).
 
@@ -293,9 +353,22 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
         synthetic += examples
         synth_targets.append(label_matrix(examples, labels, True, cfg.uncertainty))
 
-    if real and all(ex.group is None for ex in real):
-        warn(f"{cfg.real} has no patient ids: the test set is split by image, so a patient may be on both sides")
-    train, test = split_examples(real, cfg.test_fraction, seed=cfg.split_seed, by="patient")
+    held, test_rule = generator_held_out(cfg, generator_runs(synthetic_sets), warn)
+    if held is not None:
+        # Every image of a held-out patient is tested, also one the generator did not load (e.g. another view).
+        patients = {ex.group for ex in real if (ex.source or str(ex.image)) in held and ex.group is not None}
+        test = [ex for ex in real if (ex.source or str(ex.image)) in held or ex.group in patients]
+        train = [ex for ex in real if not ((ex.source or str(ex.image)) in held or ex.group in patients)]
+        if not test:
+            raise UserError(f"none of the images that {', '.join(test_rule['generators_holding_it_out'])} held out "
+                            f"is in {cfg.real}: train the generators with the same --validation_fraction and "
+                            "--split_seed on this table")
+        print(f"test set: the {len(test)} images the generator(s) held out from training "
+              f"({', '.join(test_rule['generators_holding_it_out'])}); --test_fraction is not used")
+    else:
+        if real and all(ex.group is None for ex in real):
+            warn(f"{cfg.real} has no patient ids: the test set is split by image, so a patient may be on both sides")
+        train, test = split_examples(real, cfg.test_fraction, seed=cfg.split_seed, by="patient")
     examples = train + test + synthetic
     targets = np.concatenate([label_matrix(train + test, labels, metadata, cfg.uncertainty)] + synth_targets)
     print(f"decoding {len(examples)} images at {cfg.resolution} px ({len(train) + len(test)} real, "
@@ -315,7 +388,8 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
     bank = Bank(stacked, torch.from_numpy(targets[keep]).float(),
                 [ex.group for ex, k in zip(examples, keep) if k],
                 np.flatnonzero(kind == 0), np.flatnonzero(kind == 1), np.flatnonzero(kind == 2))
-    counts = {"real_train": _describe(bank, bank.train, labels), "test": _describe(bank, bank.test, labels),
+    counts = {"real_train": _describe(bank, bank.train, labels),
+              "test": {**_describe(bank, bank.test, labels), **test_rule},
               "synthetic": _describe(bank, bank.synthetic, labels)}
     return bank, counts
 
@@ -595,8 +669,12 @@ def markdown_table(summary: dict) -> str:
                      + " | ".join(cells) + " |")
     settings, test = summary["settings"], summary["counts"]["test"]
     per_class = f", N = {settings['n_per_class']} per class" if set(summary["arms"]) & {"b", "c"} else ""
-    lines.append(f"\nAUROC on {test['images']} held-out real test images ({test['patients']} patients); mean ± std "
-                 f"over {len(settings['seeds'])} seed(s); {settings['arch']}{per_class}.")
+    held_by = (f", held out from training by {', '.join(test['generators_holding_it_out'])}"
+               if test.get("generators_holding_it_out") else "")
+    seen = (f" **The generator(s) {', '.join(test['generators_that_saw_it'])} trained on these test patients.**"
+            if test.get("generators_that_saw_it") else "")
+    lines.append(f"\nAUROC on {test['images']} held-out real test images ({test['patients']} patients{held_by}); "
+                 f"mean ± std over {len(settings['seeds'])} seed(s); {settings['arch']}{per_class}.{seen}")
     return "\n".join(lines)
 
 

@@ -395,6 +395,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
     run_record = {"status": "running", "strategy": asdict(strategy),
+                  # resolved, so that downstream.py can tell whether a classifier's test patients trained this model
+                  "data_source": str(Path(data.source).expanduser().resolve()) if data.source else None,
                   "arguments": {"train": asdict(cfg), "data": asdict(data), "adapter": asdict(adapter_cfg)}}
     if accelerator.is_main_process:
         # Written now too, so the checkpoints of a run that never finishes say what they hold.

@@ -153,6 +153,68 @@ def test_patient_level_split(phantom_train_csv, tmp_path):
     assert set(split(1)[0][1]) != set(test)
 
 
+@pytest.fixture(scope="module")
+def generator_run(phantom_train_csv, tiny_model, tmp_path_factory):
+    """A tiny LoRA run on the phantom table that held out a quarter of its patients (one step)."""
+    from sdtune.train import main as train_main
+
+    out = tmp_path_factory.mktemp("generator") / "run"
+    train_main(["--pretrained_model_name_or_path", str(tiny_model), "--train_csv", str(phantom_train_csv),
+                "--strategy", "lora", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "1",
+                "--validation_fraction", "0.25", "--output_dir", str(out), "--report_to", "none"])
+    return out
+
+
+def _made_by(synthetic_set: Path, model: Path, folder: Path) -> Path:
+    """A copy of the synthetic set whose synthesis_config.json names `model` as its generator."""
+    import shutil
+
+    shutil.copytree(synthetic_set, folder)
+    (folder / "synthesis_config.json").write_text(json.dumps({"settings": {"model_path": str(model)}}))
+    return folder
+
+
+def test_the_generators_held_out_patients_are_the_test_set(phantom_train_csv, synthetic_set, generator_run, tmp_path):
+    import pandas as pd
+
+    # The held-out patients, worked out by hand from held_out.txt ("train.csv line N", header = line 1).
+    table = pd.read_csv(phantom_train_csv)
+    lines = (generator_run / "held_out.txt").read_text().splitlines()
+    held = {re.search(r"(patient\d+)", table.Path[int(line.split()[-1]) - 2]).group(1) for line in lines}
+    assert 0 < len(held) < table.Path.str.extract(r"(patient\d+)")[0].nunique()
+
+    made = _made_by(synthetic_set, generator_run / "final_model", tmp_path / "synthetic")
+    bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16, test_fraction=0.5, synthetic=[str(made)]),
+                             list(DRAWN), print, [str(made)])
+    test, train = {bank.groups[i] for i in bank.test}, {bank.groups[i] for i in bank.train}
+    assert test == held and not test & train  # not --test_fraction's split: exactly what the generator never saw
+    assert counts["test"]["generators_holding_it_out"] == [str(generator_run)]
+    # Without the synthetic sets (arms a, b alone) nothing trained on --real: the usual patient split.
+    bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16), list(DRAWN), print, [])
+    assert {bank.groups[i] for i in bank.test} != held and counts["test"]["rule"].startswith("patient split")
+
+
+def test_a_generator_that_trained_on_every_test_patient_is_refused(phantom_train_csv, synthetic_set, generator_run,
+                                                                   tmp_path):
+    run_dir = tmp_path / "saw-all"
+    run_dir.mkdir()
+    summary = json.loads((generator_run / "training_summary.json").read_text())
+    summary["arguments"]["data"]["validation_fraction"] = 0.0  # as a run without a held-out split records it
+    (run_dir / "training_summary.json").write_text(json.dumps(summary))
+    made = _made_by(synthetic_set, run_dir / "final_model", tmp_path / "synthetic")
+    cfg = config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(made)])
+    with pytest.raises(UserError, match="held out no patients: its images may reproduce the test patients.*"
+                                        "--validation_fraction 0.2"):
+        load_bank(cfg, list(DRAWN), print, [str(made)])
+    warned = []
+    cfg = config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(made)], allow_seen_test_patients=True)
+    _, counts = load_bank(cfg, list(DRAWN), warned.append, [str(made)])
+    assert counts["test"]["generators_that_saw_it"] == [str(run_dir)] and "may reproduce" in warned[0]
+    summary, _ = run(config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(made)], arms="d", steps=1,
+                            allow_seen_test_patients=True))
+    assert f"The generator(s) {run_dir} trained on these test patients." in (tmp_path / "downstream" / "downstream.md").read_text()
+
+
 # ------------------------------------------------------------------------------- pieces
 
 
