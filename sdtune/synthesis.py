@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -209,7 +210,7 @@ def caption_settings(cfg: SynthesisConfig, summary: dict | None):
 
 
 def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[str, dict]]:
-    """(prompt, labels as written) for every image the labels CSV asks for, row by row.
+    """(prompt, labels) for every image the labels CSV asks for, row by row.
 
     Prompts come from build_caption, the function that made the training captions, with the
     run's template, findings, uncertainty policy and demographics (training_summary.json).
@@ -261,7 +262,10 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
                                 "(1 positive, 0 negative, -1 uncertain, blank unknown)") from None
         person = {"age": row[people["age"]], "sex": row[people["sex"]]} if demographics else None
         prompt = build_caption(values, template, findings, person)
-        planned += [(prompt, {name: row[name] for name in labels})] * int(count)
+        # The labels the prompt was built from (blank is negative; the run's uncertainty policy applied,
+        # so a -1 prompted as positive is recorded as 1); what the policy leaves unknown stays as written.
+        written = {name: row[name] if math.isnan(values[name]) else f"{values[name]:g}" for name in labels}
+        planned += [(prompt, written)] * int(count)
     if not planned:
         raise UserError(f"labels CSV {path} asks for no images (every count is 0)")
     return planned

@@ -450,6 +450,18 @@ def test_in_memory_images_work_like_files(pool_module, tmp_path):
     assert from_memory["features"]["cache"] == {"real": "memory", "fake": "memory"}
 
 
+@pytest.mark.parametrize("array, says", [
+    (np.full((8, 8, 3), 1000, np.uint16), "a torch.uint16 image cannot be read as 0-255"),
+    (np.full((8, 8, 3), 200.0, np.float32), "spans 200 to 200: divide 0-255 values by 255"),
+])
+def test_in_memory_arrays_that_are_not_0_255_are_refused_not_wrapped(array, says):
+    from sdtune.evaluation.images import ImageItem, pixels
+
+    with pytest.raises(UserError, match=says):
+        pixels(ImageItem(array))
+    assert torch.equal(pixels(ImageItem(np.full((8, 8, 3), 0.5, np.float32))), torch.full((3, 8, 8), 128, dtype=torch.uint8))
+
+
 # ------------------------------------------------------------------------------- MS-SSIM
 
 

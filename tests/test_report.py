@@ -139,6 +139,22 @@ def test_markdown_and_csv_agree(two_runs, tmp_path):
     assert "| unet | 50.50 ± 2.50 | — |" in report["markdown"] and "| lora | — | — |" in report["markdown"]
 
 
+def test_numbers_made_differently_are_flagged_as_not_comparable(two_runs, tmp_path, capsys):
+    unet, lora = two_runs
+    run_compare([unet, lora], tmp_path / "same")
+    assert "NOT COMPARABLE" not in (tmp_path / "same" / "comparison.md").read_text()
+    changed = json.loads((lora / "evaluation" / "inception.json").read_text())
+    changed["features"]["version"] = "v; resize pil-bicubic"
+    changed["real"] = {"source": "other/valid.csv", "kind": "table", "n": 100}
+    (lora / "evaluation" / "inception.json").write_text(json.dumps(changed))
+    run_compare([unet, lora], tmp_path / "differs")
+    text = (tmp_path / "differs" / "comparison.md").read_text()
+    assert "the Inception numbers differ in feature version and resize between runs (unet: v; lora: v; resize " \
+           "pil-bicubic)" in text
+    assert "the Inception numbers differ in real set between runs (unet: not recorded; lora: other/valid.csv)" in text
+    assert "xrv" not in "".join(line for line in text.splitlines() if "NOT COMPARABLE" in line).lower()  # one run only
+
+
 def test_plots_are_valid_pngs(two_runs, tmp_path):
     report = run_compare(two_runs, tmp_path / "cmp", "--grid-images", "3")
     fid_plot, grid = Image.open(report["files"]["fid_plot"]), Image.open(report["files"]["sample_grid"])

@@ -357,8 +357,23 @@ def test_labels_csv_counts_are_exact_and_prompts_are_the_training_captions(capti
     assert summary["num_images"] == len(meta) == sum(counts)
     expected = [e.caption for e, n in zip(chosen, counts) for _ in range(n)]
     assert meta["prompt"].tolist() == expected and meta["text"].tolist() == expected
-    expected_labels = [row for row, n in zip(csv_rows[labels].to_dict("records"), counts) for _ in range(n)]
-    assert meta[labels].to_dict("records") == expected_labels  # label columns as written in the CSV
+    # Label columns as the prompts read them: blank is negative, and the run's policy turns -1 into
+    # 1 (U-Ones) or 0 (U-Zeros); under U-Ignore a -1 stays as written: unknown.
+    policy = template.get("--uncertainty", "ignore")
+
+    def as_prompted(cell: str) -> str:
+        if cell == "":
+            return "0"
+        if float(cell) == -1:
+            return {"ones": "1", "zeros": "0"}.get(policy, cell)
+        return f"{float(cell):g}"
+
+    expected_labels = [{k: as_prompted(v) for k, v in row.items()}
+                       for row, n in zip(csv_rows[labels].to_dict("records"), counts) for _ in range(n)]
+    assert meta[labels].to_dict("records") == expected_labels
+    if policy == "ones":  # the case the rule is for: an uncertain finding, prompted as positive, recorded so
+        asked = csv_rows[labels].iloc[[i for i, n in enumerate(counts) for _ in range(n)]].to_numpy()
+        assert ((asked == "-1.0") & (meta[labels].to_numpy() == "1")).any()
     assert len(pixels(out)) == sum(counts)
     # the dataset is a training input as it stands
     synthetic, problems = read_table(out / "metadata.csv")

@@ -102,7 +102,13 @@ def pixels(item: ImageItem) -> torch.Tensor:
         elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3):
             image = image.permute(2, 0, 1)  # HWC -> CHW
     if image.dtype.is_floating_point:  # [0, 1] floats, as pipelines return them
+        if image.numel() and not (-1e-3 <= float(image.min()) and float(image.max()) <= 1 + 1e-3):
+            raise UserError(f"a float image must hold values in [0, 1], this one spans {float(image.min()):g} to "
+                            f"{float(image.max()):g}: divide 0-255 values by 255, or pass uint8")
         image = (image.float().clamp(0, 1) * 255).round()
+    elif image.dtype != torch.uint8:  # a cast would wrap 16-bit values around (1000 -> 232)
+        raise UserError(f"a {image.dtype} image cannot be read as 0-255: pass uint8 (0-255) or floats in [0, 1]; "
+                        "16-bit files are rescaled when given by path")
     image = image.to(torch.uint8)
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)

@@ -287,6 +287,17 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
             text = "; ".join(f"{real} real / {fake} synthetic" for real, fake in counts)
             out.append(f"{feature_label(extractor)} features, images: {text}"
                        + (" (differs between runs)" if len(counts) > 1 else ""))
+        # One column must hold numbers made alike: the same network, preprocessing and real set.
+        for what, read in (("feature version and resize", lambda r: (r.get("features") or {}).get("version")),
+                           ("real set", lambda r: (r.get("real") or {}).get("source"))):
+            seen = {run.name: read(run.by_features[extractor]) for run in runs if extractor in run.by_features}
+            if len(set(seen.values())) > 1:
+                groups = {}
+                for name, value in seen.items():
+                    groups.setdefault(value, []).append(name)
+                out.append(f"NOT COMPARABLE: the {feature_label(extractor)} numbers differ in {what} between runs ("
+                           + "; ".join(f"{', '.join(names)}: {value or 'not recorded'}" for value, names in groups.items())
+                           + "): evaluate them all alike")
     models = sorted({r["clip_model"] for r in records if r["clip_model"]})
     if models:
         out.append(f"CLIP score model: {', '.join(models)}")
