@@ -16,11 +16,11 @@ STRATEGY=dora
 : "${RESOLUTION:=512}"
 : "${MIXED_PRECISION:=fp16}"
 : "${CHECKPOINTING_STEPS:=500}"
-: "${NUM_GPUS:=1}"                     # processes to launch (one per GPU)
+: "${NUM_GPUS:=}"                      # processes to launch (one per GPU; default: ACCELERATE_CONFIG's, else 1)
 : "${ACCELERATE_CONFIG:=}"             # e.g. configs/accelerate/ddp.yaml (default: accelerate's own config)
 : "${USE_8BIT_ADAM:=false}"
 : "${GRADIENT_CHECKPOINTING:=false}"
-: "${LORA_RANK:=8}"
-: "${LORA_ALPHA:=16}"
+: "${LORA_RANK:=${DORA_RANK:-8}}"             # DORA_RANK/DORA_ALPHA: the tutorial's names
+: "${LORA_ALPHA:=${DORA_ALPHA:-16}}"
 source "$(dirname "$0")/scripts/train_args.sh"
 exec accelerate launch "${LAUNCH_ARGS[@]}" "$TRAIN_SCRIPT" "${TRAIN_ARGS[@]}" "$@"

@@ -21,7 +21,7 @@ STRATEGY=lora
 : "${WIDTH:=512}"
 : "${SEED:=42}"                                # for reproducible results
 : "${MIXED_PRECISION:=fp16}"
-: "${NUM_GPUS:=1}"                             # processes to launch (one per GPU); images are sharded
+: "${NUM_GPUS:=}"                              # processes to launch (one per GPU; default: ACCELERATE_CONFIG's, else 1); images are sharded
 : "${ACCELERATE_CONFIG:=}"                     # e.g. configs/accelerate/ddp.yaml (default: accelerate's own config)
 source "$(dirname "$0")/scripts/synth_args.sh"
 exec accelerate launch "${LAUNCH_ARGS[@]}" "$SYNTH_SCRIPT" "${SYNTH_ARGS[@]}" "$@"

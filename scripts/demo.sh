@@ -68,16 +68,16 @@ for s in $DEMO_STRATEGIES; do
   rm -rf "$synthetic"  # a new model: the images of an earlier demo must not be resumed
   step "synthesize-$s" "$PYTHON" "$ROOT/synthesize_images.py" --model-path "$run" --labels-csv "$LABELS" \
     --output-dir "$synthetic" --steps "$DEMO_SAMPLING_STEPS" --height "$RESOLUTION" --width "$RESOLUTION" \
-    --batch-size 8 "${DEVICE[@]}"
+    --batch-size 8 ${DEVICE[@]+"${DEVICE[@]}"}
   step "evaluate-$s" "$PYTHON" "$ROOT/evaluate.py" --real "$DATA/valid.csv" --fake "$synthetic" \
     --metrics fid,kid,vendi,ms_ssim --fid-features "$DEMO_FID_FEATURES" --per-condition --fid-bootstrap "$DEMO_FID_BOOTSTRAP" \
-    --cache-dir "$DEMO_DIR/feature-cache" "${DEVICE[@]}" --output "$run/evaluation/inception.json"
+    --cache-dir "$DEMO_DIR/feature-cache" ${DEVICE[@]+"${DEVICE[@]}"} --output "$run/evaluation/inception.json"
   RUNS+=("$run") SYNTHETIC+=("$synthetic")
 done
 FIRST="${RUNS[0]}"
 step "generate-samples-${FIRST##*/}" "$PYTHON" "$ROOT/evaluate.py" --generate-samples --num-samples 4 \
   --prompt "Chest x-ray of a patient with Cardiomegaly" --model-path "$FIRST" --steps "$DEMO_SAMPLING_STEPS" \
-  --height "$RESOLUTION" --width "$RESOLUTION" "${DEVICE[@]}" --output-dir "$FIRST/samples/cardiomegaly"
+  --height "$RESOLUTION" --width "$RESOLUTION" ${DEVICE[@]+"${DEVICE[@]}"} --output-dir "$FIRST/samples/cardiomegaly"
 step compare "$PYTHON" "$ROOT/evaluate.py" compare "${RUNS[@]}" --output-dir "$DEMO_DIR/comparison"
 step phantom-findings "$PYTHON" -m sdtune.evaluation.phantom_findings "${SYNTHETIC[@]}" \
   --real "$DATA/valid.csv"

@@ -1,12 +1,17 @@
 # Sourced by scripts/train_args.sh and scripts/synth_args.sh: the `accelerate launch` options, in
 # the array LAUNCH_ARGS: a config file (ACCELERATE_CONFIG, see configs/accelerate/), the process
-# count (NUM_GPUS), and any extra options in ACCELERATE_ARGS (e.g. "--machine_rank 1
-# --main_process_ip HOST" on a cluster).
+# count (NUM_GPUS; empty: the config file's, else 1), and any extra options in ACCELERATE_ARGS
+# (e.g. "--machine_rank 1 --main_process_ip HOST" on a cluster). LAUNCH_ARGS is never empty:
+# bash before 4.4 calls an empty array unbound under `set -u`.
 LAUNCH_ARGS=()
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--config_file "$ACCELERATE_CONFIG"); fi
 if [[ -n "${NUM_GPUS:-}" ]]; then
   LAUNCH_ARGS+=(--num_processes "$NUM_GPUS")
   if (( NUM_GPUS > 1 )) && [[ -z "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--multi_gpu); fi
+elif [[ -z "${ACCELERATE_CONFIG:-}" ]]; then
+  LAUNCH_ARGS+=(--num_processes 1)
 fi
-read -r -a EXTRA_LAUNCH_ARGS <<< "${ACCELERATE_ARGS:-}"
-LAUNCH_ARGS+=("${EXTRA_LAUNCH_ARGS[@]}")
+if [[ -n "${ACCELERATE_ARGS:-}" ]]; then
+  read -r -a EXTRA_LAUNCH_ARGS <<< "$ACCELERATE_ARGS"
+  LAUNCH_ARGS+=("${EXTRA_LAUNCH_ARGS[@]}")
+fi

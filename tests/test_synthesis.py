@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from helpers.launch import recorded_launch
 from PIL import Image
 
 from sdtune import synthesis
@@ -500,17 +501,7 @@ WRAPPER_ENV = dict(NUM_INFERENCE_STEPS="2", HEIGHT="64", WIDTH="64", NUM_IMAGES_
 
 
 def _recorded_launch(tmp_path, script, cwd, **env):
-    """Run a wrapper with a stand-in `accelerate` that records its command line; returns that argv."""
-    (tmp_path / "bin").mkdir(exist_ok=True)
-    stub = tmp_path / "bin" / "accelerate"
-    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ACCELERATE_ARGV"\n')
-    stub.chmod(0o755)
-    env = {**os.environ, **env, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
-           "ACCELERATE_ARGV": str(tmp_path / "argv")}
-    result = subprocess.run(["bash", str(ROOT / script), "--scheduler", "ddim"], env=env, capture_output=True,
-                            text=True, cwd=cwd, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return (tmp_path / "argv").read_text().split("\0")[:-1]
+    return recorded_launch(tmp_path, script, cwd, "--scheduler", "ddim", **env)
 
 
 def _check_wrapper_output(out, strategy, batch_size=3):

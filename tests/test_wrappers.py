@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.launch import recorded_launch
 
 from sdtune.strategies import STRATEGIES
 
@@ -50,3 +51,39 @@ def test_wrapper_runs_with_environment_overrides(strategy, tiny_model, phantom_c
     if STRATEGIES[strategy].vae:  # an override of a per-component rate from the header
         assert summary["learning_rates"]["vae"] == 3e-6
     assert (out / "final_model" / "model_index.json").is_file()
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    """train_text_to_image.py's --flag value pairs from a recorded accelerate argv."""
+    args = argv[next(i for i, a in enumerate(argv) if a.endswith("train_text_to_image.py")) + 1:]
+    return dict(zip(args[::2], args[1::2]))
+
+
+@pytest.mark.parametrize("script", ["finetune_unet+text.sh", "finetune_unet+vae.sh", "finetune_vae+text.sh",
+                                    "finetune_unet+vae+text.sh"])
+def test_learning_rate_sets_every_component_of_a_multi_component_wrapper(script, tmp_path):
+    header = _flags(recorded_launch(tmp_path, script, tmp_path))
+    given = _flags(recorded_launch(tmp_path, script, tmp_path, LEARNING_RATE="3e-4"))
+    one = _flags(recorded_launch(tmp_path, script, tmp_path, LEARNING_RATE="3e-4", VAE_LR="2e-6"))
+    rates = [f for f in ("--unet_lr", "--text_encoder_lr", "--vae_lr") if f in header]
+    assert len(rates) == script.count("+") + 1 and all(header[f] in ("1e-5", "1e-6", "5e-6") for f in rates)
+    assert all(given[f] == "3e-4" for f in rates)  # the header's rates gave way (they used to win silently)
+    assert all(one[f] == ("2e-6" if f == "--vae_lr" else "3e-4") for f in rates)
+
+
+def test_dora_reads_the_tutorials_rank_and_alpha(tmp_path):
+    assert _flags(recorded_launch(tmp_path, "dora.sh", tmp_path))["--lora_rank"] == "8"
+    flags = _flags(recorded_launch(tmp_path, "dora.sh", tmp_path, DORA_RANK="32", DORA_ALPHA="64"))
+    assert (flags["--lora_rank"], flags["--lora_alpha"]) == ("32", "64")
+    flags = _flags(recorded_launch(tmp_path, "dora.sh", tmp_path, DORA_RANK="32", LORA_RANK="4"))
+    assert flags["--lora_rank"] == "4"  # the toolkit's own name wins
+
+
+def test_an_accelerate_config_keeps_its_process_count_unless_num_gpus_is_given(tmp_path, monkeypatch):
+    for name in ("NUM_GPUS", "ACCELERATE_CONFIG", "ACCELERATE_ARGS"):
+        monkeypatch.delenv(name, raising=False)
+    assert recorded_launch(tmp_path, "lora.sh", tmp_path)[:3] == ["launch", "--num_processes", "1"]
+    argv = recorded_launch(tmp_path, "lora.sh", tmp_path, ACCELERATE_CONFIG="configs/accelerate/ddp.yaml")
+    assert argv[:3] == ["launch", "--config_file", "configs/accelerate/ddp.yaml"] and "--num_processes" not in argv
+    argv = recorded_launch(tmp_path, "lora.sh", tmp_path, ACCELERATE_CONFIG="configs/accelerate/ddp.yaml", NUM_GPUS="2")
+    assert argv[:5] == ["launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"]
