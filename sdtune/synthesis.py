@@ -148,6 +148,11 @@ def check_config(cfg: SynthesisConfig) -> None:
             raise UserError(f"--{name} must be a multiple of 8 (the VAE's downsampling), got {getattr(cfg, name)}")
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
+    out = Path(cfg.output_dir).expanduser()
+    if (out / "training_summary.json").is_file() or (out / "final_model").is_dir():
+        # e.g. OUTPUT_DIR exported for a training wrapper, then read by a synthesis wrapper too
+        raise UserError(f"--output_dir {out} holds a training run: pick another folder for the synthetic images "
+                        "(the synthesis wrappers' OUTPUT_DIR defaults to synthetic/<strategy>)")
 
 
 # ------------------------------------------------------------------------------- the plan

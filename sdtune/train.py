@@ -455,6 +455,10 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         " (fused)" if optimizer_kwargs.get("fused") else "")
     examples = load_examples(data, report_path=output_dir / "data_problems.txt")
     if data.validation_fraction > 0:
+        if data.split == "patient" and all(e.group is None for e in examples):
+            accelerator.print(f"warning: {data.source} has no patient ids (e.g. an images folder), so the held-out "
+                              "split is by image and a patient may be on both sides; a table or metadata file with "
+                              "a group column keeps patients together")
         examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "held_out.txt").write_text("".join(f"{e.source or e.image}\n" for e in held_out))

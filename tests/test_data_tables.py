@@ -324,6 +324,18 @@ def test_isic2019_groups_and_demographics_from_its_metadata(isic):
 
 # ----------------------------------------------------------------------------- generic metadata
 
+def test_metadata_jsonl_lines_are_newline_separated_only(tmp_path):
+    # json.dumps(..., ensure_ascii=False) writes U+2028 and \x85 raw; str.splitlines() would cut there.
+    touch(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png")
+    records = [{"file_name": "a.png", "text": "Large effusion.\u2028Cardiomegaly."},
+               {"file_name": "b.png", "text": "x\x85y"}, {"file_name": "c.png", "text": "plain"}]
+    path = tmp_path / "metadata.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n{broken\n", encoding="utf-8")
+    examples, problems = read_table(path)
+    assert [ex.image.name for ex in examples] == ["a.png", "b.png", "c.png"]
+    assert [p.where for p in problems] == ["metadata.jsonl line 4"]
+
+
 def test_metadata_jsonl(tmp_path):
     touch(tmp_path / "a.png", tmp_path / "sub/b.png", tmp_path / "c.png")
     lines = [

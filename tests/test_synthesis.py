@@ -439,6 +439,7 @@ def _bad_labels(tmp_path, text):
     ("adapter without base", "pass --base_model"),
     ("base for a pipeline", "--base_model is for checkpoints and adapter files"),
     ("unknown compile backend", "unknown --torch_compile_backend 'nope': use inductor"),
+    ("output into a training run", "holds a training run: pick another folder"),
 ])
 def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, capsys):
     run = runs("lora")
@@ -470,6 +471,8 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
         extra = ["--base_model", str(run)]
     elif case == "unknown compile backend":
         extra = ["--torch_compile", "--torch_compile_backend", "nope"]
+    elif case == "output into a training run":  # OUTPUT_DIR exported for training, then read by synthesis_*.sh
+        args["--output_dir"] = str(run)
     argv = [x for kv in args.items() for x in kv] + extra
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))

@@ -273,6 +273,22 @@ def test_missing_table_is_one_clear_error(tiny_model, tmp_path):
         main(_argv(tiny_model, tmp_path / "train.csv", tmp_path / "out", "--strategy", "lora"))
 
 
+def test_a_held_out_split_without_patient_ids_warns(tiny_model, table, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, path in enumerate(sorted((table.parent / "train").rglob("*.jpg"))[:4]):
+        shutil.copy(path, folder / f"{i}.jpg")
+        (folder / f"{i}.txt").write_text(PROMPT)
+    argv = _argv(tiny_model, table, tmp_path / "run", "--strategy", "bitfit", "--validation_fraction", "0.25", steps=1)
+    at = argv.index("--train_csv")
+    argv[at:at + 2] = ["--train_data_dir", str(folder)]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "has no patient ids (e.g. an images folder), so the held-out split is by image" in out
+    main(_argv(tiny_model, table, tmp_path / "table-run", "--strategy", "bitfit", "--validation_fraction", "0.25", steps=1))
+    assert "no patient ids" not in capsys.readouterr().out  # CheXpert's paths name the patient
+
+
 def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real set's feature cache
     main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",

@@ -290,7 +290,7 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, Found]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError([Problem(str(path), f"cannot read the metadata: {err}")], context=str(path)) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 or \x85 may sit in a caption
         if not line.strip():
             continue
         try:
