@@ -96,7 +96,7 @@ def reference_collate(examples: list[dict]) -> dict:
 
 
 def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, resolution: int, steps: int,
-                  precision: str, device: torch.device, lora_rank: int, seed: int = 0) -> dict:
+                  precision: str, device: torch.device, lora_rank: int, seed: int = 0, warmup: int | None = None) -> dict:
     """One run of the reference loop; returns the step clock, losses and trainable-parameter count."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
@@ -157,7 +157,7 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
     scale = vae.config.scaling_factor
 
     # ---- the loop
-    clock, losses, skipped, step = StepClock(device), [], 0, 0
+    clock, losses, step = StepClock(device, {warmup, steps} if warmup else None), [], 0
     while step < steps:
         for batch in loader:
             pixel_values = batch["pixel_values"].to(device, dtype=frozen_dtype)
@@ -178,17 +178,16 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # accelerator.clip_grad_norm_ unscales, then clips
             torch.nn.utils.clip_grad_norm_(clipped, 1.0)
-            before = scaler.get_scale() if scaler.is_enabled() else 1.0
-            scaler.step(optimizer)
-            scaler.update()
-            skipped += scaler.is_enabled() and scaler.get_scale() < before
+            scaler.step(optimizer)  # skips the update on non-finite gradients (counted after the loop:
+            scaler.update()         # reading the scale here would wait for the GPU every step)
             lr_scheduler.step()
             optimizer.zero_grad()
             clock.tick()
             step += 1
             if step == steps:
                 break
-    return {"clock": clock, "losses": losses, "skipped_steps": int(skipped),
+    taken = int(optimizer.state[params[0]].get("step", 0)) if optimizer.state.get(params[0]) else 0
+    return {"clock": clock, "losses": losses, "skipped_steps": steps - taken,
             "trainable_parameters": sum(p.numel() for p in params)}
 
 
@@ -244,7 +243,7 @@ def fresh_accelerator():
 
 def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, resolution: int, steps: int,
                 precision: str, device: torch.device, lora_rank: int, out_dir: Path, extra: list[str],
-                seed: int = 0) -> dict:
+                seed: int = 0, warmup: int | None = None) -> dict:
     """sdtune.train.train() as train_text_to_image.py calls it, with a clock on its progress bar."""
     import sdtune.train as training
 
@@ -253,7 +252,7 @@ def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, r
             "--max_train_steps", str(steps), "--mixed_precision", precision, "--lora_rank", str(lora_rank),
             "--lora_alpha", str(lora_rank), "--seed", str(seed), "--output_dir", str(out_dir), "--report_to", "none",
             "--checkpointing_steps", str(10**9), *extra]
-    clock = StepClock(device)
+    clock = StepClock(device, {warmup, steps} if warmup else None)
     _ProgressClock.clock = clock
     log = io.StringIO()
     noop = lambda *args, **kwargs: None  # noqa: E731
@@ -265,6 +264,9 @@ def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, r
     except BaseException:
         print(log.getvalue(), end="")  # the toolkit's own messages say what went wrong
         raise
+    if "interrupted" in summary:
+        # The loop caught the time limit's SIGINT and stopped early: not a measurement; stop as Python would.
+        raise KeyboardInterrupt(f"training interrupted by {summary['interrupted']} after {summary['steps']} steps")
     return {"clock": clock, "losses": [summary.get("final_loss")], "skipped_steps": summary.get("skipped_nonfinite_steps"),
             "log_tail": log.getvalue()[-1500:],  # the toolkit's own start-up lines (strategy, batch, trainable)
             "trainable_parameters": summary.get("trainable_parameters", {}).get("total"),
@@ -289,10 +291,11 @@ def _restore_backend_flags(flags: tuple) -> None:
 def measure(run, device: torch.device, warmup: int, batch_size: int, flags: tuple, **kwargs) -> dict:
     """Run one side; a failure (e.g. out of memory) is recorded and the benchmark goes on."""
     _restore_backend_flags(flags)
+    torch._dynamo.reset()  # a compiled run's caches and graphs do not carry into the next run's peak
     leftover = start_memory(device)
     start = time.perf_counter()
     try:
-        result = run(device=device, batch_size=batch_size, **kwargs)
+        result = run(device=device, batch_size=batch_size, warmup=warmup, **kwargs)
     except Exception as err:  # noqa: BLE001  (recorded, not swallowed: it goes into the JSON and the table)
         if not isinstance(err, torch.cuda.OutOfMemoryError):
             traceback.print_exc()
@@ -300,6 +303,8 @@ def measure(run, device: torch.device, warmup: int, batch_size: int, flags: tupl
                   else f"{type(err).__name__}: {err}".splitlines()[0]}
     result.update(peak_gib=peak_gib(device), peak_reserved_gib=peak_reserved_gib(device), seconds=time.perf_counter() - start, leftover_gib_at_start=round(leftover, 3))
     clock = result.pop("clock", None)
+    if clock is not None and "steps" in kwargs and len(clock.times) != kwargs["steps"]:
+        result["error"] = f"{len(clock.times)} of {kwargs['steps']} steps ran"  # never a figure from a cut run
     if clock is not None:
         result.update(samples_per_second=clock.samples_per_second(warmup, batch_size),
                       step_seconds=[round(b - a, 4) for a, b in zip(clock.times, clock.times[1:])])

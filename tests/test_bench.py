@@ -59,6 +59,35 @@ def test_throughput_counts_only_the_steps_after_the_warm_up():
     assert clock.samples_per_second(warmup=4, batch_size=2) is None  # nothing timed
 
 
+def test_the_clock_waits_for_the_device_only_at_the_ends_of_the_timed_window(monkeypatch):
+    import common
+
+    waits = []
+    monkeypatch.setattr(common, "synchronize", lambda device: waits.append(len(clock.times) + 1))
+    clock = StepClock(torch.device("cpu"), sync_at={3, 13})  # 3 warm-up + 10 timed steps
+    for _ in range(13):
+        clock.tick()
+    assert waits == [3, 13] and len(clock.times) == 13
+
+
+def test_a_cut_run_is_an_error_not_a_figure(monkeypatch):
+    def three_of_five(device, batch_size, warmup, **kwargs):
+        clock = StepClock(device)
+        for _ in range(3):
+            clock.tick()
+        return {"clock": clock, "losses": [], "skipped_steps": 0}
+
+    result = train_speed.measure(three_of_five, torch.device("cpu"), 1, 2, train_speed._backend_flags(), steps=5)
+    assert result["error"] == "3 of 5 steps ran"
+    # The toolkit's loop catches the time limit's SIGINT and returns: the benchmark stops as Python would.
+    import sdtune.train as training
+
+    monkeypatch.setattr(training, "train", lambda *args: ({"interrupted": "SIGINT", "steps": 4}, None))
+    monkeypatch.setattr(training, "parse_args", lambda argv: ())
+    with pytest.raises(KeyboardInterrupt, match="interrupted by SIGINT after 4 steps"):
+        train_speed.toolkit_run(Path("m"), "lora", Path("i"), 2, 64, 13, "no", torch.device("cpu"), 4, Path("o"), [])
+
+
 def test_heaviest_runs_go_last_and_the_order_is_otherwise_kept():
     order = train_speed.run_order(["unet+vae+text", "unet", "lora"], [16, 1])
     assert order == [(16, "unet"), (16, "lora"), (1, "unet"), (1, "lora"), (16, "unet+vae+text"), (1, "unet+vae+text")]
