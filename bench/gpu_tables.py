@@ -45,8 +45,34 @@ def origin(record: dict) -> str:
     return f"{record.get('device', record.get('device_name', '?'))}; {names}; {record.get('date', 'date not recorded')}"
 
 
+def target_cell(r: dict) -> str:
+    """The target verdict, with what decided it: the speed reached and the memory against the reference's."""
+    if "target_ratio" not in r:
+        return "-"
+    ref, tk, reached = r["reference"], r["toolkit"], r["ratio"]
+    parts = [] if reached is None else [f"speed {reached / r['target_ratio']:.0%} of it"]
+    if tk.get("peak_gib") is not None and ref.get("peak_gib") is not None:
+        parts.append("memory " + ("within" if tk["peak_gib"] <= ref["peak_gib"] else "above") + " the reference's")
+    return f"{r['target_ratio']:.1f}x: {'met' if r['meets_target'] else 'missed'}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def published_cell(record: dict, r: dict, warnings: list[str]) -> str:
+    """REFERENCE.md section 9's H100 figure for the row's recipe at batch 16, and how far the measured
+    reference is from it: a slow reimplementation would flatter every ratio."""
+    ref = r["reference"]
+    published = record.get("published_reference_h100_batch16", {}).get(ref.get("recipe"))
+    if r["batch_size"] != 16 or not published or ref.get("samples_per_second") is None:
+        return "-"
+    off = ref["samples_per_second"] / published["samples_per_second"] - 1
+    if abs(off) > 0.10:
+        warnings.append(f"the measured {ref['recipe']} reference ({ref['samples_per_second']:.1f} samples/s) is "
+                        f"{off:+.0%} off REFERENCE.md's {published['samples_per_second']:.1f} (H100): compare the "
+                        "device and versions before trusting its ratios")
+    return f"{published['samples_per_second']:.1f} ({off:+.0%})"
+
+
 def train_speed_table(folder: Path) -> str | None:
-    rows, heads = [], []
+    rows, heads, warnings = [], [], []
     for name in TRAIN_FILES:
         record = load(folder, name)
         if record is None:
@@ -63,22 +89,20 @@ def train_speed_table(folder: Path) -> str | None:
             if ref.get("recipe") != r["strategy"]:
                 strategy += f" (vs {NAMES.get(ref['recipe'], ref['recipe'])} reference)"
             toolkit = r["toolkit_mixed_precision"] + (f" `{flags}`" if flags else "")
-            if "target_ratio" in r:
-                reached = r["ratio"]
-                target = (f"{r['target_ratio']:.1f}x: {'met' if r['meets_target'] else 'missed'}"
-                          + ("" if reached is None else f" ({reached / r['target_ratio']:.0%} of it)"))
-            else:
-                target = "-"
             once = (tk.get("encoded_once") or {}).get("seconds")
+            measured_in = f"`{Path(ref['reused_from']).name}`" if ref.get("reused_from") else "this run"
             rows.append([strategy, r["batch_size"], toolkit, fmt(ref.get("samples_per_second")),
-                         fmt(tk.get("samples_per_second")), fmt(r.get("ratio"), ".2f"), target,
+                         fmt(tk.get("samples_per_second")), fmt(r.get("ratio"), ".2f"), target_cell(r),
                          fmt(ref.get("peak_gib"), ".2f"), fmt(tk.get("peak_gib"), ".2f"), fmt(once),
+                         published_cell(record, r, warnings), measured_in,
                          ref.get("error") or tk.get("error") or ""])
     if not rows:
         return None
     header = ["strategy", "batch", "toolkit", "reference samples/s", "toolkit samples/s", "toolkit/ref",
-              "target", "ref peak GiB", "toolkit peak GiB", "encoded once, s", "error"]
-    return "### Training speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows)
+              "target", "ref peak GiB", "toolkit peak GiB", "encoded once, s", "REFERENCE.md H100 (measured ref off by)",
+              "reference measured in", "error"]
+    notes = "".join(f"\n\n**Warning:** {w}" for w in dict.fromkeys(warnings))
+    return "### Training speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows) + notes
 
 
 def synth_speed_table(folder: Path) -> str | None:
@@ -93,6 +117,8 @@ def synth_speed_table(folder: Path) -> str | None:
                      fmt(ref.get("peak_gib"), ".2f"), "-", "-"])
         for row in record["toolkit"]:
             same = f"{'yes' if row['same_images'] else 'NO'} (mean abs. diff. {row['image_difference']['mean_abs']:.1e})"
+            if "same_work" in row:
+                same += f"; U-Net calls {'as the reference' if row['same_work'] else '**NOT as the reference**'}"
             target = "-"
             if "meets_target" in row:
                 target = f"{record['target_ratio']:.1f}x: {'met' if row['meets_target'] else 'missed'}"

@@ -72,6 +72,19 @@ def timed_batches(sample, items: list, batch_size: int, warmup: int, device: tor
     return len(images) / elapsed, images
 
 
+def count_unet_work(unet) -> dict:
+    """U-Net calls and the samples they denoise, counted as they happen: a faster row must do the
+    reference's work (the image check alone would pass a row with a step or two fewer)."""
+    work = {"unet_calls": 0, "unet_samples": 0}
+
+    def count(module, args, kwargs):
+        work["unet_calls"] += 1
+        work["unet_samples"] += int((args[0] if args else kwargs["sample"]).shape[0])
+
+    unet.register_forward_pre_hook(count, with_kwargs=True)
+    return work
+
+
 def reference_side(model_dir: Path, items: list, args, device: torch.device) -> tuple[dict, np.ndarray]:
     from diffusers import StableDiffusionPipeline
 
@@ -88,8 +101,9 @@ def reference_side(model_dir: Path, items: list, args, device: torch.device) -> 
                     height=args.resolution, width=args.resolution, output_type="np",
                     generator=[torch.Generator().manual_seed(item.seed) for item in batch]).images
 
+    work = count_unet_work(pipe.unet)
     rate, images = timed_batches(sample, items, args.batch_size, args.warmup, device)
-    return {"images_per_second": rate, "scheduler": scheduler}, images
+    return {"images_per_second": rate, "scheduler": scheduler, **work}, images
 
 
 def toolkit_cfg(model_dir: Path, args, extra: str, device: torch.device):
@@ -116,10 +130,11 @@ def toolkit_side(extra: str):
         scheduler = synthesis.set_scheduler(pipeline, cfg.scheduler)
         speed = synthesis.speed_settings(pipeline, cfg, device)
         synthesis.prepare_pipeline(pipeline, cfg, device, speed)
+        work = count_unet_work(pipeline.unet)  # the compiled wrapper when compiled: counted around it
         rate, images = timed_batches(lambda batch: synthesis.render(pipeline, batch, cfg), items, cfg.batch_size,
                                      args.warmup, device)
         return {"images_per_second": rate, "scheduler": scheduler, "scheduler_class": type(pipeline.scheduler).__name__,
-                "steps": cfg.steps, "speed": speed}, images
+                "steps": cfg.steps, "speed": speed, **work}, images
 
     return side
 
@@ -263,9 +278,10 @@ def main(argv=None) -> dict:
 
     def save(status: str = "running") -> None:  # after every row: a run cut short keeps the rows it finished
         record["same_images"] = all(row["same_images"] for row in record["toolkit"])
+        record["same_work"] = all(row["same_work"] for row in record["toolkit"])
         if full_settings:
             for row in record["toolkit"]:
-                row["meets_target"] = row["ratio"] >= TARGET and row["same_images"]
+                row["meets_target"] = row["ratio"] >= TARGET and row["same_images"] and row["same_work"]
             record["meets_target"] = [row["name"] for row in record["toolkit"] if row["meets_target"]]
         record.update(status=status, total_seconds=time.perf_counter() - begin)
         write_json(args.output, record)
@@ -280,12 +296,16 @@ def main(argv=None) -> dict:
         for name, flags in args.toolkit_configs.items():
             result, images = measure(toolkit_side(flags), model_dir, items, args, device)
             difference = compare(ref_images, images)
+            same_work = (result["unet_calls"], result["unet_samples"]) == (reference["unet_calls"],
+                                                                            reference["unet_samples"])
             row = with_ratio({"name": name, "flags": flags, **result, "image_difference": difference,
-                              "same_images": difference["mean_abs"] <= args.atol}, reference)
+                              "same_images": difference["mean_abs"] <= args.atol, "same_work": same_work}, reference)
             record["toolkit"].append(row)
             save()
             print(f"toolkit {name}: {row['images_per_second']:.2f} images/s ({row['ratio']:.2f}x), peak "
-                  f"{fmt(row['peak_gib'], '.2f')} GiB, mean |diff| {difference['mean_abs']:.2e}", flush=True)
+                  f"{fmt(row['peak_gib'], '.2f')} GiB, mean |diff| {difference['mean_abs']:.2e}, U-Net "
+                  f"{result['unet_calls']} calls / {result['unet_samples']} samples (reference "
+                  f"{reference['unet_calls']} / {reference['unet_samples']})", flush=True)
         if args.fast_recipe:
             result, _ = measure(toolkit_side(args.fast_recipe), model_dir, items, args, device)
             fast = with_ratio({"name": "fast recipe", "flags": args.fast_recipe, **result, "compared": False,
@@ -322,9 +342,9 @@ def main(argv=None) -> dict:
 
 
 def succeeded(record: dict) -> bool:
-    """Every toolkit row gives the reference's images, and no row has NaN/inf pixels."""
+    """Every toolkit row gives the reference's images from the reference's U-Net work, and no row has NaN/inf pixels."""
     rows = [record["reference"], *record["toolkit"], *([record["fast_recipe"]] if record["fast_recipe"] else [])]
-    return record["same_images"] and all(row["finite"] for row in rows)
+    return record["same_images"] and record["same_work"] and all(row["finite"] for row in rows)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,10 @@ def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tin
         assert _positive(row["images_per_second"]) and row["finite"] and row["scheduler_class"] == "PNDMScheduler"
         assert row["ratio"] == pytest.approx(row["images_per_second"] / reference["images_per_second"])
         assert row["same_images"] and row["steps"] == 5
+        # 2 batches (1 warm-up + 1 timed) x (5 + 1) calls (PNDM's PLMS takes its first step twice), each call
+        # denoising 2 images twice (guidance): the reference's work, counted on both sides
+        assert (row["unet_calls"], row["unet_samples"]) == (reference["unet_calls"], reference["unet_samples"]) == (12, 48)
+        assert row["same_work"]
     speeds = [row["speed"] for row in rows]  # the options each row ran with, as synthesize() records them
     assert speeds[0] == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
     assert speeds[1]["channels_last"] and speeds[1]["fuse_qkv"]
@@ -228,6 +232,7 @@ def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tin
     assert "target_ratio" not in record  # tiny settings are not the target's
     assert returned["toolkit"] == rows and synth_speed.succeeded(returned)
     assert not synth_speed.succeeded({**returned, "same_images": False})
+    assert not synth_speed.succeeded({**returned, "same_work": False})
 
 
 def test_synth_speed_cut_short_keeps_the_rows_it_finished(tiny_model, tmp_path, monkeypatch):
@@ -293,6 +298,20 @@ def test_gpu_session_refuses_unknown_tasks_and_skips_what_the_budget_cannot_hold
     # neither is worth starting with 30 s (150 s and 45 s): nothing ran, so no JSON and no log
     assert "targets skipped" in session and "resume skipped" in session
     assert not list((tmp_path / "out").glob("*.json")) and not (tmp_path / "out" / "targets.log").exists()
+
+
+def test_gpu_tables_say_what_decided_a_target_and_how_far_the_reference_is_from_reference_md():
+    import gpu_tables
+
+    row = {"batch_size": 16, "ratio": 2.6, "target_ratio": 2.5, "meets_target": False,
+           "reference": {"recipe": "unet", "samples_per_second": 40.0, "peak_gib": 30.0},
+           "toolkit": {"samples_per_second": 104.0, "peak_gib": 31.0}}
+    assert gpu_tables.target_cell(row) == "2.5x: missed (speed 104% of it; memory above the reference's)"
+    warnings = []
+    record = {"published_reference_h100_batch16": {"unet": {"samples_per_second": 48.7, "peak_gib": 30.5}}}
+    assert gpu_tables.published_cell(record, row, warnings) == "48.7 (-18%)"  # 40 / 48.7 - 1
+    assert "reference (40.0 samples/s) is -18% off REFERENCE.md's 48.7" in warnings[0]
+    assert gpu_tables.published_cell(record, {**row, "batch_size": 1}, []) == "-"  # section 9 is batch 16
 
 
 @pytest.mark.slow
