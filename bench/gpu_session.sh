@@ -15,6 +15,7 @@
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 ~1 min
 #   synth_compile  synth_speed.py: the +compile row                                           ~2.5 min
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16              ~1 min
+#   batch1         train_speed.py: unet lora dora bitfit at batch 1 (the second size)  ~2 min
 #
 # A device call is short and its end is fixed, so each task runs with the time left (timeout) and
 # one without enough left is skipped, not started. Every script rewrites its JSON after each row:
@@ -27,7 +28,7 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(targets synth memory more resume e2e compiled fp16 synth_compile dora)
+all=(targets synth memory more resume e2e compiled fp16 synth_compile dora batch1)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
 for t in "${tasks[@]}"; do
@@ -37,9 +38,9 @@ start=$SECONDS
 out=$(realpath -m "${OUT:-bench-results}")  # absolute: the script moves to the repository's root
 state=${SDTUNE_GPU_STATE:-/tmp/sdtune-gpu}   # survives between calls while the machine stays warm
 model=$state/sd15-random
-tiny=() quick=() batch=(--batch-sizes 16) e2e=(env) resolution=512
+tiny=() quick=() batch=(--batch-sizes 16) batch1=(--batch-sizes 1) e2e=(env) resolution=512
 if [[ ${SDTUNE_GPU_TINY:-} == 1 ]]; then  # a CPU dry run of this script's logic (tests/test_bench.py): the tiny model
-  tiny=(--tiny) quick=(--quick) batch=(--tiny --batch-sizes 2) model=$state/tiny-sd15 resolution=64
+  tiny=(--tiny) quick=(--quick) batch=(--tiny --batch-sizes 2) batch1=(--tiny --batch-sizes 1) model=$state/tiny-sd15 resolution=64
   e2e=(env MIXED_PRECISION=no DEMO_STEPS=20 DEMO_PHANTOMS=60 DEMO_IMAGES=2 DEMO_SAMPLING_STEPS=3)
 fi
 mkdir -p "$out" "$state"
@@ -93,6 +94,8 @@ for t in "${tasks[@]}"; do
     e2e) task e2e 120 "${e2e[@]}" bash bench/gpu_e2e.sh "$model" "$state/e2e" "$resolution" ;;
     synth_compile) task synth_compile 120 "${synth[@]}" --fast-recipe "" --toolkit-configs +compile=--torch_compile \
                      --output "$out/synth_speed_compiled.json" ;;
+    batch1) task batch1 60 python3 bench/train_speed.py --model-dir "$model" "${batch1[@]}" --reuse "$state" \
+              --strategies unet lora dora bitfit --output "$out/train_speed_batch1.json" ;;
     dora) task dora 40 python3 bench/dora_overhead.py --device "${SDTUNE_GPU_DEVICE:-cuda}" "${quick[@]}" \
             --output "$out/dora_overhead.json" ;;
   esac
