@@ -504,9 +504,11 @@ def set_scheduler(pipeline, name: str | None) -> str:
 
 def prepare_pipeline(pipeline, cfg: SynthesisConfig, device: torch.device | str, speed: dict | None = None):
     """Device, dtype, the speed options (`speed`, else speed_settings(...)), no progress bar; returns the pipeline."""
-    pipeline.to(device)
     if cfg.mixed_precision != "no":  # (a cast to fp32 would only print diffusers' cast warning)
-        pipeline.to(dtype=DTYPES[cfg.mixed_precision])
+        # One call, so each tensor is cast on its way: moving first would hold an fp32 copy of every weight on the GPU.
+        pipeline.to(device, DTYPES[cfg.mixed_precision])
+    else:
+        pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     if getattr(pipeline.text_encoder.config, "use_attention_mask", False):
         pipeline.text_encoder.config.use_attention_mask = False  # training encodes captions without a mask
