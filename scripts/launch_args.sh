@@ -15,3 +15,7 @@ if [[ -n "${ACCELERATE_ARGS:-}" ]]; then
   read -r -a EXTRA_LAUNCH_ARGS <<< "$ACCELERATE_ARGS"
   LAUNCH_ARGS+=("${EXTRA_LAUNCH_ARGS[@]}")
 fi
+if ! command -v accelerate >/dev/null; then
+  echo "error: accelerate is not on PATH: activate the environment (source .venv/bin/activate after make setup)" >&2
+  exit 1
+fi
