@@ -355,10 +355,12 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
 
     held, test_rule = generator_held_out(cfg, generator_runs(synthetic_sets), warn)
     if held is not None:
+        listed = [(ex.source or str(ex.image)) in held for ex in real]  # as training wrote held_out.txt
         # Every image of a held-out patient is tested, also one the generator did not load (e.g. another view).
-        patients = {ex.group for ex in real if (ex.source or str(ex.image)) in held and ex.group is not None}
-        test = [ex for ex in real if (ex.source or str(ex.image)) in held or ex.group in patients]
-        train = [ex for ex in real if not ((ex.source or str(ex.image)) in held or ex.group in patients)]
+        patients = {ex.group for ex, was in zip(real, listed) if was and ex.group is not None}
+        tested = [was or ex.group in patients for ex, was in zip(real, listed)]
+        test = [ex for ex, t in zip(real, tested) if t]
+        train = [ex for ex, t in zip(real, tested) if not t]
         if not test:
             raise UserError(f"none of the images that {', '.join(test_rule['generators_holding_it_out'])} held out "
                             f"is in {cfg.real}: train the generators with the same --validation_fraction and "

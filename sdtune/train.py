@@ -461,6 +461,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                               "a group column keeps patients together")
         examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
         output_dir.mkdir(parents=True, exist_ok=True)
+        # downstream.py reads it: these patients become its classifier's test set
         (output_dir / "held_out.txt").write_text("".join(f"{e.source or e.image}\n" for e in held_out))
     if not examples:
         raise UserError(f"no training images left in {data.source}")
