@@ -16,6 +16,7 @@ COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # max-autotune modes also time Triton kernels for every GEMM/conv shape (minutes more of compiling);
 # the cudagraph modes (reduce-overhead, max-autotune) remove launch overhead.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # refused: see check_compile_mode
 
 
 def check_compile_backend(name: str) -> None:
@@ -25,6 +26,16 @@ def check_compile_backend(name: str) -> None:
     if name not in torch._dynamo.list_backends(exclude_tags=()):
         raise UserError(f"unknown --torch_compile_backend {name!r}: use inductor (eager and aot_eager only trace, "
                         "for tests; torch._dynamo.list_backends() lists the rest)")
+
+
+def check_compile_mode(mode: str | None) -> None:
+    """CUDA-graph modes replay into memory their last outputs used. PNDM keeps earlier U-Net outputs
+    (the raw ones when guidance is off) and gradient accumulation keeps earlier gradients, so both
+    would read overwritten tensors (pytorch#169545, #170604): refused, never run on a GPU here."""
+    if mode in CUDA_GRAPH_MODES:
+        raise UserError(f"--torch_compile_mode {mode} uses CUDA graphs, which overwrite the outputs that the "
+                        "sampler's history and accumulated gradients still read: use default or "
+                        "max-autotune-no-cudagraphs")
 
 
 @dataclass

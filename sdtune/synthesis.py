@@ -47,7 +47,7 @@ import torch
 
 from sdtune.config import field
 from sdtune.errors import UserError
-from sdtune.models import COMPILE_MODES, check_compile_backend, load_components
+from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, load_components
 from sdtune.strategies import COMPONENTS, Strategy
 
 # Short names for diffusers schedulers: (class, extra settings). Each is configured from the
@@ -148,6 +148,7 @@ def check_config(cfg: SynthesisConfig) -> None:
             raise UserError(f"--{name} must be a multiple of 8 (the VAE's downsampling), got {getattr(cfg, name)}")
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
+        check_compile_mode(cfg.torch_compile_mode)
     out = Path(cfg.output_dir).expanduser()
     if (out / "training_summary.json").is_file() or (out / "final_model").is_dir():
         # e.g. OUTPUT_DIR exported for a training wrapper, then read by a synthesis wrapper too

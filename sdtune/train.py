@@ -17,12 +17,13 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
-                               set_seed)
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType,
+                               InitProcessGroupKwargs, ProjectConfiguration, set_seed)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
-from sdtune.models import COMPILE_MODES, check_compile_backend, load_components
+from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, load_components
 from sdtune.processes import launched_without_cuda
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
 
@@ -287,7 +288,10 @@ def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
         # after a resume; accelerate then shards the batches once, across processes.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # A VAE trained without the reconstruction term leaves its decoder out of the graph.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=strategy.vae and cfg.vae_recon_weight == 0)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=strategy.vae and cfg.vae_recon_weight == 0),
+                         # Validation runs on the main process while the others wait at the next collective;
+                         # a first FID over a large real set outlasts NCCL's 10-minute default.
+                         InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
     sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(accelerator.distributed_type)
     if sharded:
@@ -381,6 +385,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     cfg, profile_changes = apply_memory_profile(cfg)
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
+        check_compile_mode(cfg.torch_compile_mode)
     if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
         raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)

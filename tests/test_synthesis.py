@@ -440,6 +440,7 @@ def _bad_labels(tmp_path, text):
     ("base for a pipeline", "--base_model is for checkpoints and adapter files"),
     ("unknown compile backend", "unknown --torch_compile_backend 'nope': use inductor"),
     ("output into a training run", "holds a training run: pick another folder"),
+    ("CUDA-graph compile mode", "max-autotune uses CUDA graphs"),
 ])
 def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, capsys):
     run = runs("lora")
@@ -471,6 +472,8 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
         extra = ["--base_model", str(run)]
     elif case == "unknown compile backend":
         extra = ["--torch_compile", "--torch_compile_backend", "nope"]
+    elif case == "CUDA-graph compile mode":
+        extra = ["--torch_compile", "--torch_compile_mode", "max-autotune"]
     elif case == "output into a training run":  # OUTPUT_DIR exported for training, then read by synthesis_*.sh
         args["--output_dir"] = str(run)
     argv = [x for kv in args.items() for x in kv] + extra

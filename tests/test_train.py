@@ -251,6 +251,7 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     (["--strategy", "bitfit", "--mixed_precision", "bf16"], "needs a GPU"),
     (["--strategy", "unet", "--mixed_precision", "fp16"], "fp16 needs a GPU: use --mixed_precision bf16 or no"),
     (["--strategy", "lora", "--torch_compile", "--torch_compile_backend", "bogus"], "unknown --torch_compile_backend"),
+    (["--strategy", "lora", "--torch_compile", "--torch_compile_mode", "reduce-overhead"], "uses CUDA graphs"),
     (["--strategy", "lora", "--torch_compile", "--torch_compile_backend", "eager", "--train_batch_size", "500"],
      "make no full batch of 500: lower --train_batch_size"),
 ])
