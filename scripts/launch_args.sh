@@ -1,9 +1,9 @@
 # Sourced by scripts/train_args.sh and scripts/synth_args.sh: the `accelerate launch` options, in
 # the array LAUNCH_ARGS: a config file (ACCELERATE_CONFIG, see configs/accelerate/), the process
 # count (NUM_GPUS; empty: the config file's, else 1), and any extra options in ACCELERATE_ARGS
-# (e.g. "--machine_rank 1 --main_process_ip HOST" on a cluster). LAUNCH_ARGS is never empty:
-# bash before 4.4 calls an empty array unbound under `set -u`.
-LAUNCH_ARGS=()
+# (e.g. "--machine_rank 1 --main_process_ip HOST" on a cluster).
+# --quiet: a failing single-process run ends with its own one-line error, not the launcher's traceback.
+LAUNCH_ARGS=(--quiet)
 if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then LAUNCH_ARGS+=(--config_file "$ACCELERATE_CONFIG"); fi
 if [[ -n "${NUM_GPUS:-}" ]]; then
   LAUNCH_ARGS+=(--num_processes "$NUM_GPUS")

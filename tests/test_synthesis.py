@@ -531,7 +531,7 @@ def test_synthesis_wrapper_runs_with_environment_overrides(strategy, runs, tmp_p
     argv = _recorded_launch(tmp_path, SYNTH_WRAPPERS[strategy], runs.root, **WRAPPER_ENV,
                             PROMPTS_FILE=str(tmp_path / "prompts.txt"))
     script = argv.index(str(ROOT / "synthesize_images.py"))
-    assert argv[:script] == ["launch", "--num_processes", "1", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
+    assert argv[:script] == ["launch", "--quiet", "--num_processes", "1", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
     monkeypatch.chdir(runs.root)  # MODEL_PATH and OUTPUT_DIR default to paths relative to where it runs
     main(argv[script + 1:])
     _check_wrapper_output(runs.root / "synthetic" / strategy, strategy)  # the default OUTPUT_DIR
@@ -539,10 +539,10 @@ def test_synthesis_wrapper_runs_with_environment_overrides(strategy, runs, tmp_p
 
 def test_num_gpus_and_accelerate_config_become_launch_options(tmp_path):
     argv = _recorded_launch(tmp_path, "synthesis_unet.sh", tmp_path, NUM_GPUS="4", PROMPTS="a")
-    assert argv[:4] == ["launch", "--num_processes", "4", "--multi_gpu"]
+    assert argv[:5] == ["launch", "--quiet", "--num_processes", "4", "--multi_gpu"]
     argv = _recorded_launch(tmp_path, "synthesis_unet.sh", tmp_path, NUM_GPUS="2", PROMPTS="a",
                             ACCELERATE_CONFIG="configs/accelerate/ddp.yaml")
-    assert argv[:5] == ["launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"]
+    assert argv[:6] == ["launch", "--quiet", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"]
 
 
 def _free_port():

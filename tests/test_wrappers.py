@@ -82,8 +82,19 @@ def test_dora_reads_the_tutorials_rank_and_alpha(tmp_path):
 def test_an_accelerate_config_keeps_its_process_count_unless_num_gpus_is_given(tmp_path, monkeypatch):
     for name in ("NUM_GPUS", "ACCELERATE_CONFIG", "ACCELERATE_ARGS"):
         monkeypatch.delenv(name, raising=False)
-    assert recorded_launch(tmp_path, "lora.sh", tmp_path)[:3] == ["launch", "--num_processes", "1"]
+    assert recorded_launch(tmp_path, "lora.sh", tmp_path)[:4] == ["launch", "--quiet", "--num_processes", "1"]
     argv = recorded_launch(tmp_path, "lora.sh", tmp_path, ACCELERATE_CONFIG="configs/accelerate/ddp.yaml")
-    assert argv[:3] == ["launch", "--config_file", "configs/accelerate/ddp.yaml"] and "--num_processes" not in argv
+    assert argv[:4] == ["launch", "--quiet", "--config_file", "configs/accelerate/ddp.yaml"] and "--num_processes" not in argv
     argv = recorded_launch(tmp_path, "lora.sh", tmp_path, ACCELERATE_CONFIG="configs/accelerate/ddp.yaml", NUM_GPUS="2")
-    assert argv[:5] == ["launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"]
+    assert argv[:6] == ["launch", "--quiet", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2"]
+
+
+def test_a_user_error_through_accelerate_launch_is_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OUTPUT_DIR": str(tmp_path / "run"), "MIXED_PRECISION": "fp16", "ACCELERATE_ARGS": "--num_machines 1 "
+           "--dynamo_backend no", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(ROOT / "lora.sh")], env=env, capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "error: --mixed_precision fp16 needs a GPU" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout  # accelerate's CalledProcessError stays out (--quiet)
