@@ -242,18 +242,22 @@ def read_synthetic(path: str, labels: list[str]) -> list[Example]:
     return examples
 
 
-def generator_runs(synthetic_sets: list[str]) -> list[tuple[str, Path, dict]]:
+def generator_runs(synthetic_sets: list[str], warn=None) -> list[tuple[str, Path, dict]]:
     """(set, run folder, training summary) of each synthetic set made by a model this toolkit trained:
-    synthesis_config.json names the model, whose run folder holds training_summary.json."""
+    synthesis_config.json names the model, whose run folder holds training_summary.json. A set whose
+    generator cannot be found is named to `warn` (a hub id, e.g. the untrained base model, is not)."""
     found = []
     for path in synthetic_sets:
         config = synthetic_file(path).parent / "synthesis_config.json"
         if not config.is_file():
+            if warn:
+                warn(f"--synthetic {path} has no synthesis_config.json: cannot tell which patients its generator saw")
             continue
         try:
-            model = Path(json.loads(config.read_text())["settings"]["model_path"]).expanduser()
+            model_path = json.loads(config.read_text())["settings"]["model_path"]
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"cannot read the model path from {config}: {err}") from None
+        model = Path(model_path).expanduser()
         for folder in (model, model.parent):  # a run folder; its final_model/, checkpoint-N/ or adapter file
             summary = folder / "training_summary.json"
             if summary.is_file():
@@ -262,6 +266,10 @@ def generator_runs(synthetic_sets: list[str]) -> list[tuple[str, Path, dict]]:
                 except (OSError, ValueError) as err:
                     raise UserError(f"cannot read {summary}: {err}") from None
                 break
+        else:
+            if warn and (model.is_absolute() or model.exists()):  # not a hub id
+                warn(f"--synthetic {path}: its generator {model} has no training_summary.json beside it (moved?): "
+                     "cannot tell which patients it saw")
     return found
 
 
@@ -279,6 +287,8 @@ def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, 
         data = summary.get("arguments", {}).get("data", {})
         trained_on = summary.get("data_source") or data.get("train_csv") or data.get("train_data_dir")
         if not trained_on or Path(trained_on).expanduser().resolve() != real:
+            warn(f"--synthetic {set_path} comes from {run_dir}, which trained on {trained_on}, not on --real: "
+                 "if the two share patients, the test set may hold some its generator saw")
             continue
         listed = run_dir / "held_out.txt"
         held_out_none = not data.get("validation_fraction") or not listed.is_file()
@@ -293,6 +303,9 @@ def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, 
             seen.append(str(run_dir))
             continue
         names = set(listed.read_text().splitlines())
+        if held is not None and names != held:
+            print(f"test set: {run_dir} held out {len(names)} rows, {len(held & names)} of them also held out "
+                  f"by {', '.join(used)}: only those are tested")
         held = names if held is None else held & names
         used.append(str(run_dir))
     rule = "held out by the generator" if used else "patient split (--test_fraction, --split_seed)"
@@ -353,7 +366,7 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
         synthetic += examples
         synth_targets.append(label_matrix(examples, labels, True, cfg.uncertainty))
 
-    held, test_rule = generator_held_out(cfg, generator_runs(synthetic_sets), warn)
+    held, test_rule = generator_held_out(cfg, generator_runs(synthetic_sets, warn), warn)
     if held is not None:
         listed = [(ex.source or str(ex.image)) in held for ex in real]  # as training wrote held_out.txt
         # Every image of a held-out patient is tested, also one the generator did not load (e.g. another view).
@@ -362,9 +375,10 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
         test = [ex for ex, t in zip(real, tested) if t]
         train = [ex for ex, t in zip(real, tested) if not t]
         if not test:
-            raise UserError(f"none of the images that {', '.join(test_rule['generators_holding_it_out'])} held out "
-                            f"is in {cfg.real}: train the generators with the same --validation_fraction and "
-                            "--split_seed on this table")
+            why = ("held out no image in common" if len(test_rule["generators_holding_it_out"]) > 1 and not held
+                   else f"held out nothing that is in {cfg.real}")
+            raise UserError(f"the generators {', '.join(test_rule['generators_holding_it_out'])} {why}: train them "
+                            "with the same --validation_fraction and --split_seed on this table")
         print(f"test set: the {len(test)} images the generator(s) held out from training "
               f"({', '.join(test_rule['generators_holding_it_out'])}); --test_fraction is not used")
     else:

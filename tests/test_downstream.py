@@ -215,6 +215,36 @@ def test_a_generator_that_trained_on_every_test_patient_is_refused(phantom_train
     assert f"The generator(s) {run_dir} trained on these test patients." in (tmp_path / "downstream" / "downstream.md").read_text()
 
 
+def test_generators_the_check_cannot_read_are_named_and_held_out_sets_must_meet(phantom_train_csv, synthetic_set,
+                                                                                 generator_run, tmp_path, capsys):
+    import shutil
+
+    def bank(real, *sets):
+        warned = []
+        load_bank(config(real, tmp_path, resolution=16, synthetic=[str(x) for x in sets]), list(DRAWN), warned.append,
+                  [str(x) for x in sets])
+        return warned
+
+    moved = _made_by(synthetic_set, tmp_path / "moved" / "final_model", tmp_path / "s-moved")
+    assert "has no training_summary.json beside it (moved?)" in bank(phantom_train_csv, moved)[0]
+    copy = phantom_train_csv.with_name("train_copy.csv")
+    shutil.copy(phantom_train_csv, copy)
+    made = _made_by(synthetic_set, generator_run / "final_model", tmp_path / "s-made")
+    assert "which trained on" in bank(copy, made)[0] and "not on --real" in bank(copy, made)[0]
+    # A second generator that held out other rows: the test set is what both held out, and it is said.
+    lines = (generator_run / "held_out.txt").read_text().splitlines()
+    other = tmp_path / "other-run"
+    other.mkdir()
+    shutil.copy(generator_run / "training_summary.json", other)
+    (other / "held_out.txt").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    second = _made_by(synthetic_set, other / "final_model", tmp_path / "s-other")
+    bank(phantom_train_csv, made, second)
+    assert f"{len(lines) // 2} of them also held out" in capsys.readouterr().out
+    (other / "held_out.txt").write_text("train.csv line 100000\n")  # nothing in common
+    with pytest.raises(UserError, match="held out no image in common: train them with the same"):
+        bank(phantom_train_csv, made, second)
+
+
 # ------------------------------------------------------------------------------- pieces
 
 
