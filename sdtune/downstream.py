@@ -206,6 +206,8 @@ def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
     """(examples of --real, whether it is a metadata file); row errors stop unless skipped."""
     if not cfg.real:
         raise UserError("--real is not given: pass the real data (e.g. CheXpert's train.csv)")
+    if not Path(cfg.real).expanduser().exists():  # before the data layer, whose message names training's flags
+        raise UserError(f"--real {cfg.real} does not exist: pass the real data (e.g. CheXpert's train.csv)")
     examples, problems = read_examples(DataConfig(
         train_data_dir=cfg.real, data_format=cfg.real_format, image_root=cfg.image_root,
         uncertainty=cfg.uncertainty, views=cfg.views))

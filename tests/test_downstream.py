@@ -347,6 +347,7 @@ def test_pretrained_weights_fill_all_but_the_head(tmp_path):
     ("synthetic lacks label", "--synthetic .* has no column\\(s\\) Edema"),
     ("arm c without synthetic", "arm\\(s\\) c need --synthetic"),
     ("bad arm", "--arms 'a,e'"),
+    ("missing real", "--real .*nowhere.csv does not exist: pass the real data"),
 ])
 def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, synthetic_set, tmp_path, capsys):
     argv = ["--real", str(phantom_train_csv), "--arch", "small_cnn", "--resolution", "16", "--epochs", "1",
@@ -356,7 +357,8 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
              "label not in data": ["--labels", "Cardiomegaly", "Nodule"],
              "synthetic lacks label": ["--labels", "Cardiomegaly,Edema", "--arms", "d", "--synthetic", str(synthetic_set)],
              "arm c without synthetic": ["--arms", "a,c"],
-             "bad arm": ["--arms", "a,e"]}[case]
+             "bad arm": ["--arms", "a,e"],
+             "missing real": ["--real", str(tmp_path / "nowhere.csv")]}[case]
     from sdtune.downstream import main
 
     with pytest.raises(SystemExit) as exit_info:
