@@ -289,6 +289,24 @@ def test_downstream_auroc_columns_appear_when_a_run_has_them(two_runs, tmp_path)
     assert report["records"][0]["downstream_c"] == 0.8345 and report["records"][1]["downstream_d"] is None
 
 
+def test_downstream_numbers_from_another_runs_images_are_noted(two_runs, tmp_path):
+    unet, lora = two_runs
+    sets = {}
+    for run in (unet, lora):
+        folder = tmp_path / "synthetic" / run.name
+        (folder / "synthesis_config.json").write_text(json.dumps({"settings": {"model_path": str(run / "final_model")}}))
+        sets[run.name] = str(folder)
+    (unet / "downstream").mkdir()
+    for used, noted in (([sets["unet"]], False), ([sets["unet"], sets["lora"]], True)):
+        (unet / "downstream" / "downstream.json").write_text(json.dumps({
+            "kind": "sdtune.downstream", "format": 1, "arms": {"c": {"mean_auroc": {"mean": 0.8, "std": None, "n": 1}}},
+            "settings": {"synthetic": used}}))
+        run_compare(two_runs, tmp_path / f"cmp-{noted}")
+        text = (tmp_path / f"cmp-{noted}" / "comparison.md").read_text()
+        note = f"unet: its downstream AUROC (c, d) used synthetic sets this run did not make: {sets['lora']} ({lora})"
+        assert (note in text) == noted
+
+
 def test_no_downstream_columns_without_downstream_results(two_runs, tmp_path):
     run_compare(two_runs, tmp_path / "cmp")
     assert "AUROC" not in (tmp_path / "cmp" / "comparison.md").read_text()

@@ -126,6 +126,7 @@ def load_run(path: Path, name: str, patterns: list[str]) -> Run:
         data = _read_json(downstream, "downstream results")
         if data.get("kind") == "sdtune.downstream":
             run.downstream = data
+            run.notes += downstream_provenance(name, path, data)
         else:
             run.notes.append(f"{name}: {downstream} is not a downstream.py results file: ignored")
     return run
@@ -139,6 +140,23 @@ def load_runs(paths: list[str], patterns: list[str]) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------- the table
+
+
+def downstream_provenance(name: str, run_path: Path, data: dict) -> list[str]:
+    """A note when a run's downstream AUROC used synthetic images that another model (or an unknown
+    one) made: the row would credit this run with them."""
+    from sdtune.downstream import generator_runs
+
+    sets = (data.get("settings") or {}).get("synthetic") or []
+    if not any(a in (data.get("arms") or {}) for a in "cd"):
+        return []
+    try:
+        found = {path: folder for path, folder, _ in generator_runs(sets)}
+    except UserError as err:
+        return [f"{name}: cannot tell which model made its downstream synthetic sets ({err})"]
+    others = [f"{path} ({found[path] if path in found else 'generator unknown'})" for path in sets
+              if path not in found or found[path].resolve() != run_path.resolve()]
+    return [f"{name}: its downstream AUROC (c, d) used synthetic sets this run did not make: {', '.join(others)}"] if others else []
 
 
 def feature_label(extractor: str) -> str:
