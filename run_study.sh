@@ -113,4 +113,6 @@ if (( ${#FAILED[@]} )); then
   echo "failed: ${FAILED[*]} (logs in $LOGS)" >&2
   exit 1
 fi
-echo "study done: runs in $OUTPUT_ROOT/runs, synthetic sets in $OUTPUT_ROOT/synthetic, table in $OUTPUT_ROOT/comparison"
+done_msg="study done ($STAGES): runs in $OUTPUT_ROOT/runs, synthetic sets in $OUTPUT_ROOT/synthetic"
+if has_stage compare && [[ -d "$OUTPUT_ROOT/comparison" ]]; then done_msg+=", table in $OUTPUT_ROOT/comparison"; fi
+echo "$done_msg"

@@ -180,7 +180,7 @@ def _feature_metrics(names, feats, real_set: ImageSet | None, fake_set: ImageSet
         if min(len(real), len(fake)) < 2:
             raise UserError(f"FID needs at least 2 images per set (real {len(real)}, fake {len(fake)})")
         if min(len(real), len(fake)) < dim:
-            warn(f"FID with fewer images than feature dimensions (real {len(real)}, fake {len(fake)} < {dim}): the "
+            warn(f"FID with fewer images than feature dimensions (real {len(real)}, fake {len(fake)}; {dim} dimensions): the "
                  "covariances are singular and FID is strongly biased upward; use 10,000+ images to compare with "
                  "published numbers, or compare KID")
         out["fid"] = fid_with_spread(real, fake, cfg.fid_bootstrap, cfg.seed)
