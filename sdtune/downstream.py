@@ -45,7 +45,7 @@ from sdtune.data.captions import apply_uncertainty
 from sdtune.data.dataset import FORMATS, DataConfig, read_examples
 from sdtune.data.images import ImageError, ImageTransform, load_image
 from sdtune.data.records import DatasetError, Example, Problem, errors_only
-from sdtune.data.splits import split_examples
+from sdtune.data.splits import held_out_name, split_examples
 from sdtune.data.tables import detect_format
 from sdtune.errors import UserError
 
@@ -248,6 +248,8 @@ def generator_runs(synthetic_sets: list[str], warn=None) -> list[tuple[str, Path
     """(set, run folder, training summary) of each synthetic set made by a model this toolkit trained:
     synthesis_config.json names the model, whose run folder holds training_summary.json. A set whose
     generator cannot be found is named to `warn` (a hub id, e.g. the untrained base model, is not)."""
+    from sdtune.synthesis import read_summary
+
     found = []
     for path in synthetic_sets:
         config = synthetic_file(path).parent / "synthesis_config.json"
@@ -261,12 +263,9 @@ def generator_runs(synthetic_sets: list[str], warn=None) -> list[tuple[str, Path
             raise UserError(f"cannot read the model path from {config}: {err}") from None
         model = Path(model_path).expanduser()
         for folder in (model, model.parent):  # a run folder; its final_model/, checkpoint-N/ or adapter file
-            summary = folder / "training_summary.json"
-            if summary.is_file():
-                try:
-                    found.append((path, folder, json.loads(summary.read_text())))
-                except (OSError, ValueError) as err:
-                    raise UserError(f"cannot read {summary}: {err}") from None
+            summary = read_summary(folder)
+            if summary is not None:
+                found.append((path, folder, summary))
                 break
         else:
             if warn and (model.is_absolute() or model.exists()):  # not a hub id
@@ -370,7 +369,7 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
 
     held, test_rule = generator_held_out(cfg, generator_runs(synthetic_sets, warn), warn)
     if held is not None:
-        listed = [(ex.source or str(ex.image)) in held for ex in real]  # as training wrote held_out.txt
+        listed = [held_out_name(ex) in held for ex in real]
         # Every image of a held-out patient is tested, also one the generator did not load (e.g. another view).
         patients = {ex.group for ex, was in zip(real, listed) if was and ex.group is not None}
         tested = [was or ex.group in patients for ex, was in zip(real, listed)]

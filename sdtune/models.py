@@ -14,7 +14,7 @@ COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # torch.compile's modes for inductor: "default" fuses the element-wise work (GroupNorm+SiLU, residual
 # adds, the attention reshapes) and keeps cuBLAS/cuDNN for the GEMMs and convolutions; the
 # max-autotune modes also time Triton kernels for every GEMM/conv shape (minutes more of compiling);
-# the cudagraph modes (reduce-overhead, max-autotune) remove launch overhead.
+# the cudagraph modes (reduce-overhead, max-autotune) are listed only to be refused with a reason.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # refused: see check_compile_mode
 

@@ -33,6 +33,7 @@ from sdtune.config import field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
+from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
 from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, load_components
@@ -467,7 +468,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
         output_dir.mkdir(parents=True, exist_ok=True)
         # downstream.py reads it: these patients become its classifier's test set
-        (output_dir / "held_out.txt").write_text("".join(f"{e.source or e.image}\n" for e in held_out))
+        (output_dir / "held_out.txt").write_text("".join(f"{held_out_name(e)}\n" for e in held_out))
     if not examples:
         raise UserError(f"no training images left in {data.source}")
     if cfg.torch_compile and len(examples) < cfg.train_batch_size:

@@ -35,3 +35,9 @@ def split_examples(
     train = [ex for k, ex in zip(keys, examples) if k not in val_groups]
     val = [ex for k, ex in zip(keys, examples) if k in val_groups]
     return train, val
+
+
+def held_out_name(ex: Example) -> str:
+    """How held_out.txt names an example: its row or file, never a patient id. Training writes it;
+    downstream.py matches --real against it."""
+    return ex.source or str(ex.image)
