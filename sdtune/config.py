@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any
 
@@ -41,6 +42,17 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _ListFlag(argparse.Action):
+    """A list flag; given twice, the last one wins (so a wrapper's defaults can be overridden), and
+    the user is told, since `--prompt A --prompt B` looks like two prompts."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not self.default:
+            print(f"note: {option_string} was given more than once: only the last one is used "
+                  f"({' '.join(map(str, values))}); pass several values after one {option_string}", file=sys.stderr)
+        setattr(namespace, self.dest, list(values))
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field: `--name_with_underscores` and `--name-with-hyphens` both work."""
     hints = typing.get_type_hints(cls)
@@ -58,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             group.add_argument(
                 *names, dest=f.name, type=kind, nargs=nargs, default=default,
-                choices=f.metadata.get("choices"), help=help_text,
+                choices=f.metadata.get("choices"), help=help_text, **({"action": _ListFlag} if nargs else {}),
             )
 
 

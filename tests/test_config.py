@@ -53,3 +53,14 @@ def test_unknown_flags_are_errors():
     add_arguments(parser, Demo)
     with pytest.raises(SystemExit):
         parser.parse_args(["--lora_rnak", "8"])
+
+
+def test_a_list_flag_given_twice_keeps_the_last_and_says_so(capsys):
+    # A wrapper passes its defaults first and the user's flags after: the user's must win.
+    assert _parse(["--lora_target_modules", "to_v", "to_out.0"]).lora_target_modules == ["to_v", "to_out.0"]
+    assert capsys.readouterr().err == ""
+    cfg = _parse(["--lora_target_modules", "to_q", "--lora-target-modules", "to_v", "to_out.0"])
+    assert cfg.lora_target_modules == ["to_v", "to_out.0"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lora-target-modules was given more than once" in err and "to_v to_out.0" in err
+    assert Demo().lora_target_modules == ["to_q", "to_k"]  # the default was not changed in place
