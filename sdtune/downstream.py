@@ -274,6 +274,30 @@ def generator_runs(synthetic_sets: list[str], warn=None) -> list[tuple[str, Path
     return found
 
 
+def trained_on(summary: dict) -> str | None:
+    """The table or folder a training run read, as its training_summary.json records it."""
+    data = summary.get("arguments", {}).get("data", {})
+    return summary.get("data_source") or data.get("train_csv") or data.get("train_data_dir")
+
+
+def trained_on_real(summary: dict, real: str | Path) -> bool:
+    source = trained_on(summary)
+    return bool(source) and Path(source).expanduser().resolve() == Path(real).expanduser().resolve()
+
+
+def held_out_rows(run_dir: Path, summary: dict) -> tuple[set[str] | None, str]:
+    """The rows (or files) a training run held out, as its held_out.txt names them; or None and why
+    there are none a test may use (nothing held out, or held out by image, so a patient's other
+    images were trained on)."""
+    data = summary.get("arguments", {}).get("data", {})
+    listed = run_dir / "held_out.txt"
+    if not data.get("validation_fraction") or not listed.is_file():
+        return None, "held out no patients"
+    if data.get("split") == "image":
+        return None, "split it by image (--split image)"
+    return set(listed.read_text().splitlines()), ""
+
+
 def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, dict]], warn) -> tuple[set[str] | None, dict]:
     """The rows (or files) of --real that every generator trained on --real held out, or None when no
     generator trained on it; and a record of the rule for the results.
@@ -282,19 +306,15 @@ def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, 
     and d. So when the generators trained on --real, the test set is what they held out
     (--validation_fraction), and a generator that held out nothing is an error unless allowed.
     """
-    real = Path(cfg.real).expanduser().resolve()
     held, used, seen = None, [], []
     for set_path, run_dir, summary in generators:
-        data = summary.get("arguments", {}).get("data", {})
-        trained_on = summary.get("data_source") or data.get("train_csv") or data.get("train_data_dir")
-        if not trained_on or Path(trained_on).expanduser().resolve() != real:
-            warn(f"--synthetic {set_path} comes from {run_dir}, which trained on {trained_on}, not on --real: "
+        source = trained_on(summary)
+        if not trained_on_real(summary, cfg.real):
+            warn(f"--synthetic {set_path} comes from {run_dir}, which trained on {source}, not on --real: "
                  "if the two share patients, the test set may hold some its generator saw")
             continue
-        listed = run_dir / "held_out.txt"
-        held_out_none = not data.get("validation_fraction") or not listed.is_file()
-        if held_out_none or data.get("split") == "image":
-            why = "held out no patients" if held_out_none else "split it by image (--split image)"
+        names, why = held_out_rows(run_dir, summary)
+        if names is None:
             problem = (f"--synthetic {set_path} comes from {run_dir}, which trained on {cfg.real} and {why}: "
                        "its images may reproduce the test patients")
             if not cfg.allow_seen_test_patients:
@@ -303,7 +323,6 @@ def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, 
             warn(f"{problem} (--allow_seen_test_patients)")
             seen.append(str(run_dir))
             continue
-        names = set(listed.read_text().splitlines())
         if held is not None and names != held:
             print(f"test set: {run_dir} held out {len(names)} rows, {len(held & names)} of them also held out "
                   f"by {', '.join(used)}: only those are tested")

@@ -553,3 +553,57 @@ def test_xrv_weights_that_unpickle_foreign_code_are_refused(tmp_path):
     torch.save({"state": Payload()}, path)  # a class that is neither torch's nor xrv's
     with pytest.raises(UserError, match="Payload, which is neither torch nor torchxrayvision: refused"):
         _xrv_state_dict(path)
+
+
+def test_real_patients_held_out_keeps_what_the_generator_held_out(tmp_path, phantom_chexpert, tiny_model, pool_module):
+    import re
+    import shutil
+
+    from sdtune.train import main as train_main
+
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    run = tmp_path / "run"
+    train_main(["--pretrained_model_name_or_path", str(tiny_model), "--train_csv", str(table), "--strategy", "bitfit",
+                "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "1", "--validation_fraction",
+                "0.25", "--output_dir", str(run), "--report_to", "none"])
+    labels = [{"Cardiomegaly": float(i % 2), "Pleural Effusion": float(i % 3 == 0)} for i in range(8)]
+    fake = write_synthesis(tmp_path / "fake", labels)
+    (fake / "synthesis_config.json").write_text(json.dumps({"settings": {"model_path": str(run / "final_model")}}))
+
+    # The held-out images, worked out by hand: held_out.txt says "train.csv line N" (header = line 1).
+    df = pd.read_csv(table)
+    held_rows = [int(line.split()[-1]) - 2 for line in (run / "held_out.txt").read_text().splitlines()]
+    frontal = df[df["Frontal/Lateral"] == "Frontal"]  # what training reads by default
+
+    def patients(paths):
+        return {re.search(r"patient\d+", p).group() for p in paths}
+
+    assert 0 < len(held_rows) < len(frontal)
+    assert not patients(df.Path[held_rows]) & patients(frontal.drop(index=held_rows).Path)  # a patient-level split
+
+    extractor = get_extractor(str(pool_module), input_size=32)
+    settings = dict(metrics="fid", fid_bootstrap=0, cache=False, extractor=extractor, log=lambda _: None)
+    results = compute_metrics(table, fake, real_patients="held_out", **settings)
+    every = load_image_set(table)
+    chosen = [item for item in every.items if str(item.image).endswith(tuple(df.Path[held_rows]))]
+    assert results["samples"]["real"] == len(chosen) == len(held_rows)
+    expected = frechet_distance(extract_features(extractor, chosen), extract_features(extractor, load_image_set(fake).items))
+    assert results["metrics"]["fid"]["value"] == pytest.approx(expected, rel=1e-9)
+    assert f"the {len(held_rows)} images its generator held out" in results["real"]["source"]
+    everything = compute_metrics(table, fake, **settings)
+    assert everything["samples"]["real"] == len(every) > len(held_rows)
+
+    # What cannot work is one clear error each.
+    plain = tmp_path / "plain"
+    shutil.copytree(fake, plain, ignore=shutil.ignore_patterns("synthesis_config.json"))
+    with pytest.raises(UserError, match="cannot tell which model made --fake"):
+        compute_metrics(table, plain, real_patients="held_out", **settings)
+    copy = table.with_name("train_copy.csv")
+    shutil.copy(table, copy)
+    with pytest.raises(UserError, match=f"which trained on {re.escape(str(table.resolve()))}, not on --real"):
+        compute_metrics(copy, fake, real_patients="held_out", **settings)
+    summary = json.loads((run / "training_summary.json").read_text())
+    summary["arguments"]["data"]["validation_fraction"] = 0.0
+    (run / "training_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="held out no patients: train it with --validation_fraction 0.2"):
+        compute_metrics(table, fake, real_patients="held_out", **settings)

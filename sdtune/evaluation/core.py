@@ -10,11 +10,13 @@ for MS-SSIM) becomes a warning in the results; the other metrics are still compu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +62,9 @@ class EvalConfig:
     clip_model: str = field(DEFAULT_CLIP, "CLIP for the CLIP score: a hub id, a local CLIP folder, or open_clip's "
                                           "hf-hub:ID / local-dir:PATH (e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256"
                                           "-vit_base_patch16_224)")
+    real_patients: str = field("all", "which --real images: all, or held_out: only those the --fake set's generator "
+                                      "held out from training (its held_out.txt), so FID and KID do not reward "
+                                      "reproduced training images", choices=("all", "held_out"))
     max_real: int | None = field(None, "use a seeded random subset of this many real images (default: all)")
     max_fake: int | None = field(None, "use a seeded random subset of this many fake images (default: all)")
     batch_size: int = field(32, "images per network call")
@@ -109,7 +114,10 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     fake = fake if fake is not None else cfg.fake
     names = check_config(cfg, real is not None, fake is not None)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    real_set = _limit(as_image_set(real, "--real"), cfg.max_real, cfg.seed, 0) if real is not None else None
+    real_set = as_image_set(real, "--real") if real is not None else None
+    if cfg.real_patients == "held_out":
+        real_set = held_out_by_generator(real_set, real, fake)
+    real_set = _limit(real_set, cfg.max_real, cfg.seed, 0) if real_set is not None else None
     fake_set = _limit(as_image_set(fake, "--fake"), cfg.max_fake, cfg.seed, 1)
     warnings: list[str] = []
 
@@ -229,6 +237,43 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
     feats = extract_features(extractor, image_set.items, cfg.batch_size, device, **extract)
     store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
     return feats, "computed"
+
+
+def held_out_by_generator(real_set: ImageSet | None, real, fake) -> ImageSet:
+    """The images of `real_set` that the model which made `fake` held out from training.
+
+    Follows fake's synthesis_config.json to the training run and keeps the rows its held_out.txt
+    lists. The set's source names the held-out list by a digest, so runs that held out the same
+    patients stay comparable in `evaluate.py compare`.
+    """
+    from sdtune.downstream import generator_runs, held_out_rows, trained_on, trained_on_real
+
+    flag = "--real_patients held_out"
+    if not isinstance(real, (str, Path)) or not isinstance(fake, (str, Path)):
+        raise UserError(f"{flag} needs --real and --fake as paths (a table or folder, and a synthesis folder)")
+    folder = Path(fake).expanduser()
+    folder = folder.parent if folder.is_file() else folder
+    runs = generator_runs([str(folder)]) if (folder / "synthesis_config.json").is_file() else []
+    if not runs:
+        raise UserError(f"{flag}: cannot tell which model made --fake {fake} (it needs the synthesize_images.py "
+                        "output folder, whose synthesis_config.json names a run folder of this toolkit): "
+                        "pass --real_patients all")
+    _, run_dir, summary = runs[0]
+    if not trained_on_real(summary, real):
+        raise UserError(f"{flag}: --fake comes from {run_dir}, which trained on {trained_on(summary)}, not on --real "
+                        f"{real}: pass that as --real")
+    names, why = held_out_rows(run_dir, summary)
+    if names is None:
+        raise UserError(f"{flag}: --fake comes from {run_dir}, which {why}: train it with --validation_fraction 0.2, "
+                        "or pass --real_patients all")
+    keep = [i for i, item in enumerate(real_set.items) if item.name in names]
+    if not keep:
+        raise UserError(f"{flag}: none of the {len(names)} rows in {run_dir / 'held_out.txt'} is in --real {real} "
+                        "as read here: pass the table or folder the run trained on")
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:10]
+    held = real_set.subset(keep)
+    held.source = f"{real_set.source}, the {len(keep)} images its generator held out (held_out.txt {digest})"
+    return held
 
 
 def _limit(image_set: ImageSet, limit: int | None, seed: int, stream: int) -> ImageSet:

@@ -35,6 +35,7 @@ class ImageItem:
     image: Path | Image.Image | np.ndarray | torch.Tensor
     caption: str | None = None
     labels: Mapping[str, float] = field(default_factory=dict)
+    name: str | None = None  # as a training run's held_out.txt names it (sdtune.data.splits.held_out_name)
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _read_folder(root: Path) -> ImageSet:
     items = []
     for file in files:
         caption, _ = read_caption(file.with_suffix(".txt"))  # optional: FID, KID and diversity need none
-        items.append(ImageItem(file, caption))
+        items.append(ImageItem(file, caption, name=str(file.relative_to(root))))  # as the training reader names it
     return ImageSet(items, str(root), "folder")
 
 
@@ -142,12 +143,13 @@ def _read_file(path: Path) -> ImageSet:
             return _read_synthesis(path)
     elif path.suffix.lower() != ".jsonl":
         raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv/.jsonl)")
+    from sdtune.data.splits import held_out_name
     from sdtune.data.tables import detect_format, read_table
 
     examples, problems = read_table(path)
     if errors_only(problems):
         raise DatasetError(problems, context=str(path), hint="fix them, or pass a table without those rows")
-    items = [ImageItem(Path(ex.image), ex.caption, dict(ex.labels)) for ex in examples]
+    items = [ImageItem(Path(ex.image), ex.caption, dict(ex.labels), held_out_name(ex)) for ex in examples]
     return ImageSet(items, str(path.resolve()), "metadata" if detect_format(path) == "metadata" else "table")
 
 
