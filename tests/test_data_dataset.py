@@ -1,11 +1,14 @@
 """One entry for all sources: read, check every image, stop with all problems or skip them."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers.dicom import write_identified_dicom
@@ -14,6 +17,7 @@ from PIL import Image
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, inspect_dataset, load_examples
 from sdtune.data.folder import read_image_folder
 from sdtune.data.records import DatasetError
+from sdtune.data.splits import split_examples
 from sdtune.data.tables import read_table
 
 PATIENT_NAME, PATIENT_ID = "DOE^JANE", "MRN12345"
@@ -120,6 +124,21 @@ def test_check_on_phantom_reports_label_distribution(phantom_chexpert):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Cardiomegaly:" in result.stdout and "positive" in result.stdout
     assert "patients/groups" in result.stdout
+    assert "held-out split" not in result.stdout  # training holds nothing out unless asked
+
+    # With --validation_fraction, the split training will make, counted independently from the table.
+    result = _cli("check", "--train-data-dir", table, "--resolution", 64, "--validation_fraction", 0.25,
+                  "--split_seed", 3)
+    df = pd.read_csv(table)
+    patients = df[df["Frontal/Lateral"] == "Frontal"].Path.str.extract(r"(patient\d+)")[0]
+    n_patients = patients.nunique()
+    line = next(x for x in result.stdout.splitlines() if x.startswith("held-out split"))
+    counts = re.search(r"(\d+) images of (\d+) patients/groups train, (\d+) of (\d+) patients/groups held out", line)
+    n_train_images, n_train, n_held_images, n_held_found = map(int, counts.groups())
+    assert (n_train + n_held_found, n_held_found) == (n_patients, math.ceil(0.25 * n_patients))
+    assert n_train_images + n_held_images == len(patients)
+    train, val = split_examples(load_examples(DataConfig(train_csv=str(table), resolution=64)), 0.25, seed=3)
+    assert (len(train), len(val)) == (n_train_images, n_held_images)  # training's own call gives the same split
 
 
 def test_export_without_skip_stops_with_all_problems(messy_folder, tmp_path):

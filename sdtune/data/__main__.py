@@ -17,6 +17,7 @@ from sdtune.config import add_arguments, from_args
 from sdtune.data.dataset import DataConfig, inspect_dataset, summarize, write_report
 from sdtune.data.images import load_image
 from sdtune.data.records import DatasetError, Example, errors_only
+from sdtune.data.splits import split_examples
 from sdtune.errors import UserError, run_cli
 
 
@@ -31,9 +32,26 @@ def check(cfg: DataConfig) -> int:
         print(f"  {name}: {count} positive ({count / max(1, stats['images']):.1%})")
     for caption, count in stats["common_captions"]:
         print(f"  {count:6d} x {caption!r}")
+    if cfg.validation_fraction > 0:
+        print(split_line(examples, cfg))
     for p in problems:
         print(f"  {p}")
     return 1 if errors else 0
+
+
+def split_line(examples: list[Example], cfg: DataConfig) -> str:
+    """What training's held-out split of these examples will be (the same call, the same seed)."""
+    train, held = split_examples(examples, cfg.validation_fraction, cfg.split_seed, by=cfg.split)
+
+    def patients(side: list[Example]) -> str:
+        groups = {ex.group for ex in side if ex.group is not None}
+        return f" of {len(groups)} patients/groups" if groups else ""
+
+    line = (f"held-out split (--split {cfg.split}, --validation_fraction {cfg.validation_fraction:g}, --split_seed "
+            f"{cfg.split_seed}): {len(train)} images{patients(train)} train, {len(held)}{patients(held)} held out")
+    if cfg.split == "patient" and all(ex.group is None for ex in examples):
+        line += "; no patient ids here, so it is split by image"
+    return line
 
 
 def _flat_names(examples: list[Example]) -> list[str]:
