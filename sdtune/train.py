@@ -404,9 +404,6 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                   # resolved, so that downstream.py can tell whether a classifier's test patients trained this model
                   "data_source": str(Path(data.source).expanduser().resolve()) if data.source else None,
                   "arguments": {"train": asdict(cfg), "data": asdict(data), "adapter": asdict(adapter_cfg)}}
-    if accelerator.is_main_process:
-        # Written now too, so the checkpoints of a run that never finishes say what they hold.
-        write_summary(output_dir, {**run_record, "versions": library_versions()})
     if profile_changes:
         accelerator.print(f"--memory_profile {cfg.memory_profile}: " + ", ".join(f"--{k} {v}" for k, v in profile_changes.items()))
     if cfg.report_to == "wandb":
@@ -471,6 +468,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         (output_dir / "held_out.txt").write_text("".join(f"{held_out_name(e)}\n" for e in held_out))
     if not examples:
         raise UserError(f"no training images left in {data.source}")
+    if cfg.validation_fid_steps:
+        from sdtune.evaluation import cache_features
+
+        n_real = cache_features(cfg.validation_real, log=accelerator.print, device=str(accelerator.device))
+        accelerator.print(f"validation FID: features of {n_real} real images ready in the cache")
     if cfg.torch_compile and len(examples) < cfg.train_batch_size:
         raise UserError(f"--torch_compile drops each epoch's last partial batch, and {len(examples)} training images "
                         f"make no full batch of {cfg.train_batch_size}: lower --train_batch_size or add images")
@@ -571,6 +573,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("sdtune", config={k: str(v) if isinstance(v, (list, type(None))) else v
                                                     for k, v in {**asdict(cfg), **asdict(data)}.items()})
+
+    if accelerator.is_main_process:
+        # Written at the first step too, so the checkpoints of a run that never finishes say what they hold;
+        # not before: a run stopped by bad input holds nothing, and the same command must run once it is fixed.
+        write_summary(output_dir, {**run_record, "versions": library_versions()})
 
     # ---------------------------------------------------------------- the loop
     unet, text_encoder, encode, tokenizer = forward["unet"], forward["text_encoder"], forward["vae"], models.tokenizer
@@ -934,7 +941,7 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
             prompts = [cfg.validation_prompts[k % len(cfg.validation_prompts)] for k in ks]
             generators = [torch.Generator(accelerator.device).manual_seed(cfg.seed + k) for k in ks]
             images += pipeline(prompts, num_inference_steps=cfg.validation_inference_steps, generator=generators).images
-    # The real set's features are cached on disk, so only the generated images are encoded each time.
+    # The real set's features were cached before the first step, so only the generated images are encoded.
     results = compute_metrics(cfg.validation_real, images, metrics="fid", fid_bootstrap=0, log=lambda message: None,
                               all_processes=False)  # the main process alone is here
     fid = results["metrics"]["fid"]["value"]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, inspect_dataset, load_examples
 from sdtune.data.folder import read_image_folder
+from sdtune.data.images import load_image
 from sdtune.data.records import DatasetError
 from sdtune.data.splits import split_examples
 from sdtune.data.tables import read_table
@@ -161,11 +162,39 @@ def test_export_round_trips_and_leaves_identifiers_behind(messy_folder, tmp_path
     assert problems == []
     assert sorted(e.caption for e in examples) == [
         "Chest x-ray of a patient with Edema", "Chest x-ray of a patient with no significant findings"]
-    assert sorted(e.image.name for e in examples) == ["good.png", "scan.png"]  # DICOM decoded to PNG
+    assert sorted(e.image.name for e in examples) == ["000001.png", "000002.png"]  # numbered, not named
+    # The same pixels as the sources decoded: good.png, then the DICOM (file order).
+    for exported, source in zip(sorted(e.image for e in examples), ["good.png", "scan.dcm"]):
+        assert np.array_equal(np.asarray(load_image(exported)), np.asarray(load_image(messy_folder / "images" / source)))
     for f in out.rglob("*"):
         if f.is_file():
             data = f.read_bytes()
             assert PATIENT_NAME.encode() not in data and PATIENT_ID.encode() not in data, f
+            assert b"scan" not in data and b"good" not in data, f  # no source file name either
+
+
+def test_export_leaves_exif_and_text_chunks_behind(tmp_path):
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x010E] = f"PatientName={PATIENT_NAME} PatientID={PATIENT_ID}"  # ImageDescription
+    _radiograph().convert("RGB").save(images / "a.jpg", exif=exif, quality=95)
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("Comment", f"patient {PATIENT_ID}")
+    _radiograph(seed=1).save(images / "b.png", pnginfo=text)
+    for name in ("a", "b"):
+        (images / f"{name}.txt").write_text("Chest x-ray")
+    assert PATIENT_ID.encode() in (images / "a.jpg").read_bytes() and PATIENT_ID.encode() in (images / "b.png").read_bytes()
+    out = tmp_path / "out"
+    assert _cli("export", "--train_data_dir", tmp_path / "data", "--output_dir", out, "--resolution", 64).returncode == 0
+    exported = sorted((out / "images").glob("*.png"))
+    assert len(exported) == 2
+    for f in exported:
+        assert PATIENT_ID.encode() not in f.read_bytes() and PATIENT_NAME.encode() not in f.read_bytes()
+        with Image.open(f) as image:
+            assert image.mode == "L" and not image.getexif() and not image.info  # grey stays one channel
 
 
 def test_export_keeps_patient_groups_in_jsonl(phantom_chexpert, tmp_path):
@@ -175,4 +204,13 @@ def test_export_keeps_patient_groups_in_jsonl(phantom_chexpert, tmp_path):
     original = load_examples(DataConfig(train_data_dir=str(table), resolution=64))
     exported, problems = read_table(out / "metadata.jsonl")
     assert problems == [] and len(exported) == len(original)
-    assert sorted(e.group for e in exported) == sorted(e.group for e in original)
+    # The same patients together, under pseudonyms: the groups partition the images alike.
+    def partition(examples):
+        groups = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(ex.group, set()).add(i)
+        return sorted(map(sorted, groups.values()))
+
+    assert partition(exported) == partition(original) and len({e.group for e in original}) > 1
+    text = (out / "metadata.jsonl").read_text()
+    assert not re.search(r"patient\d", text) and not any(e.group in text for e in original)

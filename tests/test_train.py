@@ -13,6 +13,7 @@ from sdtune.adapters import ADAPTERS
 from sdtune.errors import UserError
 from sdtune.loss import diffusion_loss
 from sdtune.models import load_components
+from sdtune.phantom import render_chest_xray
 from sdtune.strategies import COMPONENTS, STRATEGIES
 from sdtune.train import main, parse_args, train
 
@@ -299,6 +300,26 @@ def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, m
     assert lines[0] == "step,fid,real_images,generated_images"
     rows = [line.split(",") for line in lines[1:]]
     assert [r[0] for r in rows] == ["1", "2"] and all(float(r[1]) > 0 and r[3] == "4" for r in rows)
+
+
+def test_a_bad_validation_real_set_stops_the_run_before_its_first_step(tiny_model, table, tmp_path, monkeypatch):
+    # Its features are extracted (and cached) up front, not at the first validation hours later.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        render_chest_xray({}, 64, rng).save(real / f"{i}.png")
+    (real / "3.png").write_bytes((real / "0.png").read_bytes()[:200])  # truncated
+    with pytest.raises(UserError, match="3.png"):
+        main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
+                   "--validation_real", real, "--validation_prompts", PROMPT, "--checkpointing_steps", "1"))
+    assert not (tmp_path / "run" / "checkpoint-1").exists()  # no step was trained
+    (real / "3.png").unlink()  # fixed: the same command runs (a stopped run left nothing that looks like a run)
+    main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
+               "--validation_real", real, "--validation_prompts", PROMPT, "--validation_fid_images", "2",
+               "--validation_inference_steps", "1", steps=1))
+    assert len(list((tmp_path / "cache" / "sdtune" / "features").glob("*.npy"))) == 1  # the real set's, read at step 1
 
 
 def test_validation_fid_needs_a_real_set(tiny_model, table, tmp_path):

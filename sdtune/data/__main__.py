@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from sdtune.config import add_arguments, from_args
 from sdtune.data.dataset import DataConfig, inspect_dataset, summarize, write_report
@@ -54,16 +57,13 @@ def split_line(examples: list[Example], cfg: DataConfig) -> str:
     return line
 
 
-def _flat_names(examples: list[Example]) -> list[str]:
-    """Collision-free file names: the path below the images' common folder, joined with '_'."""
-    root = Path(os.path.commonpath([ex.image.parent for ex in examples]))
-    return ["_".join(ex.image.relative_to(root).parts) for ex in examples]
-
-
 def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
-    """Copy the checked dataset to `output_dir` as images + .txt captions, or images + metadata.jsonl.
+    """Write the checked dataset to `output_dir` as images + .txt captions, or images + metadata.jsonl.
 
-    DICOM files are decoded to PNG, which also leaves every header (and identifier) behind.
+    Nothing of the source's names or metadata leaves with the pixels: files are numbered
+    (000001.png, ...), every image is decoded and re-encoded as PNG (EXIF, text chunks and DICOM
+    headers stay behind), and patient groups become numbered pseudonyms (g000001, ...), enough
+    for patient-level splits.
     """
     examples, problems = inspect_dataset(cfg)
     errors = errors_only(problems)
@@ -74,19 +74,18 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
 
     images_dir = output_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"{k:06d}.png" for k in range(1, len(examples) + 1)]
+    pseudonyms: dict[str, str] = {}  # in order of first appearance, so they say nothing of the ids
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding and PNG encoding release the GIL
+        list(pool.map(lambda ex, name: _pixels_only(ex).save(images_dir / name), examples, names))
     rows = []
-    for ex, name in zip(examples, _flat_names(examples)):
-        if ex.image.suffix.lower() == ".dcm":
-            name = str(Path(name).with_suffix(".png"))
-            load_image(ex.image).save(images_dir / name)
-        else:
-            shutil.copyfile(ex.image, images_dir / name)
+    for ex, name in zip(examples, names):
         if layout == "folder":
             (images_dir / name).with_suffix(".txt").write_text(ex.caption + "\n", encoding="utf-8")
         else:
             row = {"file_name": f"images/{name}", "text": ex.caption}
             if ex.group is not None:
-                row["group"] = ex.group  # keeps patient-level splits possible after export
+                row["group"] = pseudonyms.setdefault(ex.group, f"g{len(pseudonyms) + 1:06d}")
             rows.append(row)
     if layout == "jsonl":
         with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
@@ -96,6 +95,13 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
     print(f"exported {len(examples)} images to {output_dir} ({layout} layout)"
           + (f"; {len(errors)} skipped, listed in {output_dir / 'skipped.txt'}" if errors else ""))
     return 0
+
+
+def _pixels_only(ex: Example) -> Image.Image:
+    """The decoded image as a new one that carries nothing else; grey stays one channel (a third the size)."""
+    pixels = np.asarray(load_image(ex.image))
+    grey = (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    return Image.fromarray(np.ascontiguousarray(pixels[..., 0]) if grey else pixels)
 
 
 def main(argv: list[str] | None = None) -> int:

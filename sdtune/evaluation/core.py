@@ -28,6 +28,7 @@ from sdtune.evaluation.clip_score import DEFAULT_CLIP, ClipUnavailable, clip_sco
 from sdtune.evaluation.features import RESIZES, Extractor, extract_features, get_extractor
 from sdtune.evaluation.images import ImageSet, as_image_set, pixels
 from sdtune.evaluation.metrics import fid_with_spread, kernel_inception_distance, ms_ssim_diversity, vendi_score
+from sdtune.processes import process_state
 
 METRICS = ("fid", "kid", "vendi", "ms_ssim", "clip")
 NEEDS_REAL = ("fid", "kid")
@@ -180,6 +181,23 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     return results
 
 
+def cache_features(images, cfg: EvalConfig | None = None, *, log: Callable[[str], None] = print,
+                   all_processes: bool = True, **settings) -> int:
+    """Extract a file-based set's features into the on-disk cache ahead of use; the number of images.
+
+    Training calls it for --validation_real before its first step: every process shares the
+    work, a bad file or a missing feature network stops the run at once rather than at the
+    first validation, and the main process's validation FIDs then read the cache.
+    """
+    cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    image_set = _limit(as_image_set(images, "images"), cfg.max_real, cfg.seed, 0)
+    extractor = get_extractor(cfg.fid_features, resize=cfg.fid_resize, input_size=cfg.fid_input_size,
+                              xrv_weights=cfg.xrv_weights)
+    _features(image_set, "real", extractor, cfg, device, log, all_processes)
+    return len(image_set)
+
+
 def _feature_metrics(names, feats, real_set: ImageSet | None, fake_set: ImageSet, dim: int, cfg: EvalConfig,
                      warn) -> dict:
     out = {}
@@ -235,7 +253,8 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
         log(f"{label} features: from the cache ({store.folder / key}.npy)")
         return cached, "hit"
     feats = extract_features(extractor, image_set.items, cfg.batch_size, device, **extract)
-    store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
+    if process_state().is_main_process or not all_processes:  # every process holds the same features: one writes
+        store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
     return feats, "computed"
 
 
