@@ -377,9 +377,11 @@ def _resolve(name: str, lines, rels, root: str, check_files: bool) -> tuple[list
         if not isinstance(rel, str) or not rel.strip():
             found.append(_row(name, line, "empty image path"))
         elif not (full := os.path.normpath(os.path.join(root, rel))).startswith(inside):
-            found.append(_row(name, line, f"image path {rel!r} leads outside the image root {root}: not read"))
+            # Messages name the row, never its path: paths name patients (patient00001/, p10000032/).
+            found.append(_row(name, line, f"its image path leads outside the image root {root}: not read"))
         elif check_files and not os.path.isfile(full):
-            found.append(_row(name, line, f"image {full} does not exist: fix the path or set image_root"))
+            found.append(_row(name, line, f"its image file is not found under the image root {root}: fix the path or set "
+                                          "image_root"))
         else:
             image = full
         images.append(image)
@@ -476,7 +478,7 @@ def _finish(name: str, lines, images: list[str | None], captions: list[str], gro
             if source in bad or image is None:
                 continue
             if image in first:
-                found.append(_row(name, line, f"{image} is already listed at {first[image]}; this row is left out",
+                found.append(_row(name, line, f"its image is already listed at {first[image]}; this row is left out",
                                   "warning"))
                 continue
             first[image] = source
