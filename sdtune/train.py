@@ -384,6 +384,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
     cfg, profile_changes = apply_memory_profile(cfg)
+    if (local := Path(cfg.pretrained_model_name_or_path).expanduser()).exists():
+        # Recorded absolute: synthesis from another folder would take "outputs/tiny-sd15" for a hub id.
+        cfg = replace(cfg, pretrained_model_name_or_path=str(local.resolve()))
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
         check_compile_mode(cfg.torch_compile_mode)

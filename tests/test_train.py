@@ -322,6 +322,21 @@ def test_a_bad_validation_real_set_stops_the_run_before_its_first_step(tiny_mode
     assert len(list((tmp_path / "cache" / "sdtune" / "features").glob("*.npy"))) == 1  # the real set's, read at step 1
 
 
+def test_a_relative_base_model_path_is_recorded_absolute(tiny_model, table, tmp_path, monkeypatch):
+    # Else synthesis of a checkpoint from another folder would read "tiny-sd150" as a hub id.
+    from sdtune.synthesis import load_pipeline, resolve_model
+
+    monkeypatch.chdir(tiny_model.parent)
+    argv = _argv(tiny_model, table, tmp_path / "run", "--strategy", "bitfit", "--checkpointing_steps", "1", steps=1)
+    argv[argv.index(str(tiny_model))] = tiny_model.name  # relative to the working folder
+    main(argv)
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["arguments"]["train"]["pretrained_model_name_or_path"] == str(tiny_model.resolve())
+    monkeypatch.chdir(tmp_path)
+    source = resolve_model(str(tmp_path / "run" / "checkpoint-1"))
+    assert source.base_model == str(tiny_model.resolve()) and load_pipeline(source).unet is not None
+
+
 def test_validation_fid_needs_a_real_set(tiny_model, table, tmp_path):
     with pytest.raises(UserError, match="--validation_fid_steps needs --validation_real"):
         main(_argv(tiny_model, table, tmp_path, "--strategy", "lora", "--validation_fid_steps", "1"))
