@@ -67,6 +67,10 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COUNT = "count"  # the labels CSV column saying how many images a row asks for
 METADATA_COLUMNS = ["file_name", "prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler"]
+# Columns of clinical tables that name a patient, study or image (CheXpert, MIMIC-CXR, HAM10000, ISIC,
+# metadata files): a labels CSV cut from such a table must not carry them into metadata.csv.
+IDENTIFIER_COLUMNS = {"path", "patient", "patient_id", "subject_id", "study_id", "dicom_id", "lesion_id", "image_id",
+                      "image", "group", "file", "filename"}
 # Settings that change pixels: a resumed run must match them (batch size and device do not count).
 # (The speed options are left out too: they change pixels by float rounding only.)
 IMAGE_SETTINGS = ("model_path", "base_model", "fuse_lora", "steps", "guidance_scale", "height", "width",
@@ -241,6 +245,12 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     clash = sorted(set(labels) & set(METADATA_COLUMNS + ["text"]))
     if clash:
         raise UserError(f"labels CSV {path}: column(s) {', '.join(clash)} clash with metadata.csv's own columns")
+    # Every other column is copied into metadata.csv: ids of patients or images must not ride along.
+    ids = [c for c in labels if c.lower().replace(" ", "_") in IDENTIFIER_COLUMNS]
+    if ids:
+        raise UserError(f"labels CSV {path}: column(s) {', '.join(ids)} identify patients or images and would be copied "
+                        "into metadata.csv: remove them (a labels CSV holds label columns, count, and optionally age "
+                        "and sex)")
     template, findings, uncertainty, run_demographics, order = caption_settings(cfg, summary)
     demographics = len(people) == 2
     if run_demographics is not None and demographics != run_demographics:

@@ -432,6 +432,7 @@ def _bad_labels(tmp_path, text):
     ("missing model", "model path .*nowhere does not exist"),
     ("no count column", "has no 'count' column"),
     ("bad count", r"line 3: count '2\.5' is not a whole number"),
+    ("identifier column", "column\\(s\\) Path, subject_id identify patients or images"),
     ("unknown scheduler", "unknown scheduler 'foo': use one of pndm, ddim"),
     ("two prompt sources", "exactly one of --prompts, --prompts_file, --labels_csv"),
     ("odd height", "--height must be a multiple of 8"),
@@ -455,6 +456,10 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
     elif case == "bad count":
         del args["--prompts"]
         extra = _bad_labels(tmp_path, "Edema,count\n1.0,1\n0.0,2.5\n")
+    elif case == "identifier column":
+        del args["--prompts"]
+        extra = _bad_labels(tmp_path, "Path,subject_id,Edema,count\nCheXpert-v1.0-small/train/patient00001/a.jpg,"
+                                      "10000032,1.0,1\n")
     elif case == "unknown scheduler":
         extra = ["--scheduler", "foo"]
     elif case == "two prompt sources":
@@ -483,6 +488,7 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(message, err), err
+    assert "patient00001" not in err and "10000032" not in err  # a value is never echoed
     assert not (tmp_path / "out").exists()  # nothing is written before the inputs check out
 
 
