@@ -313,6 +313,34 @@ def test_biomedclip_offline_is_a_clear_message():
     assert "\n" not in str(err.value)
 
 
+def test_a_local_open_clip_model_never_reaches_the_hub(tmp_path, monkeypatch):
+    # BiomedCLIP's config names its text tower by hub id; open_clip would fetch that config even
+    # for local-dir:. The hub's own switch is seen at the point the request would be made.
+    import huggingface_hub.constants
+    import transformers
+
+    from sdtune.evaluation.clip_score import ClipUnavailable, load_clip
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as on a user's machine
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+                      "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                   "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                   "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler"}},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    offline_at_request = []
+
+    def from_pretrained(name, *args, **kwargs):
+        offline_at_request.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline mode is enabled")  # what the hub layer raises
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    for name in (f"local-dir:{tmp_path}", str(tmp_path)):
+        with pytest.raises(ClipUnavailable, match="is local, but it names a hub model"):
+            load_clip(name)
+    assert offline_at_request == [True, True] and huggingface_hub.constants.HF_HUB_OFFLINE is False  # and restored
+
+
 def test_clip_missing_offline_warns_and_keeps_the_other_metrics(tmp_path, pool_module):
     real = write_folder(tmp_path / "real", noise_images(5, 0))
     fake = write_folder(tmp_path / "fake", noise_images(5, 1), captions=["a chest x-ray"] * 5)

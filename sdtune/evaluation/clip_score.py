@@ -9,6 +9,7 @@ callable argument accepts, so the score is torchmetrics' own computation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,22 +77,42 @@ def _tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+@contextlib.contextmanager
+def hub_offline(on: bool = True):
+    """Nothing inside reaches the Hugging Face hub: huggingface_hub's own switch (which transformers
+    and open_clip read at each request) is on for the duration."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def load_clip(name: str = DEFAULT_CLIP):
     """(model, processor) for CLIPScore; ClipUnavailable (one line) when it cannot be loaded."""
+    is_local = name.startswith("local-dir:") or Path(name).expanduser().exists()
     try:
-        local = Path(name).expanduser()
-        if name.startswith(("hf-hub:", "local-dir:")) or (local / "open_clip_config.json").is_file():
-            import open_clip
+        # A local model stays local: open_clip would fetch an HF text tower's config by its hub id.
+        with hub_offline(is_local):
+            local = Path(name).expanduser()
+            if name.startswith(("hf-hub:", "local-dir:")) or (local / "open_clip_config.json").is_file():
+                import open_clip
 
-            spec = name if name.startswith(("hf-hub:", "local-dir:")) else f"local-dir:{local}"
-            model, preprocess = open_clip.create_model_from_pretrained(spec)
-            return _OpenCLIP(model.eval()), _OpenCLIPProcessor(preprocess, open_clip.get_tokenizer(spec))
-        from transformers import CLIPModel, CLIPProcessor
+                spec = name if name.startswith(("hf-hub:", "local-dir:")) else f"local-dir:{local}"
+                model, preprocess = open_clip.create_model_from_pretrained(spec)
+                return _OpenCLIP(model.eval()), _OpenCLIPProcessor(preprocess, open_clip.get_tokenizer(spec))
+            from transformers import CLIPModel, CLIPProcessor
 
-        return _HFCLIP(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name)
+            return _HFCLIP(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name)
     except Exception as err:  # hub, file and config errors all mean the same here: no model
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        is_local = name.startswith("local-dir:") or Path(name).expanduser().exists()
+        if is_local and ("offline" in str(err).lower() or "local_files_only" in str(err)):
+            raise ClipUnavailable(f"CLIP model {name} is local, but it names a hub model it is built from (e.g. "
+                                  "BiomedCLIP's text tower) that is not in the local Hugging Face cache: load it "
+                                  "once online with hf-hub:ID, or use a CLIP folder that holds everything") from None
         if offline and not is_local:
             raise ClipUnavailable(f"CLIP model {name} is not in the local Hugging Face cache and downloads are off "
                                   "(HF_HUB_OFFLINE=1): download it once online, or pass --clip_model a local CLIP "
