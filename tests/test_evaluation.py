@@ -354,6 +354,28 @@ def test_clip_missing_offline_warns_and_keeps_the_other_metrics(tmp_path, pool_m
     assert "HF_HUB_OFFLINE" in warning and "--clip_model" in warning
 
 
+def test_the_default_clip_is_never_downloaded_a_named_one_may_be(monkeypatch):
+    import huggingface_hub.constants
+    import transformers
+
+    from sdtune.evaluation.clip_score import DEFAULT_CLIP, ClipUnavailable, load_clip
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as on a user's machine
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    offline_at_request = []
+
+    def from_pretrained(name, *args, **kwargs):  # stands in for the hub: nothing is cached here
+        offline_at_request.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        raise OSError(f"{name} is not cached")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", from_pretrained)
+    with pytest.raises(ClipUnavailable, match=f"the default.*pass --clip_model {DEFAULT_CLIP} to download it"):
+        load_clip()
+    with pytest.raises(ClipUnavailable, match="is not cached"):
+        load_clip(DEFAULT_CLIP)  # named: it may be downloaded
+    assert offline_at_request == [True, False]
+
+
 # ------------------------------------------------------------------------------- cache, subsets, sets
 
 

@@ -91,12 +91,17 @@ def hub_offline(on: bool = True):
         constants.HF_HUB_OFFLINE = previous
 
 
-def load_clip(name: str = DEFAULT_CLIP):
-    """(model, processor) for CLIPScore; ClipUnavailable (one line) when it cannot be loaded."""
+def load_clip(name: str | None = None):
+    """(model, processor) for CLIPScore; ClipUnavailable (one line) when it cannot be loaded.
+
+    name None: DEFAULT_CLIP from the local Hugging Face cache only. A model is downloaded only
+    when its hub id is asked for by name.
+    """
+    cache_only, name = name is None, name or DEFAULT_CLIP
     is_local = name.startswith("local-dir:") or Path(name).expanduser().exists()
     try:
         # A local model stays local: open_clip would fetch an HF text tower's config by its hub id.
-        with hub_offline(is_local):
+        with hub_offline(is_local or cache_only):
             local = Path(name).expanduser()
             if name.startswith(("hf-hub:", "local-dir:")) or (local / "open_clip_config.json").is_file():
                 import open_clip
@@ -113,6 +118,10 @@ def load_clip(name: str = DEFAULT_CLIP):
             raise ClipUnavailable(f"CLIP model {name} is local, but it names a hub model it is built from (e.g. "
                                   "BiomedCLIP's text tower) that is not in the local Hugging Face cache: load it "
                                   "once online with hf-hub:ID, or use a CLIP folder that holds everything") from None
+        if cache_only and not offline:
+            raise ClipUnavailable(f"CLIP model {name} (the default) is not in the local Hugging Face cache, and a "
+                                  f"default is never downloaded: pass --clip_model {name} to download it, or a "
+                                  "local CLIP folder") from None
         if offline and not is_local:
             raise ClipUnavailable(f"CLIP model {name} is not in the local Hugging Face cache and downloads are off "
                                   "(HF_HUB_OFFLINE=1): download it once online, or pass --clip_model a local CLIP "
@@ -122,7 +131,7 @@ def load_clip(name: str = DEFAULT_CLIP):
 
 
 @torch.inference_mode()
-def clip_score(images, captions: list[str], name: str = DEFAULT_CLIP, batch_size: int = 32, device: str = "cpu",
+def clip_score(images, captions: list[str], name: str | None = None, batch_size: int = 32, device: str = "cpu",
                model_and_processor=None, all_processes: bool = True) -> dict:
     """CLIP score of uint8 (3, H, W) images (a list, or a loader `images(i)`) against their captions.
 
@@ -142,4 +151,4 @@ def clip_score(images, captions: list[str], name: str = DEFAULT_CLIP, batch_size
     for start in range(0, len(mine), batch_size):
         indices = mine[start:start + batch_size]
         metric.update([load(i).to(device) for i in indices], [captions[i] for i in indices])
-    return {"value": float(metric.compute()), "n": len(captions), "model": name}
+    return {"value": float(metric.compute()), "n": len(captions), "model": name or DEFAULT_CLIP}

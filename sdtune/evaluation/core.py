@@ -60,9 +60,10 @@ class EvalConfig:
     kid_subsets: int = field(100, "KID subsets (mean and std over them)")
     kid_subset_size: int = field(1000, "images per KID subset (capped at the smaller set)")
     ms_ssim_pairs: int = field(1000, "random pairs of fake images for MS-SSIM diversity (all pairs when fewer)")
-    clip_model: str = field(DEFAULT_CLIP, "CLIP for the CLIP score: a hub id, a local CLIP folder, or open_clip's "
-                                          "hf-hub:ID / local-dir:PATH (e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256"
-                                          "-vit_base_patch16_224)")
+    clip_model: str | None = field(None, "CLIP for the CLIP score: a hub id (downloaded when not cached), a local "
+                                         "CLIP folder, or open_clip's hf-hub:ID / local-dir:PATH (e.g. hf-hub:microsoft/"
+                                         f"BiomedCLIP-PubMedBERT_256-vit_base_patch16_224) (default: {DEFAULT_CLIP} "
+                                         "from the local Hugging Face cache only; name it to download it)")
     real_patients: str = field("all", "which --real images: all, or held_out: only those the --fake set's generator "
                                       "held out from training (its held_out.txt), so FID and KID do not reward "
                                       "reproduced training images", choices=("all", "held_out"))
@@ -167,7 +168,7 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
             if len(captioned) < len(fake_set):
                 warn(f"clip computed on the {len(captioned)} of {len(fake_set)} fake images that have a caption")
             try:
-                log(f"clip: {cfg.clip_model} on {len(captioned)} images")
+                log(f"clip: {cfg.clip_model or DEFAULT_CLIP} on {len(captioned)} images")
                 results["metrics"]["clip"] = clip_score(lambda i: pixels(fake_set.items[captioned[i]]),
                                                         [fake_set.items[i].caption for i in captioned],
                                                         cfg.clip_model, cfg.batch_size, device,
