@@ -113,6 +113,44 @@ def test_latent_cache_on_disk_is_reused_and_keyed_by_preprocessing(tiny_model, f
     assert encodes.n == 3 and len(list(cache.glob("*.safetensors"))) == 10  # other preprocessing, other entries
 
 
+def test_latent_cache_is_keyed_by_every_encoder_weight_not_the_folder(tiny_model, folder, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cache = tmp_path / "latents"
+    _run(tiny_model, folder, tmp_path / "a", "--strategy", "lora", "--latent_cache_dir", cache)
+    encodes = Calls(monkeypatch, AutoencoderKL, "encode")
+    _run(model, folder, tmp_path / "b", "--strategy", "lora", "--latent_cache_dir", cache)
+    assert encodes.n == 0  # the same weights in another folder: the cache holds
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    deep = "encoder.down_blocks.0.resnets.0.conv1.weight"  # not the first or last layer
+    state[deep] = state[deep] * 1.5
+    save_file(state, weights)  # changed in place: same folder, same config
+    _run(model, folder, tmp_path / "c", "--strategy", "lora", "--latent_cache_dir", cache)
+    assert encodes.n == 3 and len(list(cache.glob("*.safetensors"))) == 10  # encoded anew, beside the first
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_caption_dropout_drops_exactly_what_each_samples_seed_says(p, tiny_model, folder, tmp_path, monkeypatch):
+    import sdtune.train as training
+    from sdtune.caching import TextEmbeddingCache
+
+    seeds, captions = [], []
+    sample_seeds, encode = training.sample_seeds, TextEmbeddingCache.__call__
+    monkeypatch.setattr(training, "sample_seeds", lambda *args: seeds.append(sample_seeds(*args)) or seeds[-1])
+    monkeypatch.setattr(TextEmbeddingCache, "__call__",
+                        lambda self, batch, device: captions.append(list(batch)) or encode(self, batch, device))
+    _run(tiny_model, folder, tmp_path, "--strategy", "lora", "--caption_dropout_prob", p)
+    # The rule, computed independently: a sample's caption is dropped when its own draw is below p.
+    dropped = [[torch.rand((), generator=torch.Generator().manual_seed(s)).item() < p for s in batch] for batch in seeds]
+    assert [[c == "" for c in batch] for batch in captions] == dropped
+    assert any(map(any, dropped)) and (p == 1.0) == all(map(all, dropped))
+
+
 @pytest.mark.parametrize("extra, reason", [
     (["--strategy", "unet+vae"], "the VAE trains"),
     (["--strategy", "lora", "--random_flip"], "random crops or flips"),

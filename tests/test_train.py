@@ -182,14 +182,47 @@ def test_a_resumed_ema_stays_on_the_device_of_the_weights_it_follows(tmp_path):
     assert [p.device.type for p in resumed.shadow_params] == ["meta", "meta"]
 
 
-def test_max_grad_norm_0_trains_unclipped(tiny_model, table, tmp_path):
+def _gradient_norms_at_each_step(monkeypatch) -> list[float]:
+    """The total gradient norm the optimizer sees at each step (after clipping), recorded."""
+    norms, step = [], torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.cat(grads).norm().item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return norms
+
+
+def test_max_grad_norm_bounds_the_step_and_0_means_no_bound(tiny_model, table, tmp_path, monkeypatch):
+    norms = _gradient_norms_at_each_step(monkeypatch)
+    main(_argv(tiny_model, table, tmp_path / "tight", "--strategy", "lora", "--max_grad_norm", "1e-4", steps=3))
+    assert len(norms) == 3 and max(norms) <= 1e-4 * (1 + 1e-5), norms
+    norms.clear()
     runs = {}
     for bound in ("0", "1e9"):
         main(_argv(tiny_model, table, tmp_path / bound, "--strategy", "lora", "--max_grad_norm", bound))
         runs[bound] = load_file(tmp_path / bound / "pytorch_lora_weights.safetensors")
+    assert min(norms) > 1e-4  # unclipped, where 1e-4 clipped every step
     assert runs["0"].keys() == runs["1e9"].keys()
     assert all(torch.equal(runs["0"][k], runs["1e9"][k]) for k in runs["0"])
     assert any(runs["0"][k].abs().max() > 0 for k in runs["0"] if k.endswith("lora.up.weight"))  # up starts at 0
+
+
+def test_each_component_steps_with_its_own_learning_rate(tiny_model, table, tmp_path):
+    # A text encoder at lr 0 beside a U-Net at 1e-3: one shared rate would move both or neither.
+    main(_argv(tiny_model, table, tmp_path, "--strategy", "unet+text", "--unet_lr", "1e-3", "--text_encoder_lr", "0",
+               steps=1))
+    for component, moved in (("unet", True), ("text_encoder", False)):
+        base, trained = _weights(tiny_model, component), _weights(tmp_path / "final_model", component)
+        assert any(not torch.equal(base[k], trained[k]) for k in base) == moved, component
+
+
+def test_only_the_trained_component_requires_grad(tiny_model, table, tmp_path):
+    # Frozen parts that still required grad would cost memory for gradients never used.
+    _, models = train(*parse_args(_argv(tiny_model, table, tmp_path, "--strategy", "text", steps=1)))
+    assert {c for c in COMPONENTS if any(p.requires_grad for p in getattr(models, c).parameters())} == {"text_encoder"}
 
 
 def test_validation_samples_the_training_target_without_dropout(tiny_model, table, tmp_path, monkeypatch):
