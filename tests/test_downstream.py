@@ -194,6 +194,25 @@ def test_the_generators_held_out_patients_are_the_test_set(phantom_train_csv, sy
     assert {bank.groups[i] for i in bank.test} != held and counts["test"]["rule"].startswith("patient split")
 
 
+def test_every_view_of_a_held_out_patient_is_tested(phantom_train_csv, synthetic_set, generator_run, tmp_path):
+    import pandas as pd
+
+    # The generator trained on frontal views; the classifier reads every view. A held-out patient's
+    # lateral view is a test image too, never a training one.
+    table = pd.read_csv(phantom_train_csv)
+    lines = (generator_run / "held_out.txt").read_text().splitlines()
+    held = {re.search(r"(patient\d+)", table.Path[int(line.split()[-1]) - 2]).group(1) for line in lines}
+    laterals = set(table[table["Frontal/Lateral"] == "Lateral"].Path.str.extract(r"(patient\d+)")[0])
+    assert laterals & held  # there are such views to place
+    made = _made_by(synthetic_set, generator_run / "final_model", tmp_path / "synthetic")
+    bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16, views="all", synthetic=[str(made)]),
+                             list(DRAWN), print, [str(made)])
+    test, train = {bank.groups[i] for i in bank.test}, {bank.groups[i] for i in bank.train}
+    assert test == held and not test & train
+    n_held_images = table.Path.str.extract(r"(patient\d+)")[0].isin(held).sum()
+    assert len(bank.test) == n_held_images > len(lines)  # the laterals are in
+
+
 def test_a_generator_that_trained_on_every_test_patient_is_refused(phantom_train_csv, synthetic_set, generator_run,
                                                                    tmp_path):
     run_dir = tmp_path / "saw-all"

@@ -117,6 +117,19 @@ def test_fid_equals_scipy_on_the_same_features(pooled):
     assert float(metric.compute()) == pytest.approx(ours, rel=1e-9)
 
 
+def test_fid_bootstrap_std_is_the_spread_over_seeded_resamples():
+    from sdtune.evaluation.metrics import fid_with_spread
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(80, 6, generator=g).double(), (torch.randn(70, 6, generator=g) + 0.5).double()
+    # The documented draw, redone with numpy's FID: per resample, real rows then fake rows, with replacement.
+    rng = np.random.default_rng(3)
+    values = [numpy_fid(real.numpy()[rng.integers(0, 80, 80)], fake.numpy()[rng.integers(0, 70, 70)]) for _ in range(4)]
+    got = fid_with_spread(real, fake, resamples=4, seed=3)
+    assert got["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-4) and got["std"] > 0
+    assert got["value"] == pytest.approx(numpy_fid(real.numpy(), fake.numpy()), rel=1e-6)
+
+
 def test_identical_sets_give_fid_zero(pooled):
     _, _, _, real, _ = pooled
     assert abs(frechet_distance(real, real.clone())) < 1e-6

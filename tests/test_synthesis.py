@@ -127,18 +127,24 @@ def test_hyphen_and_underscore_flags_give_the_same_settings():
 def test_image_equals_the_pipeline_called_directly(runs, tmp_path):
     final = runs("lora") / "final_model"
     synth(tmp_path / "pndm", final, "--num_images", "2")
-    synth(tmp_path / "euler_a", final, "--scheduler", "euler_a", "--negative_prompt", "blurry")  # a stochastic sampler
+    # A stochastic sampler, and a guidance scale other than the pipeline's default (7.5)
+    synth(tmp_path / "euler_a", final, "--scheduler", "euler_a", "--negative_prompt", "blurry", "--guidance_scale", "2")
     pipeline = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
-    for out, k in ((tmp_path / "pndm", 3), (tmp_path / "euler_a", 1)):
+    for out, k, guidance in ((tmp_path / "pndm", 3, 7.5), (tmp_path / "euler_a", 1, 2.0)):
         row = metadata(out).iloc[k]
         if out.name == "euler_a":
             pipeline.scheduler = EulerAncestralDiscreteScheduler.from_config(pipeline.scheduler.config)
         assert row["seed"] == str(image_seed(42, k)) and row["scheduler"] == out.name
-        direct = pipeline(row["prompt"], negative_prompt=row["negative_prompt"] or None, num_inference_steps=2,
-                          guidance_scale=7.5, height=64, width=64,
-                          generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
-        assert np.array_equal(np.asarray(direct), pixels(out)[row["file_name"].split("/")[1]])
+        assert float(row["guidance"]) == guidance
+
+        def direct(scale):
+            return np.asarray(pipeline(row["prompt"], negative_prompt=row["negative_prompt"] or None,
+                                       num_inference_steps=2, guidance_scale=scale, height=64, width=64,
+                                       generator=torch.Generator().manual_seed(int(row["seed"]))).images[0])
+
+        assert np.array_equal(direct(guidance), pixels(out)[row["file_name"].split("/")[1]])
+    assert not np.array_equal(direct(2.0), direct(7.5))  # so the scale is seen, not just recorded
 
 
 def test_batch_size_does_not_change_the_images(runs, tmp_path):
