@@ -59,3 +59,51 @@ def test_identifiers_never_reach_any_output(tiny_model, tmp_path):
         data = path.read_bytes()
         for tag, value in IDENTIFIERS.items():
             assert value.encode() not in data, f"{tag} found in {path.relative_to(tmp_path)}"
+
+
+def test_table_paths_name_patients_and_no_output_repeats_them(tiny_model, tmp_path, capsys):
+    """CheXpert's paths carry the patient id (train/patient00001/...). A table with a missing image
+    and a repeated row goes through check, export, training (held-out split, problem report,
+    tensorboard) and a held-out evaluation: no file written and no line printed names a patient."""
+    import re
+
+    import pandas as pd
+
+    from sdtune.data.__main__ import main as data_tool
+    from sdtune.phantom import write_phantom_chexpert
+
+    root = write_phantom_chexpert(tmp_path / "data", n=24, size=64)
+    table = root / "CheXpert-v1.0-small" / "train.csv"
+    df = pd.read_csv(table)
+    frontal = df[df["Frontal/Lateral"] == "Frontal"]
+    missing = root / frontal.Path.iloc[0]
+    kept = missing.read_bytes()
+    missing.unlink()  # a missing image
+    pd.concat([df, frontal.iloc[[1]]]).to_csv(table, index=False)  # a repeated row
+    assert df.Path.str.contains(r"patient\d{5}").all()
+
+    data_flags = ["--train_csv", str(table), "--resolution", "64", "--skip_bad_files"]
+    assert data_tool(["check", *data_flags, "--validation_fraction", "0.25"]) == 1  # the missing image is an error
+    data_tool(["export", *data_flags, "--output_dir", str(tmp_path / "export"), "--layout", "jsonl"])
+    run = tmp_path / "run"
+    train(["--pretrained_model_name_or_path", str(tiny_model), *data_flags, "--strategy", "bitfit",
+           "--train_batch_size", "2", "--max_train_steps", "1", "--output_dir", str(run), "--report_to", "tensorboard",
+           "--validation_fraction", "0.25", "--latent_cache_dir", str(run / "latent_cache")])
+    missing.write_bytes(kept)  # evaluate.py has no --skip_bad_files: its real set must be whole
+    synthetic = tmp_path / "synthetic"
+    synthesize(["--model-path", str(run), "--prompts", "Chest x-ray", "--num-images", "2", "--steps", "2",
+                "--height", "64", "--width", "64", "--output-dir", str(synthetic)])
+    evaluate(["--real", str(table), "--real-patients", "held_out", "--fake", str(synthetic), "--metrics", "kid",
+              "--kid-subset-size", "2", "--output", str(tmp_path / "results.json"), "--cache-dir", str(tmp_path / "cache")])
+    printed = capsys.readouterr()
+
+    patient = re.compile(rb"patient\d{5}")
+    written = [p for folder in (tmp_path / "export", run, synthetic, tmp_path / "cache") for p in folder.rglob("*")
+               if p.is_file()] + [tmp_path / "results.json"]
+    assert {"held_out.txt", "data_problems.txt", "skipped.txt", "metadata.jsonl"} <= {p.name for p in written}
+    assert any("tfevents" in p.name for p in written)
+    assert "line" in (run / "data_problems.txt").read_text()  # the problems are there, by row
+    for path in written:
+        assert not patient.search(path.read_bytes()), f"a patient id in {path.relative_to(tmp_path)}"
+        assert not patient.search(str(path.relative_to(tmp_path)).encode()), path
+    assert not patient.search((printed.out + printed.err).encode()), "a patient id was printed"
