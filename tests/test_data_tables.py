@@ -400,3 +400,20 @@ def test_phantom_chexpert_reads_frontal_images_that_exist(request, tmp_path):
     assert all(ex.image.is_file() and ex.image.name.endswith("_frontal.jpg") for ex in examples)
     assert all(ex.group == ex.image.parts[-3] for ex in examples)
     assert all("patient0" not in ex.caption for ex in examples)
+
+
+def test_isic2019_unk_is_a_label_but_never_named_in_a_caption(tmp_path):
+    codes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    path = tmp_path / "ISIC_2019_Training_GroundTruth.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["image"] + codes)
+        writer.writeheader()
+        writer.writerow({"image": "ISIC_0000000", **{c: float(c == "UNK") for c in codes}})
+        writer.writerow({"image": "ISIC_0000001", **{c: float(c == "MEL") for c in codes}})
+    (tmp_path / "ISIC_2019_Training_Input").mkdir()
+    for name in ("ISIC_0000000", "ISIC_0000001"):
+        (tmp_path / "ISIC_2019_Training_Input" / f"{name}.jpg").touch()
+    examples, problems = read_table(path)
+    assert problems == []
+    assert [ex.caption for ex in examples] == ["a dermoscopic image of a skin lesion", "a dermoscopic image of melanoma"]
+    assert examples[0].labels["unknown"] == 1.0 and sum(examples[0].labels.values()) == 1.0

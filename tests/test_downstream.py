@@ -409,3 +409,32 @@ def test_wrapper_runs_with_environment_overrides(phantom_train_csv, tmp_path):
     assert list(summary["arms"]) == ["a", "b"] and summary["counts"]["synthetic"]["images"] == 0
     assert "(b) N real per class" in result.stdout
 
+
+def test_sample_per_class_counts_positives_drawn_for_rarer_labels():
+    """B (8 positives) is visited before A (50) and every B image is also A: its 5 images already give A
+    its 5 positives, so the subset is exactly 5 of B's images, whatever the seed."""
+    targets = np.zeros((100, 2))
+    targets[:50, 0] = 1.0  # label A
+    targets[:8, 1] = 1.0  # label B, rarer, always with A
+    for seed in range(5):
+        picked, short = sample_per_class(targets, 5, seed)
+        assert short == [] and len(picked) == 5 and set(picked) <= set(range(8))
+
+
+def test_downstream_wrapper_passes_every_header_override(tmp_path):
+    stub = tmp_path / "python"  # stands in for $PYTHON: records its arguments
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$RECORDED_ARGV"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "RECORDED_ARGV": str(tmp_path / "argv"),
+           "SYNTHETIC": "synthetic/a synthetic/b", "TEST_FRACTION": "0.3", "UNCERTAINTY": "ones", "N_PER_CLASS": "7",
+           "EPOCHS": "2", "DEVICE": "cpu"}
+    result = subprocess.run(["bash", str(ROOT / "downstream.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    assert argv[0].endswith("downstream.py")
+    synthetic = argv.index("--synthetic")
+    assert argv[synthetic + 1:synthetic + 3] == ["synthetic/a", "synthetic/b"]  # space-separated sets, in order
+    rest = argv[1:synthetic]
+    flags = dict(zip(rest[::2], rest[1::2]))
+    assert (flags["--test_fraction"], flags["--uncertainty"], flags["--n_per_class"], flags["--epochs"],
+            flags["--device"]) == ("0.3", "ones", "7", "2", "cpu")

@@ -670,3 +670,46 @@ def test_real_patients_held_out_keeps_what_the_generator_held_out(tmp_path, phan
     (run / "training_summary.json").write_text(json.dumps(summary))
     with pytest.raises(UserError, match="held out no patients: train it with --validation_fraction 0.2"):
         compute_metrics(table, fake, real_patients="held_out", **settings)
+
+
+def test_random_pairs_never_pair_an_image_with_itself():
+    for seed in range(20):
+        pairs = random_pairs(6, 10, seed=seed)  # 10 of the 15 pairs: drawn, not enumerated
+        assert len(pairs) == len(set(pairs)) == 10
+        assert all(0 <= i < j < 6 for i, j in pairs), pairs
+
+
+def test_ms_ssim_with_fewer_scales_uses_the_first_weights_rescaled_to_sum_as_five():
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as tm_ms_ssim
+
+    from sdtune.evaluation.metrics import MS_SSIM_BETAS
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (1, 3, 100, 100), generator=g).float()
+    images = [(base * 0.7 + torch.randint(0, 77, (1, 3, 100, 100), generator=g)).clamp(0, 255)[0].to(torch.uint8)
+              for _ in range(4)]
+    ours = ms_ssim_diversity(lambda i: images[i], 4, pairs=100)
+    assert ours["scales"] == 4
+    pairs = random_pairs(4, 100)
+    left = torch.stack([images[i] for i, _ in pairs]).float()
+    right = torch.stack([images[j] for _, j in pairs]).float()
+
+    def mean_ms_ssim(betas):
+        return float(tm_ms_ssim(left, right, data_range=255.0, kernel_size=11, betas=betas, reduction="none").double().mean())
+
+    first = MS_SSIM_BETAS[:4]
+    rescaled = tuple(b / sum(first) * sum(MS_SSIM_BETAS) for b in first)  # the documented rule, by hand
+    assert ours["mean"] == pytest.approx(mean_ms_ssim(rescaled), rel=1e-6)
+    assert abs(mean_ms_ssim(rescaled) - mean_ms_ssim(first)) > 1e-4  # the rescaling matters for these images
+
+
+def test_max_real_and_max_fake_limit_their_own_set(tmp_path):
+    real = write_folder(tmp_path / "real", noise_images(6, 0))
+    fake = write_folder(tmp_path / "fake", noise_images(5, 1))
+    settings = dict(metrics="ms_ssim", cache=False, log=lambda _: None)
+    only_fake = compute_metrics(real, fake, max_fake=3, **settings)
+    assert only_fake["samples"] == {"real": 6, "fake": 3}
+    assert only_fake["metrics"]["ms_ssim"]["pairs"] == 3  # every pair of the 3 fake images
+    only_real = compute_metrics(real, fake, max_real=2, **settings)
+    assert only_real["samples"] == {"real": 2, "fake": 5}
+    assert only_real["metrics"]["ms_ssim"]["pairs"] == 10

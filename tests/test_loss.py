@@ -154,3 +154,26 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_model, phantom_chexpert, 
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
     saved = load_file(tmp_path / "checkpoint-3" / "unet_trained.safetensors")
     assert saved and all(k.endswith(".bias") for k in saved)  # only the trained tensors
+
+
+def test_vae_reconstruction_term_is_weighted_by_vae_recon_weight(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
+    """A VAE run's loss is diffusion + weight x reconstruction, both terms spied as the loop computes them."""
+    import sdtune.train as training
+
+    seen = {"diffusion": [], "reconstruction": []}
+    diffusion, reconstruction = training.diffusion_loss, training.reconstruction_loss
+
+    def spy(name, function):
+        def recorded(*args, **kwargs):
+            value = function(*args, **kwargs)
+            seen[name].append(value.item())
+            return value
+        return recorded
+
+    monkeypatch.setattr(training, "diffusion_loss", spy("diffusion", diffusion))
+    monkeypatch.setattr(training, "reconstruction_loss", spy("reconstruction", reconstruction))
+    summary = _run(tiny_model, phantom_chexpert, tmp_path, "--strategy", "vae", "--vae_recon_weight", "0.25",
+                   "--max_train_steps", "1")
+    (d,), (r,) = seen["diffusion"], seen["reconstruction"]
+    assert r > 1e-3  # large enough for its weight to show
+    assert summary["final_loss"] == pytest.approx(d + 0.25 * r, rel=1e-5)

@@ -204,6 +204,9 @@ def test_resume_refuses_a_folder_made_with_other_settings(runs, tmp_path):
               "--height", "64", "--width", "64"])
     with pytest.raises(UserError, match="other prompts, counts or seed"):
         synth(tmp_path, final, "--seed", "1")
+    for flag, value in (("--guidance_scale", "3"), ("--scheduler", "ddim"), ("--fuse_lora", "false")):
+        with pytest.raises(UserError, match=rf"other settings \({flag[2:]}: "):  # each setting that changes pixels
+            synth(tmp_path, final, flag, value)
     assert synth(tmp_path, final, "--batch_size", "2")["made"] == 0  # batch size does not change images
 
 
