@@ -24,10 +24,10 @@ from sdtune.models import SD15_UNET_CONFIG, SD15_UNET_PARAMS, build_sd15_unet
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def lora_names(unet, dora=False):
+def lora_names(unet, dora=False, targets=TARGETS):
     suffixes = ["lora_A.default.weight", "lora_B.default.weight"]
     suffixes += ["lora_magnitude_vector.default.weight"] if dora else []
-    modules = [name for name, _ in unet.named_modules() if any(name.endswith("." + t) for t in TARGETS)]
+    modules = [name for name, _ in unet.named_modules() if any(name.endswith("." + t) for t in targets)]
     return {f"{m}.{s}" for m in modules for s in suffixes}
 
 
@@ -51,6 +51,7 @@ def difffit_names(unet, resnets=False):
 ROWS = {
     "lora": ("lora", {}, lambda unet: lora_names(unet)),
     "dora": ("dora", {}, lambda unet: lora_names(unet, dora=True)),
+    "lora-to_q": ("lora", {"lora_target_modules": ["to_q"]}, lambda unet: lora_names(unet, targets=["to_q"])),
     "bitfit": ("bitfit", {}, bias_names),
     "difffit": ("difffit", {}, difffit_names),
     "difffit-resnets": ("difffit", {"difffit_resnets": True}, lambda unet: difffit_names(unet, resnets=True)),
