@@ -7,6 +7,8 @@ if [[ -n "${TRAIN_CSV:-}" ]]; then
 else
   TRAIN_ARGS+=(--train_data_dir "$DATA_DIR")
 fi
+# The tutorial calls it BATCH_SIZE
+if [[ -n "${BATCH_SIZE:-}" ]]; then TRAIN_BATCH_SIZE=$BATCH_SIZE; fi
 # variable -> flag, passed only when set and non-empty
 for pair in LEARNING_RATE:learning_rate UNET_LR:unet_lr TEXT_ENCODER_LR:text_encoder_lr VAE_LR:vae_lr \
             TRAIN_BATCH_SIZE:train_batch_size MAX_TRAIN_STEPS:max_train_steps RESOLUTION:resolution \
@@ -15,7 +17,7 @@ for pair in LEARNING_RATE:learning_rate UNET_LR:unet_lr TEXT_ENCODER_LR:text_enc
             LORA_DROPOUT:lora_dropout USE_8BIT_ADAM:use_8bit_adam GRADIENT_CHECKPOINTING:gradient_checkpointing \
             IMAGE_ROOT:image_root LOGGING_DIR:logging_dir SEED:seed MEMORY_PROFILE:memory_profile \
             LATENT_CACHE_DIR:latent_cache_dir TORCH_COMPILE:torch_compile CHANNELS_LAST:channels_last \
-            VALIDATION_FRACTION:validation_fraction SPLIT_SEED:split_seed; do
+            VALIDATION_FRACTION:validation_fraction SPLIT_SEED:split_seed REPORT_TO:report_to; do
   var=${pair%%:*}
   if [[ -n "${!var:-}" ]]; then TRAIN_ARGS+=("--${pair#*:}" "${!var}"); fi
 done

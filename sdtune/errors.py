@@ -17,3 +17,10 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except ModuleNotFoundError as err:
+        package = (err.name or "").split(".")[0]
+        if not package or package == "sdtune":  # our own import: a bug, not the install
+            raise
+        print(f"error: the Python package {package!r} is missing: install the toolkit's requirements (make setup, or "
+              "pip install -r requirements.txt) in the Python that runs this", file=sys.stderr)
+        sys.exit(2)

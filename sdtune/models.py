@@ -59,6 +59,19 @@ def _check_local_folder(path: Path) -> None:
         )
 
 
+# Hub ids the tutorial and older scripts use that no longer exist: the same weights moved.
+MOVED_MODEL_IDS = {"runwayml/stable-diffusion-v1-5": SD15_MODEL_ID}
+
+
+def current_model_id(name: str) -> str:
+    """`name`, or where a retired hub id's weights now live (said in a note)."""
+    moved = MOVED_MODEL_IDS.get(str(name).strip("/"))
+    if moved is None or Path(name).expanduser().exists():
+        return name
+    print(f"note: {name} was removed from the Hugging Face hub; its weights are {moved}, used instead")
+    return moved
+
+
 def load_components(
     pretrained_model_name_or_path: str | os.PathLike = SD15_MODEL_ID,
     revision: str | None = None,
@@ -73,7 +86,7 @@ def load_components(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = str(pretrained_model_name_or_path)
+    source = current_model_id(str(pretrained_model_name_or_path))
     local = Path(source).expanduser()
     if local.exists():
         _check_local_folder(local)

@@ -47,7 +47,8 @@ import torch
 
 from sdtune.config import field
 from sdtune.errors import UserError
-from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, load_components
+from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
+                           load_components)
 from sdtune.strategies import COMPONENTS, Strategy
 
 # Short names for diffusers schedulers: (class, extra settings). Each is configured from the
@@ -356,7 +357,8 @@ def resolve_model(model_path: str, base_model: str | None = None) -> ModelSource
     path = Path(model_path).expanduser()
     if not path.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", model_path) and not model_path.startswith("."):
-            return _no_base(ModelSource("pipeline", model_path), base_model)  # a hub id, e.g. the untrained base
+            # a hub id, e.g. the untrained base
+            return _no_base(ModelSource("pipeline", current_model_id(model_path)), base_model)
         raise UserError(f"model path {model_path} does not exist: pass a final_model/ folder, a run folder, "
                         "a checkpoint-STEP/ folder or an adapter file")
     if path.is_dir() and (path / "model_index.json").is_file():

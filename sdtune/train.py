@@ -7,6 +7,7 @@ the loop then only computes the loss, steps, logs and checkpoints. Entry point:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import platform
 import re
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +38,7 @@ from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, 
 from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
-from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, load_components
+from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id, load_components
 from sdtune.processes import launched_without_cuda
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
 
@@ -384,12 +386,17 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
     cfg, profile_changes = apply_memory_profile(cfg)
+    cfg = replace(cfg, pretrained_model_name_or_path=current_model_id(cfg.pretrained_model_name_or_path))
     if (local := Path(cfg.pretrained_model_name_or_path).expanduser()).exists():
         # Recorded absolute: synthesis from another folder would take "outputs/tiny-sd15" for a hub id.
         cfg = replace(cfg, pretrained_model_name_or_path=str(local.resolve()))
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
         check_compile_mode(cfg.torch_compile_mode)
+    if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise UserError("--enable_xformers_memory_efficient_attention needs the xformers package (pip install -r "
+                        "requirements-gpu.txt); without the flag, PyTorch's SDPA attention is used (flash attention "
+                        "on recent GPUs)")
     if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
         raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)
@@ -971,8 +978,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, 
     )
     for cls in SETTINGS:
         add_arguments(parser, cls)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for arg in argv:
+        if (flag := arg.split("=")[0].replace("-", "_").lstrip("_")) in FOREIGN_FLAGS:
+            raise UserError(f"--{flag} is not a flag of this toolkit: {FOREIGN_FLAGS[flag]}")
     args = parser.parse_args(argv)
     return tuple(from_args(cls, args) for cls in SETTINGS)
+
+
+# Flags of other trainers that the tutorial or habit suggests, and what to use here instead.
+_LOW_MEMORY = ("it is DeepSpeed's offload, which is not supported; --memory_profile low (8-bit paged AdamW, "
+               "gradient checkpointing, cached latents) fits every strategy in 12 GiB")
+FOREIGN_FLAGS = {"offload_param_device": _LOW_MEMORY, "offload_optimizer_device": _LOW_MEMORY}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -167,3 +167,42 @@ def test_out_of_memory_lists_the_memory_options(monkeypatch):
     monkeypatch.setattr(sdtune.train, "train", oom)
     with pytest.raises(UserError, match="--train_batch_size.*--gradient_checkpointing.*--use_8bit_adam"):
         main(["--strategy", "lora"])
+
+
+def test_a_missing_package_is_one_line_naming_the_requirements(capsys):
+    import importlib
+
+    from sdtune.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: importlib.import_module("no_such_package.sub"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "'no_such_package' is missing" in err and "requirements.txt" in err
+    with pytest.raises(ModuleNotFoundError):  # a module of our own that is missing is a bug: the traceback stays
+        run_cli(lambda: importlib.import_module("sdtune.no_such_module"))
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("xformers") is not None, reason="xformers installed")
+def test_xformers_asked_for_but_missing_is_one_clear_error(tiny_model, phantom_chexpert, tmp_path):
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    with pytest.raises(UserError, match="needs the xformers package.*SDPA"):
+        main(["--pretrained_model_name_or_path", str(tiny_model), "--train_csv", str(table), "--output_dir",
+              str(tmp_path / "run"), "--strategy", "lora", "--enable_xformers_memory_efficient_attention"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["--offload_param_device=cpu"], ["--offload-optimizer-device", "cpu"]])
+def test_deepspeeds_offload_flags_point_to_the_low_memory_profile(argv):
+    # The tutorial's advice for out-of-memory errors
+    with pytest.raises(UserError, match="is not a flag of this toolkit.*--memory_profile low"):
+        sdtune.train.parse_args(argv)
+
+
+def test_the_tutorials_retired_model_id_is_mapped_to_where_sd15_moved(capsys):
+    from sdtune import SD15_MODEL_ID
+    from sdtune.models import current_model_id
+
+    assert current_model_id("runwayml/stable-diffusion-v1-5") == SD15_MODEL_ID
+    assert "was removed from the Hugging Face hub" in capsys.readouterr().out
+    assert current_model_id("someone/other-model") == "someone/other-model"

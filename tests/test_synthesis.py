@@ -586,3 +586,11 @@ def test_two_processes_make_the_same_set_as_one(runs, tmp_path):
     one, two = pixels(tmp_path / "one"), pixels(tmp_path / "two")
     assert list(one) == list(two) and all(np.array_equal(one[n], two[n]) for n in one)
     assert (tmp_path / "one" / "metadata.csv").read_text() == (tmp_path / "two" / "metadata.csv").read_text()
+
+
+def test_a_synthesis_wrapper_with_nothing_to_generate_names_its_variables(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMPTS", "PROMPTS_FILE", "LABELS_CSV")}
+    result = subprocess.run(["bash", str(ROOT / "synthesis_bitfit.sh")], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "PROMPTS=" in result.stderr and "PROMPTS_FILE=" in result.stderr and "LABELS_CSV=" in result.stderr
