@@ -380,6 +380,9 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
              "missing real": ["--real", str(tmp_path / "nowhere.csv")]}[case]
     from sdtune.downstream import main
 
+    if "--labels" in extra:  # replaced, not repeated: a repeated list flag adds a note line
+        at = argv.index("--labels")
+        del argv[at:at + 2]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv + extra))
     assert exit_info.value.code == 2
