@@ -205,6 +205,26 @@ def test_evaluate_launched_as_two_processes_reports_once_what_one_process_report
     assert two["samples"] == one["samples"] == {"real": 10, "fake": 90}
 
 
+def test_processes_whose_caches_differ_still_extract_together(phantom_chexpert, tmp_path):
+    # One machine's cache holds the features, the other's does not: extraction is collective, so
+    # both must extract (a process that read its cache alone would leave the other waiting forever).
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
+
+    torch.jit.script(Net()).save(str(tmp_path / "net.pt"))
+    images = phantom_chexpert / "CheXpert-v1.0-small"
+    helper, caches = ROOT / "tests" / "helpers" / "cache_per_rank.py", tmp_path / "caches"
+    args = ["--real", images / "valid", "--fake", images / "train", "--metrics", "fid", "--fid_bootstrap", 0,
+            "--fid_features", tmp_path / "net.pt", "--fid_input_size", 32]
+    _launch(helper, 1, caches, *args, "--output", tmp_path / "one.json")  # fills rank 0's cache only
+    assert list((caches / "rank0").rglob("*.npy")) and not (caches / "rank1").exists()
+    _launch(helper, 2, caches, *args, "--output", tmp_path / "two.json", use_cpu_flag=False, timeout=180)
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["features"]["cache"] == {"real": "computed", "fake": "computed"}
+    assert two["metrics"]["fid"]["value"] == pytest.approx(one["metrics"]["fid"]["value"], rel=1e-9)
+
+
 def test_clip_score_shared_by_two_processes_equals_one_process(phantom_chexpert, tmp_path):
     from helpers.clip import write_tiny_clip
 

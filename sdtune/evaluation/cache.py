@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,14 @@ class FeatureCache:
     def save(self, key: str, features: torch.Tensor, about: dict) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{key}.npy"
-        tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npy")
+        # A name of this process's own (machines sharing the folder may reuse a pid), then renamed.
+        unique = f"{socket.gethostname()}.{os.getpid()}"
+        tmp = path.with_name(f"{key}.{unique}.tmp.npy")
         # Networks compute in float32: then float32 stores their output exactly, at half the size.
         exact = torch.equal(features.float().double(), features.double())
         np.save(tmp, (features.float() if exact else features.double()).numpy())
         os.replace(tmp, path)
-        (self.folder / f"{key}.json").write_text(json.dumps({**about, "shape": list(features.shape)}, indent=1) + "\n")
+        about_tmp = self.folder / f"{key}.{unique}.tmp.json"
+        about_tmp.write_text(json.dumps({**about, "shape": list(features.shape)}, indent=1) + "\n")
+        os.replace(about_tmp, self.folder / f"{key}.json")
         return path

@@ -250,11 +250,19 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
     store = FeatureCache(cfg.cache_dir)
     key = cache_key(files, extractor.describe())
     cached = store.load(key)
-    if cached is not None and cached.shape == (len(files), extractor.dim):
+    hit = cached is not None and cached.shape == (len(files), extractor.dim)
+    state = process_state()
+    if all_processes and state.num_processes > 1:
+        # Extraction is collective: every process must take the same branch, also when the caches
+        # differ (one cache folder per node), or the ones that extract wait for the others forever.
+        from accelerate.utils import gather_object
+
+        hit = all(gather_object([hit]))
+    if hit:
         log(f"{label} features: from the cache ({store.folder / key}.npy)")
         return cached, "hit"
     feats = extract_features(extractor, image_set.items, cfg.batch_size, device, **extract)
-    if process_state().is_main_process or not all_processes:  # every process holds the same features: one writes
+    if state.is_local_main_process or not all_processes:  # the same features everywhere: one writer per machine
         store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
     return feats, "computed"
 
