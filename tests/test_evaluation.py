@@ -17,7 +17,7 @@ from helpers.clip import write_tiny_clip
 from PIL import Image
 
 from sdtune.errors import UserError
-from sdtune.evaluation import compute_metrics, extract_features, get_extractor, load_image_set
+from sdtune.evaluation import ImageItem, compute_metrics, extract_features, get_extractor, load_image_set
 from sdtune.evaluation.cli import main
 from sdtune.evaluation.features import InceptionV3, resize_pil_bicubic, resize_tf1_bilinear
 from sdtune.evaluation.metrics import (frechet_distance, kernel_inception_distance, ms_ssim_diversity, ms_ssim_scales,
@@ -626,9 +626,10 @@ def test_real_patients_held_out_keeps_what_the_generator_held_out(tmp_path, phan
 
     table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
     run = tmp_path / "run"
+    # Every view: evaluate.py alone would read frontal views only, so the run's own settings must be used.
     train_main(["--pretrained_model_name_or_path", str(tiny_model), "--train_csv", str(table), "--strategy", "bitfit",
                 "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "1", "--validation_fraction",
-                "0.25", "--output_dir", str(run), "--report_to", "none"])
+                "0.25", "--views", "all", "--output_dir", str(run), "--report_to", "none"])
     labels = [{"Cardiomegaly": float(i % 2), "Pleural Effusion": float(i % 3 == 0)} for i in range(8)]
     fake = write_synthesis(tmp_path / "fake", labels)
     (fake / "synthesis_config.json").write_text(json.dumps({"settings": {"model_path": str(run / "final_model")}}))
@@ -636,20 +637,19 @@ def test_real_patients_held_out_keeps_what_the_generator_held_out(tmp_path, phan
     # The held-out images, worked out by hand: held_out.txt says "train.csv line N" (header = line 1).
     df = pd.read_csv(table)
     held_rows = [int(line.split()[-1]) - 2 for line in (run / "held_out.txt").read_text().splitlines()]
-    frontal = df[df["Frontal/Lateral"] == "Frontal"]  # what training reads by default
 
     def patients(paths):
         return {re.search(r"patient\d+", p).group() for p in paths}
 
-    assert 0 < len(held_rows) < len(frontal)
-    assert not patients(df.Path[held_rows]) & patients(frontal.drop(index=held_rows).Path)  # a patient-level split
+    assert 0 < len(held_rows) < len(df) and (df["Frontal/Lateral"][held_rows] == "Lateral").any()
+    assert not patients(df.Path[held_rows]) & patients(df.drop(index=held_rows).Path)  # a patient-level split
 
     extractor = get_extractor(str(pool_module), input_size=32)
     settings = dict(metrics="fid", fid_bootstrap=0, cache=False, extractor=extractor, log=lambda _: None)
     results = compute_metrics(table, fake, real_patients="held_out", **settings)
-    every = load_image_set(table)
-    chosen = [item for item in every.items if str(item.image).endswith(tuple(df.Path[held_rows]))]
-    assert results["samples"]["real"] == len(chosen) == len(held_rows)
+    every = load_image_set(table)  # frontal views
+    chosen = [ImageItem(phantom_chexpert / df.Path[r]) for r in held_rows]
+    assert results["samples"]["real"] == len(held_rows)
     expected = frechet_distance(extract_features(extractor, chosen), extract_features(extractor, load_image_set(fake).items))
     assert results["metrics"]["fid"]["value"] == pytest.approx(expected, rel=1e-9)
     assert f"the {len(held_rows)} images its generator held out" in results["real"]["source"]
@@ -713,3 +713,18 @@ def test_max_real_and_max_fake_limit_their_own_set(tmp_path):
     only_real = compute_metrics(real, fake, max_real=2, **settings)
     assert only_real["samples"] == {"real": 2, "fake": 5}
     assert only_real["metrics"]["ms_ssim"]["pairs"] == 10
+
+
+def test_an_unreadable_table_image_is_named_by_its_row_not_its_path(tmp_path, pool_module):
+    from sdtune.phantom import write_phantom_chexpert
+
+    root = write_phantom_chexpert(tmp_path / "data", n=12, size=48)
+    table = root / "CheXpert-v1.0-small" / "valid.csv"
+    df = pd.read_csv(table)
+    frontal = df.index[df["Frontal/Lateral"] == "Frontal"][0]
+    image = root / df.Path[frontal]
+    image.write_bytes(image.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match=rf"^valid.csv line {frontal + 2}: ") as err:
+        compute_metrics(table, table, metrics="fid", fid_bootstrap=0, cache=False, log=lambda _: None,
+                        extractor=get_extractor(str(pool_module), input_size=32))
+    assert "patient" not in str(err.value)  # paths name patients

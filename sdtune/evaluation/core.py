@@ -26,7 +26,7 @@ from sdtune.errors import UserError
 from sdtune.evaluation.cache import FeatureCache, cache_key
 from sdtune.evaluation.clip_score import DEFAULT_CLIP, ClipUnavailable, clip_score
 from sdtune.evaluation.features import RESIZES, Extractor, extract_features, get_extractor
-from sdtune.evaluation.images import ImageSet, as_image_set, pixels
+from sdtune.evaluation.images import ImageItem, ImageSet, as_image_set, pixels
 from sdtune.evaluation.metrics import fid_with_spread, kernel_inception_distance, ms_ssim_diversity, vendi_score
 from sdtune.processes import process_state
 
@@ -116,9 +116,10 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     fake = fake if fake is not None else cfg.fake
     names = check_config(cfg, real is not None, fake is not None)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    real_set = as_image_set(real, "--real") if real is not None else None
     if cfg.real_patients == "held_out":
-        real_set = held_out_by_generator(real_set, real, fake)
+        real_set = held_out_by_generator(real, fake)
+    else:
+        real_set = as_image_set(real, "--real") if real is not None else None
     real_set = _limit(real_set, cfg.max_real, cfg.seed, 0) if real_set is not None else None
     fake_set = _limit(as_image_set(fake, "--fake"), cfg.max_fake, cfg.seed, 1)
     warnings: list[str] = []
@@ -267,13 +268,16 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
     return feats, "computed"
 
 
-def held_out_by_generator(real_set: ImageSet | None, real, fake) -> ImageSet:
-    """The images of `real_set` that the model which made `fake` held out from training.
+def held_out_by_generator(real, fake) -> ImageSet:
+    """The images of `real` that the model which made `fake` held out from training.
 
-    Follows fake's synthesis_config.json to the training run and keeps the rows its held_out.txt
-    lists. The set's source names the held-out list by a digest, so runs that held out the same
-    patients stay comparable in `evaluate.py compare`.
+    Follows fake's synthesis_config.json to the training run, reads `real` with the run's own data
+    settings (views, image root, format, uncertainty policy, skipped files) and keeps the rows its
+    held_out.txt lists. The set's source names the held-out list by a digest, so runs that held
+    out the same patients stay comparable in `evaluate.py compare`.
     """
+    from sdtune.data.dataset import DataConfig, read_examples
+    from sdtune.data.splits import held_out_name
     from sdtune.downstream import generator_runs, held_out_rows, trained_on, trained_on_real
 
     flag = "--real_patients held_out"
@@ -294,14 +298,17 @@ def held_out_by_generator(real_set: ImageSet | None, real, fake) -> ImageSet:
     if names is None:
         raise UserError(f"{flag}: --fake comes from {run_dir}, which {why}: train it with --validation_fraction 0.2, "
                         "or pass --real_patients all")
-    keep = [i for i, item in enumerate(real_set.items) if item.name in names]
-    if not keep:
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    settings = {k: v for k, v in summary["arguments"]["data"].items() if k in fields}
+    examples, _ = read_examples(DataConfig(**settings))  # rows with problems were not trained on, nor held out
+    held = [ex for ex in examples if held_out_name(ex) in names]
+    if not held:
         raise UserError(f"{flag}: none of the {len(names)} rows in {run_dir / 'held_out.txt'} is in --real {real} "
-                        "as read here: pass the table or folder the run trained on")
+                        "as the run read it: has the table changed since?")
     digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:10]
-    held = real_set.subset(keep)
-    held.source = f"{real_set.source}, the {len(keep)} images its generator held out (held_out.txt {digest})"
-    return held
+    items = [ImageItem(Path(ex.image), ex.caption, dict(ex.labels), held_out_name(ex)) for ex in held]
+    source = str(Path(real).expanduser().resolve())
+    return ImageSet(items, f"{source}, the {len(held)} images its generator held out (held_out.txt {digest})", "table")
 
 
 def _limit(image_set: ImageSet, limit: int | None, seed: int, stream: int) -> ImageSet:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.folder import read_caption
-from sdtune.data.images import IMAGE_SUFFIXES, load_image
+from sdtune.data.images import IMAGE_SUFFIXES, ImageError, load_image
 from sdtune.data.records import DatasetError, Problem, errors_only
 from sdtune.errors import UserError
 
@@ -35,7 +35,7 @@ class ImageItem:
     image: Path | Image.Image | np.ndarray | torch.Tensor
     caption: str | None = None
     labels: Mapping[str, float] = field(default_factory=dict)
-    name: str | None = None  # as a training run's held_out.txt names it (sdtune.data.splits.held_out_name)
+    name: str | None = None  # "train.csv line 12" or the file below the folder: for messages and held_out.txt
 
 
 @dataclass
@@ -93,7 +93,10 @@ def pixels(item: ImageItem) -> torch.Tensor:
     """The item as a uint8 RGB tensor (3, H, W)."""
     image = item.image
     if isinstance(image, Path):
-        image = load_image(image)
+        try:
+            image = load_image(image)
+        except ImageError as err:  # a table's row, not its path: paths name patients
+            raise ImageError(item.name or err.path, err.what) from None
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))  # a writable copy: torch refuses to share read-only memory
     if isinstance(image, np.ndarray):
