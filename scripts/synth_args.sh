@@ -1,7 +1,8 @@
 # Sourced by the synthesis wrappers (synthesis_lora.sh, synthesis_unet.sh, ...): turns their
 # header variables into synthesize_images.py flags, in the array SYNTH_ARGS. Holds no defaults
 # of its own: every value comes from the wrapper's header or the environment.
-if [[ -z "${PROMPTS:-}${PROMPTS_FILE:-}${LABELS_CSV:-}" && " $* " != *" --prompts"* && " $* " != *" --labels"* ]]; then
+if [[ -z "${PROMPTS:-}${PROMPTS_FILE:-}${LABELS_CSV:-}" && " $* " != *" --prompts"* && " $* " != *" --labels"* \
+      && " $* " != *" -h "* && " $* " != *" --help "* ]]; then
   echo "error: say what to generate: set PROMPTS=\"prompt a, prompt b\", PROMPTS_FILE=prompts.txt (one a line) or" \
        "LABELS_CSV=labels.csv (label columns + count; prompts read like the training captions)" >&2
   exit 2

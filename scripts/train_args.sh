@@ -7,8 +7,6 @@ if [[ -n "${TRAIN_CSV:-}" ]]; then
 else
   TRAIN_ARGS+=(--train_data_dir "$DATA_DIR")
 fi
-# The tutorial calls it BATCH_SIZE
-if [[ -n "${BATCH_SIZE:-}" ]]; then TRAIN_BATCH_SIZE=$BATCH_SIZE; fi
 # variable -> flag, passed only when set and non-empty
 for pair in LEARNING_RATE:learning_rate UNET_LR:unet_lr TEXT_ENCODER_LR:text_encoder_lr VAE_LR:vae_lr \
             TRAIN_BATCH_SIZE:train_batch_size MAX_TRAIN_STEPS:max_train_steps RESOLUTION:resolution \

@@ -48,8 +48,9 @@ class _ListFlag(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest) is not self.default:
-            print(f"note: {option_string} was given more than once: only the last one is used "
-                  f"({' '.join(map(str, values))}); pass several values after one {option_string}", file=sys.stderr)
+            print(f"note: {option_string} was given more than once (a wrapper script may pass it too): the last "
+                  f"one is used ({' '.join(map(str, values))}); several values go after one {option_string}",
+                  file=sys.stderr)
         setattr(namespace, self.dest, list(values))
 
 

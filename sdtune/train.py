@@ -980,7 +980,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, 
         add_arguments(parser, cls)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     for arg in argv:
-        if (flag := arg.split("=")[0].replace("-", "_").lstrip("_")) in FOREIGN_FLAGS:
+        if arg.startswith("--") and (flag := arg.split("=")[0].replace("-", "_").lstrip("_")) in FOREIGN_FLAGS:
             raise UserError(f"--{flag} is not a flag of this toolkit: {FOREIGN_FLAGS[flag]}")
     args = parser.parse_args(argv)
     return tuple(from_args(cls, args) for cls in SETTINGS)

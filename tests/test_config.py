@@ -62,5 +62,5 @@ def test_a_list_flag_given_twice_keeps_the_last_and_says_so(capsys):
     cfg = _parse(["--lora_target_modules", "to_q", "--lora-target-modules", "to_v", "to_out.0"])
     assert cfg.lora_target_modules == ["to_v", "to_out.0"]
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--lora-target-modules was given more than once" in err and "to_v to_out.0" in err
+    assert err.count("\n") == 1 and "--lora-target-modules was given more than once" in err and "the last one is used" in err and "to_v to_out.0" in err
     assert Demo().lora_target_modules == ["to_q", "to_k"]  # the default was not changed in place

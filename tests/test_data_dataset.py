@@ -204,6 +204,8 @@ def test_export_keeps_patient_groups_in_jsonl(phantom_chexpert, tmp_path):
     original = load_examples(DataConfig(train_data_dir=str(table), resolution=64))
     exported, problems = read_table(out / "metadata.jsonl")
     assert problems == [] and len(exported) == len(original)
+    again = _cli("export", "--train_data_dir", table, "--output_dir", out, "--layout", "jsonl", "--resolution", 64)
+    assert again.returncode == 2 and "already holds an export" in again.stderr  # no stale files mixed in
     # The same patients together, under pseudonyms: the groups partition the images alike.
     def partition(examples):
         groups = {}

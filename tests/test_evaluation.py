@@ -386,7 +386,9 @@ def test_the_default_clip_is_never_downloaded_a_named_one_may_be(monkeypatch):
         load_clip()
     with pytest.raises(ClipUnavailable, match="is not cached"):
         load_clip(DEFAULT_CLIP)  # named: it may be downloaded
-    assert offline_at_request == [True, False]
+    with pytest.raises(ClipUnavailable, match="the default"):
+        load_clip("")  # an empty wrapper variable names nothing
+    assert offline_at_request == [True, False, True]
 
 
 # ------------------------------------------------------------------------------- cache, subsets, sets

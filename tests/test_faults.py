@@ -197,6 +197,8 @@ def test_deepspeeds_offload_flags_point_to_the_low_memory_profile(argv):
     # The tutorial's advice for out-of-memory errors
     with pytest.raises(UserError, match="is not a flag of this toolkit.*--memory_profile low"):
         sdtune.train.parse_args(argv)
+    # A value that reads like one is no flag
+    assert sdtune.train.parse_args(["--validation_prompts", "--offload_param_device=cpu"[2:]])[0].validation_prompts
 
 
 def test_the_tutorials_retired_model_id_is_mapped_to_where_sd15_moved(capsys):

@@ -594,3 +594,4 @@ def test_a_synthesis_wrapper_with_nothing_to_generate_names_its_variables(tmp_pa
                             cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "PROMPTS=" in result.stderr and "PROMPTS_FILE=" in result.stderr and "LABELS_CSV=" in result.stderr
+    assert "--help" in recorded_launch(tmp_path, "synthesis_bitfit.sh", tmp_path, "--help")  # help needs no prompts

@@ -102,9 +102,9 @@ def test_a_user_error_through_accelerate_launch_is_one_line_not_a_traceback(tmp_
 
 def test_training_wrapper_passes_split_and_seed_overrides(tmp_path):
     argv = recorded_launch(tmp_path, "lora.sh", tmp_path, VALIDATION_FRACTION="0.2", SPLIT_SEED="3", SEED="11",
-                           LORA_DROPOUT="0.1", IMAGE_ROOT="/data/x", BATCH_SIZE="2", REPORT_TO="none")
+                           LORA_DROPOUT="0.1", IMAGE_ROOT="/data/x", BATCH_SIZE="32", REPORT_TO="none")
     args = argv[next(i for i, a in enumerate(argv) if a.endswith("train_text_to_image.py")) + 1:]
     flags = dict(zip(args[::2], args[1::2]))
     assert (flags["--validation_fraction"], flags["--split_seed"], flags["--seed"]) == ("0.2", "3", "11")
     assert (flags["--lora_dropout"], flags["--image_root"], flags["--report_to"]) == ("0.1", "/data/x", "none")
-    assert flags["--train_batch_size"] == "2" and args.count("--train_batch_size") == 1  # the tutorial's BATCH_SIZE
+    assert flags["--train_batch_size"] == "4"  # BATCH_SIZE is synthesis's (run_study passes it to every stage)

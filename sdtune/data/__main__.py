@@ -73,6 +73,9 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
         raise UserError(f"nothing to export from {cfg.source}")
 
     images_dir = output_dir / "images"
+    if (images_dir.is_dir() and any(images_dir.iterdir())) or (output_dir / "metadata.jsonl").exists():
+        # Numbered files of an earlier export would be mixed into this one's.
+        raise UserError(f"{output_dir} already holds an export: pass an empty or new --output_dir")
     images_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{k:06d}.png" for k in range(1, len(examples) + 1)]
     pseudonyms: dict[str, str] = {}  # in order of first appearance, so they say nothing of the ids

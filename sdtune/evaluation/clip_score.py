@@ -97,7 +97,7 @@ def load_clip(name: str | None = None):
     name None: DEFAULT_CLIP from the local Hugging Face cache only. A model is downloaded only
     when its hub id is asked for by name.
     """
-    cache_only, name = name is None, name or DEFAULT_CLIP
+    cache_only, name = not name, name or DEFAULT_CLIP  # "" (an empty wrapper variable) is the default too
     is_local = name.startswith("local-dir:") or Path(name).expanduser().exists()
     try:
         # A local model stays local: open_clip would fetch an HF text tower's config by its hub id.
