@@ -183,17 +183,23 @@ def test_evaluation_features_shard_across_processes(phantom_chexpert, tmp_path):
     assert torch.equal(two, one)  # same rows, same order
 
 
-def test_evaluate_launched_as_two_processes_reports_once_what_one_process_reports(phantom_chexpert, tmp_path):
-    class Net(torch.nn.Module):
-        # 4 features (one channel of the gray images, 2x2 means): fewer than the 10 real images, so
-        # the covariances are not singular and FID is not at the mercy of rounding.
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
+class _FourFeatures(torch.nn.Module):
+    # 4 features (one channel of the gray images, 2x2 means): fewer than the 10 real images, so
+    # the covariances are not singular and FID is not at the mercy of rounding.
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
 
-    torch.jit.script(Net()).save(str(tmp_path / "net.pt"))
+
+def _evaluate_args(phantom_chexpert, tmp_path, metrics: str) -> list:
+    """evaluate.py on the phantom valid (real) and train (fake) folders with the 4-feature network."""
+    torch.jit.script(_FourFeatures()).save(str(tmp_path / "net.pt"))
     images = phantom_chexpert / "CheXpert-v1.0-small"
-    args = ["--real", images / "valid", "--fake", images / "train", "--metrics", "fid,kid",
-            "--fid_features", tmp_path / "net.pt", "--fid_input_size", 32, "--kid_subset_size", 2, "--cache", "false"]
+    return ["--real", images / "valid", "--fake", images / "train", "--metrics", metrics,
+            "--fid_features", tmp_path / "net.pt", "--fid_input_size", 32]
+
+
+def test_evaluate_launched_as_two_processes_reports_once_what_one_process_reports(phantom_chexpert, tmp_path):
+    args = [*_evaluate_args(phantom_chexpert, tmp_path, "fid,kid"), "--kid_subset_size", 2, "--cache", "false"]
     two = _launch(ROOT / "evaluate.py", 2, *args, "--output", tmp_path / "two.json", use_cpu_flag=False)
     one = _launch(ROOT / "evaluate.py", 1, *args, "--output", tmp_path / "one.json")
     for said in ("; resize: ", "FID ", "results:"):
@@ -208,15 +214,8 @@ def test_evaluate_launched_as_two_processes_reports_once_what_one_process_report
 def test_processes_whose_caches_differ_still_extract_together(phantom_chexpert, tmp_path):
     # One machine's cache holds the features, the other's does not: extraction is collective, so
     # both must extract (a process that read its cache alone would leave the other waiting forever).
-    class Net(torch.nn.Module):
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
-
-    torch.jit.script(Net()).save(str(tmp_path / "net.pt"))
-    images = phantom_chexpert / "CheXpert-v1.0-small"
     helper, caches = ROOT / "tests" / "helpers" / "cache_per_rank.py", tmp_path / "caches"
-    args = ["--real", images / "valid", "--fake", images / "train", "--metrics", "fid", "--fid_bootstrap", 0,
-            "--fid_features", tmp_path / "net.pt", "--fid_input_size", 32]
+    args = [*_evaluate_args(phantom_chexpert, tmp_path, "fid"), "--fid_bootstrap", 0]
     _launch(helper, 1, caches, *args, "--output", tmp_path / "one.json")  # fills rank 0's cache only
     assert list((caches / "rank0").rglob("*.npy")) and not (caches / "rank1").exists()
     _launch(helper, 2, caches, *args, "--output", tmp_path / "two.json", use_cpu_flag=False, timeout=180)
