@@ -48,6 +48,7 @@ from sdtune.data.records import DatasetError, Example, Problem, errors_only
 from sdtune.data.splits import held_out_name, split_examples
 from sdtune.data.tables import detect_format
 from sdtune.errors import UserError
+from sdtune.provenance import generator_runs, held_out_rows, synthetic_file, trained_on, trained_on_real
 
 STUDY_LABELS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion"]
 ARMS = {"a": "all real", "b": "N real per class", "c": "N real per class + synthetic", "d": "synthetic only"}
@@ -222,16 +223,6 @@ def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
     return examples, metadata
 
 
-def synthetic_file(path: str) -> Path:
-    """The metadata.csv of a synthetic set given as its folder or the file itself."""
-    source = Path(path).expanduser()
-    file = source / "metadata.csv" if source.is_dir() else source
-    if not file.is_file():
-        what = "has no metadata.csv" if source.is_dir() else "does not exist"
-        raise UserError(f"--synthetic {source} {what}: pass a synthesize_images.py output folder or its metadata.csv")
-    return file
-
-
 def read_synthetic(path: str, labels: list[str]) -> list[Example]:
     """A synthetic set through the data layer's metadata reader; every label must be one of its columns."""
     file = synthetic_file(path)
@@ -242,60 +233,6 @@ def read_synthetic(path: str, labels: list[str]) -> list[Example]:
     examples, problems = read_examples(DataConfig(train_csv=str(file), data_format="metadata"))
     _stop_on_errors(problems, str(file), skip=False)
     return examples
-
-
-def generator_runs(synthetic_sets: list[str], warn=None) -> list[tuple[str, Path, dict]]:
-    """(set, run folder, training summary) of each synthetic set made by a model this toolkit trained:
-    synthesis_config.json names the model, whose run folder holds training_summary.json. A set whose
-    generator cannot be found is named to `warn` (a hub id, e.g. the untrained base model, is not)."""
-    from sdtune.synthesis import read_summary
-
-    found = []
-    for path in synthetic_sets:
-        config = synthetic_file(path).parent / "synthesis_config.json"
-        if not config.is_file():
-            if warn:
-                warn(f"--synthetic {path} has no synthesis_config.json: cannot tell which patients its generator saw")
-            continue
-        try:
-            model_path = json.loads(config.read_text())["settings"]["model_path"]
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"cannot read the model path from {config}: {err}") from None
-        model = Path(model_path).expanduser()
-        for folder in (model, model.parent):  # a run folder; its final_model/, checkpoint-N/ or adapter file
-            summary = read_summary(folder)
-            if summary is not None:
-                found.append((path, folder, summary))
-                break
-        else:
-            if warn and (model.is_absolute() or model.exists()):  # not a hub id
-                warn(f"--synthetic {path}: its generator {model} has no training_summary.json beside it (moved?): "
-                     "cannot tell which patients it saw")
-    return found
-
-
-def trained_on(summary: dict) -> str | None:
-    """The table or folder a training run read, as its training_summary.json records it."""
-    data = summary.get("arguments", {}).get("data", {})
-    return summary.get("data_source") or data.get("train_csv") or data.get("train_data_dir")
-
-
-def trained_on_real(summary: dict, real: str | Path) -> bool:
-    source = trained_on(summary)
-    return bool(source) and Path(source).expanduser().resolve() == Path(real).expanduser().resolve()
-
-
-def held_out_rows(run_dir: Path, summary: dict) -> tuple[set[str] | None, str]:
-    """The rows (or files) a training run held out, as its held_out.txt names them; or None and why
-    there are none a test may use (nothing held out, or held out by image, so a patient's other
-    images were trained on)."""
-    data = summary.get("arguments", {}).get("data", {})
-    listed = run_dir / "held_out.txt"
-    if not data.get("validation_fraction") or not listed.is_file():
-        return None, "held out no patients"
-    if data.get("split") == "image":
-        return None, "split it by image (--split image)"
-    return set(listed.read_text().splitlines()), ""
 
 
 def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, dict]], warn) -> tuple[set[str] | None, dict]:

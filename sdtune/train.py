@@ -386,10 +386,10 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(str(err)) from None
     lrs = resolve_learning_rates(cfg, strategy)
     cfg, profile_changes = apply_memory_profile(cfg)
-    cfg = replace(cfg, pretrained_model_name_or_path=current_model_id(cfg.pretrained_model_name_or_path))
-    if (local := Path(cfg.pretrained_model_name_or_path).expanduser()).exists():
-        # Recorded absolute: synthesis from another folder would take "outputs/tiny-sd15" for a hub id.
-        cfg = replace(cfg, pretrained_model_name_or_path=str(local.resolve()))
+    base = current_model_id(cfg.pretrained_model_name_or_path)
+    # A local one recorded absolute: synthesis from another folder would take "outputs/tiny-sd15" for a hub id.
+    local = Path(base).expanduser()
+    cfg = replace(cfg, pretrained_model_name_or_path=str(local.resolve()) if local.exists() else base)
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
         check_compile_mode(cfg.torch_compile_mode)

@@ -115,7 +115,7 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     real = real if real is not None else cfg.real
     fake = fake if fake is not None else cfg.fake
     names = check_config(cfg, real is not None, fake is not None)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = _device(cfg)
     if cfg.real_patients == "held_out":
         real_set = held_out_by_generator(real, fake)
     else:
@@ -136,8 +136,7 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
         + (f"; real: {len(real_set)} images ({real_set.kind}, {real_set.source})" if real_set else ""))
 
     if {"fid", "kid", "vendi"} & set(names):
-        extractor = extractor or get_extractor(cfg.fid_features, resize=cfg.fid_resize, input_size=cfg.fid_input_size,
-                                               xrv_weights=cfg.xrv_weights)
+        extractor = extractor or _extractor(cfg)
         results["features"] = {**extractor.describe(), "cache": {}}
         log(f"features: {extractor.name} ({extractor.dim}-d); resize: {extractor.resize}")
         feats = {}
@@ -192,12 +191,18 @@ def cache_features(images, cfg: EvalConfig | None = None, *, log: Callable[[str]
     first validation, and the main process's validation FIDs then read the cache.
     """
     cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     image_set = _limit(as_image_set(images, "images"), cfg.max_real, cfg.seed, 0)
-    extractor = get_extractor(cfg.fid_features, resize=cfg.fid_resize, input_size=cfg.fid_input_size,
-                              xrv_weights=cfg.xrv_weights)
-    _features(image_set, "real", extractor, cfg, device, log, all_processes)
+    _features(image_set, "real", _extractor(cfg), cfg, _device(cfg), log, all_processes)
     return len(image_set)
+
+
+def _device(cfg: EvalConfig) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
+def _extractor(cfg: EvalConfig) -> Extractor:
+    return get_extractor(cfg.fid_features, resize=cfg.fid_resize, input_size=cfg.fid_input_size,
+                         xrv_weights=cfg.xrv_weights)
 
 
 def _feature_metrics(names, feats, real_set: ImageSet | None, fake_set: ImageSet, dim: int, cfg: EvalConfig,
@@ -278,7 +283,7 @@ def held_out_by_generator(real, fake) -> ImageSet:
     """
     from sdtune.data.dataset import DataConfig, read_examples
     from sdtune.data.splits import held_out_name
-    from sdtune.downstream import generator_runs, held_out_rows, trained_on, trained_on_real
+    from sdtune.provenance import generator_runs, held_out_rows, trained_on, trained_on_real
 
     flag = "--real_patients held_out"
     if not isinstance(real, (str, Path)) or not isinstance(fake, (str, Path)):
@@ -306,7 +311,7 @@ def held_out_by_generator(real, fake) -> ImageSet:
         raise UserError(f"{flag}: none of the {len(names)} rows in {run_dir / 'held_out.txt'} is in --real {real} "
                         "as the run read it: has the table changed since?")
     digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:10]
-    items = [ImageItem(Path(ex.image), ex.caption, dict(ex.labels), held_out_name(ex)) for ex in held]
+    items = [ImageItem.from_example(ex) for ex in held]
     source = str(Path(real).expanduser().resolve())
     return ImageSet(items, f"{source}, the {len(held)} images its generator held out (held_out.txt {digest})", "table")
 

@@ -35,7 +35,14 @@ class ImageItem:
     image: Path | Image.Image | np.ndarray | torch.Tensor
     caption: str | None = None
     labels: Mapping[str, float] = field(default_factory=dict)
-    name: str | None = None  # "train.csv line 12" or the file below the folder: for messages and held_out.txt
+    name: str | None = None  # "train.csv line 12" or the file below the folder: messages name it, not the path
+
+    @classmethod
+    def from_example(cls, ex) -> ImageItem:
+        """A data-layer Example (a table or metadata row), named as training names it."""
+        from sdtune.data.splits import held_out_name
+
+        return cls(Path(ex.image), ex.caption, dict(ex.labels), held_out_name(ex))
 
 
 @dataclass
@@ -146,13 +153,12 @@ def _read_file(path: Path) -> ImageSet:
             return _read_synthesis(path)
     elif path.suffix.lower() != ".jsonl":
         raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv/.jsonl)")
-    from sdtune.data.splits import held_out_name
     from sdtune.data.tables import detect_format, read_table
 
     examples, problems = read_table(path)
     if errors_only(problems):
         raise DatasetError(problems, context=str(path), hint="fix them, or pass a table without those rows")
-    items = [ImageItem(Path(ex.image), ex.caption, dict(ex.labels), held_out_name(ex)) for ex in examples]
+    items = [ImageItem.from_example(ex) for ex in examples]
     return ImageSet(items, str(path.resolve()), "metadata" if detect_format(path) == "metadata" else "table")
 
 

@@ -145,7 +145,7 @@ def load_runs(paths: list[str], patterns: list[str]) -> list[Run]:
 def downstream_provenance(name: str, run_path: Path, data: dict) -> list[str]:
     """A note when a run's downstream AUROC used synthetic images that another model (or an unknown
     one) made: the row would credit this run with them."""
-    from sdtune.downstream import generator_runs
+    from sdtune.provenance import generator_runs
 
     sets = (data.get("settings") or {}).get("synthetic") or []
     if not any(a in (data.get("arms") or {}) for a in "cd"):
