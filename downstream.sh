@@ -5,9 +5,10 @@
 # Every variable below can be overridden from the environment, e.g.
 #   SYNTHETIC=synthetic/lora OUTPUT_DIR=outputs/lora/downstream ./downstream.sh
 #   ARCH=efficientnet_b0 PRETRAINED_WEIGHTS=weights/efficientnet_b0_rwightman-7f5810bc.pth ./downstream.sh
-#   ARMS=a,b ./downstream.sh                        (the real-only arms read no synthetic set)
+#   ARMS=a,b ./downstream.sh                        (the real-only arms need no synthetic set)
 # Extra arguments go straight to downstream.py (see --help).
 set -euo pipefail
+synthetic_given=${SYNTHETIC+yes}
 : "${REAL:=data/CheXpert-v1.0-small/train.csv}"   # a clinical table or a metadata file with label columns
 : "${SYNTHETIC:=synthetic/lora}"                   # synthetic set folders (synthesize_images.py), space-separated
 : "${LABELS:=}"                                    # comma-separated, e.g. "Cardiomegaly,Pleural Effusion" (default: the study's six)
@@ -30,6 +31,9 @@ ARGS=(--real "$REAL" --arch "$ARCH" --resolution "$RESOLUTION" --epochs "$EPOCHS
       --n_per_class "$N_PER_CLASS" --arms "$ARMS" --seeds "$SEEDS" --test_fraction "$TEST_FRACTION"
       --uncertainty "$UNCERTAINTY" --device "$DEVICE" --output_dir "$OUTPUT_DIR")
 read -r -a SYNTHETIC_SETS <<< "$SYNTHETIC"
+# The default set is for arms c and d. A set you name also gives real-only arms their test set: the
+# patients its generator held out, the test set of arms c and d.
+if [[ -z $synthetic_given && $ARMS != *[cd]* ]]; then SYNTHETIC_SETS=(); fi
 if (( ${#SYNTHETIC_SETS[@]} )); then ARGS+=(--synthetic "${SYNTHETIC_SETS[@]}"); fi
 if [[ -n "$LABELS" ]]; then ARGS+=(--labels "$LABELS"); fi
 if [[ -n "$PRETRAINED_WEIGHTS" ]]; then ARGS+=(--pretrained_weights "$PRETRAINED_WEIGHTS"); fi

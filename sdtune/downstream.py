@@ -68,7 +68,8 @@ class DownstreamConfig:
                                        "ones or zeros; blank is 0", choices=("ignore", "ones", "zeros"))
     views: str = field("frontal", "chest X-ray views kept: frontal, AP, PA or all", choices=("frontal", "AP", "PA", "all"))
     synthetic: list[str] | None = field(None, "synthetic sets: synthesize_images.py output folders or their "
-                                              "metadata.csv (labels from their label columns); read by arms c, d only")
+                                              "metadata.csv (labels from their label columns): images trained on by arms c, d; "
+                                              "for every arm, their generators' held-out patients are the test set")
     labels: list[str] = field(STUDY_LABELS, "labels to classify, as arguments or comma-separated (default: the "
                                             f"study's six, {', '.join(STUDY_LABELS)})")
     arch: str = field("densenet121", "classifier: densenet121, efficientnet_b0, resnet50 (torchvision), or small_cnn "
@@ -309,8 +310,10 @@ def decode(examples: list[Example], resolution: int, grey: bool, workers: int) -
     return [None if isinstance(p, Problem) else p for p in out], problems
 
 
-def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: list[str]) -> tuple[Bank, dict]:
-    """Read, split and decode the real data and `synthetic_sets` once; checks every label against the data."""
+def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bool) -> tuple[Bank, dict]:
+    """Read, split and decode the real data, and the synthetic images if `with_synthetic`, once; checks every
+    label against the data. The test set comes from --synthetic's generators whether or not their images are
+    read, so real-only arms run alone are tested on the same patients as arms c and d."""
     real, metadata = read_real(cfg, warn)
     absent = [name for name in labels if not any(name in ex.labels for ex in real)]
     if absent:
@@ -318,12 +321,12 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, synthetic_sets: li
         raise UserError(f"label(s) {', '.join(absent)} not in {cfg.real} (its labels: {', '.join(found) or 'none'}): "
                         "fix --labels")
     synthetic, synth_targets = [], []
-    for path in synthetic_sets:
+    for path in (cfg.synthetic or []) if with_synthetic else []:
         examples = read_synthetic(path, labels)
         synthetic += examples
         synth_targets.append(label_matrix(examples, labels, True, cfg.uncertainty))
 
-    held, test_rule = generator_held_out(cfg, generator_runs(synthetic_sets, warn), warn)
+    held, test_rule = generator_held_out(cfg, generator_runs(cfg.synthetic or [], warn), warn)
     if held is not None:
         listed = [held_out_name(ex) in held for ex in real]
         # Every image of a held-out patient is tested, also one the generator did not load (e.g. another view).
@@ -507,7 +510,7 @@ def resolve(cfg: DownstreamConfig) -> tuple[list[str], list[str], list[int], tor
     needs = [a for a in arms if a in "cd"]
     if needs and not cfg.synthetic:
         raise UserError(f"arm(s) {', '.join(needs)} need --synthetic: pass a synthetic set, or --arms a,b")
-    for path in cfg.synthetic if needs else []:  # read only by arms c and d
+    for path in cfg.synthetic or []:  # every arm reads their provenance (the test set); c and d their images
         synthetic_file(path)
     if any(a in "bc" for a in arms) and cfg.n_per_class < 1:
         raise UserError(f"--n_per_class must be at least 1, got {cfg.n_per_class}")
@@ -554,7 +557,7 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
 
     weights = read_weights(cfg.pretrained_weights) if cfg.pretrained_weights else None
     build_classifier(cfg.arch, len(labels), weights)  # a bad file or arch fails before any image is read
-    bank, counts = load_bank(cfg, labels, warn, cfg.synthetic if any(a in "cd" for a in arms) else [])
+    bank, counts = load_bank(cfg, labels, warn, with_synthetic=any(a in "cd" for a in arms))
     if len(bank.test) == 0 or len(bank.train) == 0:
         raise UserError(f"the split left {len(bank.train)} training and {len(bank.test)} test images: use more "
                         "patients or another --test_fraction")

@@ -390,7 +390,7 @@ def noise(size, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize(("colour", "word"), [(255, "white"), (0, "black")])
+@pytest.mark.parametrize(("colour", "word"), [(255, "white"), (128, "grey"), (0, "black")])
 def test_blank_images_are_errors(tmp_path, colour, word):
     Image.new("L", (64, 64), colour).save(tmp_path / "blank.png")
     (problem,) = check_image(tmp_path / "blank.png", resolution=64)

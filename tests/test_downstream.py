@@ -140,7 +140,7 @@ def test_same_seed_same_initial_weights_in_every_arm():
 def test_patient_level_split(phantom_train_csv, tmp_path):
     def split(seed):
         bank, counts = load_bank(config(phantom_train_csv, tmp_path, split_seed=seed, resolution=16), list(DRAWN),
-                                 print, [])
+                                 print, with_synthetic=False)
         return ([bank.groups[i] for i in bank.train], [bank.groups[i] for i in bank.test]), counts
 
     (train, test), counts = split(0)
@@ -185,12 +185,17 @@ def test_the_generators_held_out_patients_are_the_test_set(phantom_train_csv, sy
 
     made = _made_by(synthetic_set, generator_run / "final_model", tmp_path / "synthetic")
     bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16, test_fraction=0.5, synthetic=[str(made)]),
-                             list(DRAWN), print, [str(made)])
+                             list(DRAWN), print, with_synthetic=True)
     test, train = {bank.groups[i] for i in bank.test}, {bank.groups[i] for i in bank.train}
     assert test == held and not test & train  # not --test_fraction's split: exactly what the generator never saw
     assert counts["test"]["generators_holding_it_out"] == [str(generator_run)]
-    # Without the synthetic sets (arms a, b alone) nothing trained on --real: the usual patient split.
-    bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16), list(DRAWN), print, [])
+    # Arms a, b alone with the same sets: their images are not read, their generator still sets the test set.
+    real_only, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16, test_fraction=0.5,
+                                         synthetic=[str(made)]), list(DRAWN), print, with_synthetic=False)
+    assert len(real_only.synthetic) == 0 < len(bank.synthetic)
+    assert torch.equal(real_only.pixels[real_only.test], bank.pixels[bank.test])  # the same test images, in order
+    # Without synthetic sets nothing trained on --real: the usual patient split.
+    bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16), list(DRAWN), print, with_synthetic=False)
     assert {bank.groups[i] for i in bank.test} != held and counts["test"]["rule"].startswith("patient split")
 
 
@@ -206,7 +211,7 @@ def test_every_view_of_a_held_out_patient_is_tested(phantom_train_csv, synthetic
     assert laterals & held  # there are such views to place
     made = _made_by(synthetic_set, generator_run / "final_model", tmp_path / "synthetic")
     bank, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16, views="all", synthetic=[str(made)]),
-                             list(DRAWN), print, [str(made)])
+                             list(DRAWN), print, with_synthetic=True)
     test, train = {bank.groups[i] for i in bank.test}, {bank.groups[i] for i in bank.train}
     assert test == held and not test & train
     n_held_images = table.Path.str.extract(r"(patient\d+)")[0].isin(held).sum()
@@ -224,10 +229,10 @@ def test_a_generator_that_trained_on_every_test_patient_is_refused(phantom_train
     cfg = config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(made)])
     with pytest.raises(UserError, match="held out no patients: its images may reproduce the test patients.*"
                                         "--validation_fraction 0.2"):
-        load_bank(cfg, list(DRAWN), print, [str(made)])
+        load_bank(cfg, list(DRAWN), print, with_synthetic=True)
     warned = []
     cfg = config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(made)], allow_seen_test_patients=True)
-    _, counts = load_bank(cfg, list(DRAWN), warned.append, [str(made)])
+    _, counts = load_bank(cfg, list(DRAWN), warned.append, with_synthetic=True)
     assert counts["test"]["generators_that_saw_it"] == [str(run_dir)] and "may reproduce" in warned[0]
     summary, _ = run(config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(made)], arms="d", steps=1,
                             allow_seen_test_patients=True))
@@ -241,7 +246,7 @@ def test_generators_the_check_cannot_read_are_named_and_held_out_sets_must_meet(
     def bank(real, *sets):
         warned = []
         load_bank(config(real, tmp_path, resolution=16, synthetic=[str(x) for x in sets]), list(DRAWN), warned.append,
-                  [str(x) for x in sets])
+                  with_synthetic=True)
         return warned
 
     moved = _made_by(synthetic_set, tmp_path / "moved" / "final_model", tmp_path / "s-moved")
@@ -398,7 +403,7 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
 @pytest.mark.slow
 def test_wrapper_runs_with_environment_overrides(phantom_train_csv, tmp_path):
     out = tmp_path / "wrapped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "REAL": str(phantom_train_csv), "SYNTHETIC": str(tmp_path / "none"),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "REAL": str(phantom_train_csv),
            "LABELS": "Cardiomegaly,Pleural Effusion", "ARCH": "small_cnn", "RESOLUTION": "16", "EPOCHS": "1",
            "ARMS": "a,b", "SEEDS": "4", "N_PER_CLASS": "5", "OUTPUT_DIR": str(out)}
     result = subprocess.run(["bash", str(ROOT / "downstream.sh"), "--split-seed", "2", "--workers", "1"], env=env,

@@ -307,6 +307,53 @@ def test_downstream_numbers_from_another_runs_images_are_noted(two_runs, tmp_pat
         assert (note in text) == noted
 
 
+def downstream_results(arms: dict[str, tuple], *, test_images=40, arch="densenet121") -> dict:
+    """downstream.json with arm -> (mean, std) of the mean AUROC, a test set and the classifier's settings."""
+    return {"kind": "sdtune.downstream", "format": 1, "labels": ["Edema"],
+            "arms": {a: {"mean_auroc": {"mean": m, "std": sd, "n": 3}} for a, (m, sd) in arms.items()},
+            "counts": {"test": {"images": test_images, "patients": 10, "positives": {"Edema": 5}}},
+            "settings": {"arch": arch, "resolution": 224, "epochs": 5, "seeds": [0, 1, 2], "labels": ["Edema"]}}
+
+
+def test_the_real_only_baseline_fills_arms_a_and_b_of_every_row(two_runs, tmp_path):
+    unet, lora = two_runs
+    baseline = tmp_path / "downstream_real"
+    baseline.mkdir()
+    (baseline / "downstream.json").write_text(json.dumps(downstream_results({"a": (0.9125, 0.0025), "b": (0.75, 0.05)})))
+    (unet / "downstream").mkdir()
+    (unet / "downstream" / "downstream.json").write_text(json.dumps(downstream_results({"c": (0.8, 0.01), "d": (0.6, None)})))
+    (lora / "downstream").mkdir()
+    (lora / "downstream" / "downstream.json").write_text(json.dumps(downstream_results(
+        {"a": (0.5, None), "c": (0.7, None)}, test_images=39, arch="resnet50")))
+    report = run_compare(two_runs, tmp_path / "cmp", "--downstream-real", str(baseline))
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    table = read_markdown_table(text)
+    a, b = "AUROC (a: all real)", "AUROC (b: scarce real)"
+    assert (table[0][a], table[0][b]) == ("0.912 ± 0.003", "0.750 ± 0.050")  # the baseline's
+    assert (table[1][a], table[1][b]) == ("0.500", "0.750 ± 0.050")  # lora's own a; the baseline's b
+    assert table[0]["AUROC (c: scarce real + synthetic)"] == "0.800 ± 0.010"
+    assert report["records"][1]["downstream_b"] == 0.75
+    assert f"the real-only baseline {baseline / 'downstream.json'}" in text
+    # lora's c was tested on other images by another classifier; unet's matches the baseline
+    assert ("NOT COMPARABLE: lora's downstream arms (c, d) and the real-only baseline differ in test set, arch"
+            in text) and "NOT COMPARABLE: unet's downstream" not in text
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "no downstream.json there"),
+    ({"kind": "sdtune.downstream", "arms": {"c": {}}}, "holds no real-only arm"),
+    ({"metrics": {}}, "holds no real-only arm"),
+])
+def test_a_bad_downstream_baseline_is_one_line(two_runs, tmp_path, content, expected):
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    if content is not None:
+        (baseline / "downstream.json").write_text(json.dumps(content))
+    with pytest.raises(UserError, match=expected):
+        run_compare(two_runs, tmp_path / "cmp", "--downstream-real", str(baseline))
+    assert not (tmp_path / "cmp").exists()  # nothing written
+
+
 def test_no_downstream_columns_without_downstream_results(two_runs, tmp_path):
     run_compare(two_runs, tmp_path / "cmp")
     assert "AUROC" not in (tmp_path / "cmp" / "comparison.md").read_text()

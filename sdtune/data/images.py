@@ -81,7 +81,7 @@ def load_image(path: str | Path) -> Image.Image:
 def check_image(path: str | Path, resolution: int | None = None, min_size: int | None = None) -> list[Problem]:
     """Every problem of one image file, decoded exactly as training will decode it.
 
-    Errors: unreadable; short side under `min_size`; near-constant (blank white or black page);
+    Errors: unreadable; short side under `min_size`; near-constant (a blank white, grey or black page);
     more than half the pixels pure white (the mark of a 16-bit image clipped by an 8-bit
     conversion elsewhere: training on it teaches clipping, so it is an error, not a warning);
     brightest pixel under DARK_MAX (12-bit data in a 16-bit file). Warnings: short side under
@@ -106,7 +106,8 @@ def check_image(path: str | Path, resolution: int | None = None, min_size: int |
 
     pixels = np.asarray(image)
     if pixels.std() < CONSTANT_STD:
-        level = "white" if pixels.mean() > 127 else "black"
+        mean = pixels.mean()
+        level = "white" if mean > 200 else "black" if mean < 55 else "grey"
         problems.append(Problem(where, f"blank {level} image (all pixels about {round(pixels.mean())}): "
                                 "fix the export or remove it; sdtune never trains on a blank image"))
         return problems

@@ -44,6 +44,9 @@ class CompareConfig:
     grid_images: int = field(8, "images of each run's synthetic set in the side-by-side sample grid, spread evenly "
                                 "over the set so every prompt group shows (0: no grid)")
     plots: bool = field(True, "write fid_vs_parameters.png and sample_grid.png")
+    downstream_real: str | None = field(None, "downstream.py results of the real-only arms a and b run once for every "
+                                              "run (a folder or its downstream.json; run_study.sh: "
+                                              "OUTPUT_ROOT/downstream_real): shown in each row without its own a, b")
 
 
 # ------------------------------------------------------------------------------- reading runs
@@ -139,6 +142,47 @@ def load_runs(paths: list[str], patterns: list[str]) -> list[Run]:
     return [load_run(Path(p), n, patterns) for p, n in zip(paths, names)]
 
 
+def read_downstream_baseline(path: str) -> tuple[dict, Path]:
+    """--downstream_real: downstream.py results holding arm a or b, and the file they came from."""
+    file = Path(path).expanduser()
+    file = file / "downstream.json" if file.is_dir() else file
+    if not file.is_file():
+        raise UserError(f"--downstream_real {path}: no downstream.json there: pass the --output_dir of a "
+                        "downstream.py --arms a,b run")
+    data = _read_json(file, "downstream results")
+    if data.get("kind") != "sdtune.downstream" or not any(a in (data.get("arms") or {}) for a in "ab"):
+        raise UserError(f"--downstream_real {file} holds no real-only arm of downstream.py: pass the results of "
+                        "downstream.py --arms a,b")
+    return data, file
+
+
+# What must agree for a row's arms to differ by their data only: the classifier, its training, the labels.
+DOWNSTREAM_SETTINGS = ("arch", "pretrained_weights", "resolution", "epochs", "steps", "batch_size", "lr",
+                       "n_per_class", "seeds", "uncertainty", "views", "labels")
+
+
+def downstream_baseline_notes(runs: list[Run], baseline: dict, file: Path) -> list[str]:
+    """Where the rows' arms a, b come from, and NOT COMPARABLE for a run whose arms c, d were tested on other
+    images or trained otherwise."""
+    out = [f"AUROC (a), (b) of runs without their own: the real-only baseline {file}"]
+
+    def test_set(data: dict):
+        return [_get(data, "counts", "test", key) for key in ("images", "patients", "positives")]
+
+    for run in runs:
+        arms = (run.downstream or {}).get("arms") or {}
+        if not any(a in arms for a in "cd") or all(a in arms for a in "ab"):
+            continue  # nothing of its own to set beside the baseline, or a row entirely its own
+        settings, theirs = run.downstream.get("settings") or {}, baseline.get("settings") or {}
+        differ = ["test set"] if test_set(run.downstream) != test_set(baseline) else []
+        differ += [key for key in DOWNSTREAM_SETTINGS if settings.get(key) != theirs.get(key)]
+        if differ:
+            out.append(f"NOT COMPARABLE: {run.name}'s downstream arms (c, d) and the real-only baseline differ in "
+                       f"{', '.join(differ)}: run both with the same settings and synthetic sets whose generators "
+                       "held out the same patients")
+    return out
+
+
 # ------------------------------------------------------------------------------- the table
 
 
@@ -190,7 +234,7 @@ def processes(summary: dict) -> int | None:
     return max(1, round(global_batch / (batch * accumulation)))
 
 
-def run_record(run: Run, extractors: list[str]) -> dict:
+def run_record(run: Run, extractors: list[str], baseline: dict | None = None) -> dict:
     """The run's row: every CSV column, None where the run has no value."""
     s = run.summary
     n_proc = processes(s)
@@ -217,9 +261,11 @@ def run_record(run: Run, extractors: list[str]) -> dict:
                    {})
     row.update(clip=_number(clip.get("value")), clip_model=clip.get("model"),
                ms_ssim=_number(ms_ssim.get("mean")), ms_ssim_std=_number(ms_ssim.get("std")))
-    # downstream.py's mean AUROC of the arms that use this run's synthetic images
+    # downstream.py's mean AUROC per arm: c and d use this run's synthetic images; a and b, real only, come
+    # from the run's own results or else the shared baseline (--downstream_real)
     for arm in DOWNSTREAM_ARMS:
-        auroc = _get(run.downstream, "arms", arm, "mean_auroc") or {}
+        own = _get(run.downstream, "arms", arm, "mean_auroc")
+        auroc = (own if own is not None or arm in "cd" else _get(baseline, "arms", arm, "mean_auroc")) or {}
         row[f"downstream_{arm}"], row[f"downstream_{arm}_std"] = _number(auroc.get("mean")), _number(auroc.get("std"))
     return row
 
@@ -234,10 +280,10 @@ def _pm(value, spread, spec: str) -> str:
     return format(value, spec) + (f" ± {format(spread, spec)}" if spread is not None else "")
 
 
-DOWNSTREAM_ARMS = {"c": "scarce real + synthetic", "d": "synthetic only"}
+DOWNSTREAM_ARMS = {"a": "all real", "b": "scarce real", "c": "scarce real + synthetic", "d": "synthetic only"}
 
 
-def display_columns(extractors: list[str], downstream: bool = False) -> list[tuple[str, callable]]:
+def display_columns(extractors: list[str], arms: list[str] = ()) -> list[tuple[str, callable]]:
     """(header, row -> cell text) of the Markdown table, in order."""
     columns = [
         ("run", lambda r: r["run"]),
@@ -259,9 +305,9 @@ def display_columns(extractors: list[str], downstream: bool = False) -> list[tup
         ]
     columns += [("CLIP score", lambda r: _fmt(r["clip"], ".2f")),
                 ("MS-SSIM", lambda r: _fmt(r["ms_ssim"], ".4f"))]
-    if downstream:
-        columns += [(f"AUROC ({a}: {what})", lambda r, a=a: _pm(r[f"downstream_{a}"], r[f"downstream_{a}_std"], ".3f"))
-                    for a, what in DOWNSTREAM_ARMS.items()]
+    columns += [(f"AUROC ({a}: {DOWNSTREAM_ARMS[a]})", lambda r, a=a: _pm(r[f"downstream_{a}"],
+                                                                          r[f"downstream_{a}_std"], ".3f"))
+                for a in arms]
     return columns
 
 
@@ -325,8 +371,8 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
 
 
 def to_markdown(records: list[dict], extractors: list[str], cond_rows: list[dict], note_lines: list[str]) -> str:
-    columns = display_columns(extractors, downstream=any(r["downstream_c"] is not None or r["downstream_d"] is not None
-                                                         for r in records))
+    arms = [a for a in DOWNSTREAM_ARMS if any(r[f"downstream_{a}"] is not None for r in records)]
+    columns = display_columns(extractors, arms)
     parts = [markdown_table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in records])]
     for extractor in extractors:
         rows = [c for c in cond_rows if c["features"] == extractor]
@@ -469,8 +515,9 @@ def compare(run_dirs: list[str], cfg: CompareConfig) -> dict:
     if cfg.grid_images < 0:
         raise UserError(f"--grid_images must be at least 0, got {cfg.grid_images}")
     runs = load_runs(run_dirs, cfg.results)
+    baseline, baseline_file = read_downstream_baseline(cfg.downstream_real) if cfg.downstream_real else ({}, None)
     extractors = extractors_of(runs)
-    records = [run_record(run, extractors) for run in runs]
+    records = [run_record(run, extractors, baseline) for run in runs]
     cond_rows = per_condition(runs, extractors)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -480,6 +527,8 @@ def compare(run_dirs: list[str], cfg: CompareConfig) -> dict:
         written["per_condition_csv"] = out / "comparison_per_condition.csv"
         written["per_condition_csv"].write_text(to_csv(cond_rows))
     note_lines = notes(runs, records, extractors)
+    if baseline_file:
+        note_lines += downstream_baseline_notes(runs, baseline, baseline_file)
     if cfg.plots:
         if plot_fid_vs_parameters(records, extractors, out / "fid_vs_parameters.png"):
             written["fid_plot"] = out / "fid_vs_parameters.png"
