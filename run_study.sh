@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The study in one command: every strategy trained by its script (finetune_*.sh, lora.sh, ...),
 # a synthetic set made by its synthesis_*.sh, evaluated by evaluate.py against the real set, and
-# the comparison table and plots (evaluate.py compare).
+# the comparison table and plots (evaluate.py compare). The downstream stage (opt-in) adds the
+# classifier arms of downstream.py: c and d per strategy, the real-only a and b once.
 # Every variable below can be overridden from the environment, e.g.
 #   TRAIN_CSV=data/CheXpert-v1.0-small/train.csv REAL_CSV=data/CheXpert-v1.0-small/valid.csv \
 #   LABELS_CSV=labels.csv NUM_GPUS=4 ./run_study.sh
 #   STRATEGIES="lora dora" STAGES="evaluate compare" ./run_study.sh      (some strategies, some stages)
+#   VALIDATION_FRACTION=0.2 STAGES="train synthesize evaluate downstream compare" ./run_study.sh
 # Anything else the strategy and synthesis scripts read (TRAIN_BATCH_SIZE, LORA_RANK, BATCH_SIZE,
 # MIXED_PRECISION, ACCELERATE_ARGS, ...) passes through from the environment to every strategy.
 # Rerunning continues: complete runs are not retrained (RESUME=false retrains them), unfinished
@@ -21,7 +23,8 @@ set -euo pipefail
 : "${PROMPTS_FILE:=}"                  # or one prompt a line (NUM_IMAGES_PER_PROMPT each)
 : "${PROMPTS:=}"                       # or "prompt a, prompt b"
 : "${STRATEGIES:=unet text vae unet+text unet+vae vae+text unet+vae+text lora dora bitfit difffit}"
-: "${STAGES:=train synthesize evaluate compare}"
+: "${STAGES:=train synthesize evaluate compare}"  # downstream too, to add the classifier arms (needs
+                                       #   TRAIN_CSV, and VALIDATION_FRACTION when training: the test patients)
 : "${OUTPUT_ROOT:=outputs/study}"      # runs/<strategy>/, synthetic/<strategy>/, comparison/, logs/
 : "${MAX_TRAIN_STEPS:=1000}"
 : "${RESOLUTION:=512}"
@@ -35,6 +38,9 @@ set -euo pipefail
 : "${PER_CONDITION:=true}"             # FID per condition from the label columns
 : "${FID_BOOTSTRAP:=10}"
 : "${EVAL_ARGS:=}"                     # more evaluate.py flags, e.g. "--clip-model PATH --xrv-weights FILE"
+: "${DOWNSTREAM_LABELS:=}"             # labels of the downstream classifier, comma-separated (default: the
+                                       #   study's six; LABELS_CSV must give the synthetic sets these columns)
+: "${DOWNSTREAM_ARGS:=}"               # more downstream.py flags, e.g. "--arch efficientnet_b0 --pretrained_weights FILE"
 : "${RESUME:=true}"
 : "${LATENT_CACHE_DIR:=$OUTPUT_ROOT/latent_cache}"  # VAE latents encoded once, shared by every strategy with a frozen VAE
 : "${PYTHON:=python}"
@@ -55,6 +61,22 @@ fi
 if has_stage evaluate && [[ -z "$REAL" ]]; then
   echo "error: set REAL_CSV or REAL_DIR: the real images the synthetic sets are compared with" >&2; exit 2
 fi
+for stage in $STAGES; do
+  if [[ " train synthesize evaluate downstream compare " != *" $stage "* ]]; then
+    echo "error: unknown stage '$stage' in STAGES: use train, synthesize, evaluate, downstream, compare" >&2; exit 2
+  fi
+done
+if has_stage downstream; then
+  if [[ -z "$TRAIN_CSV" ]]; then
+    echo "error: the downstream stage trains classifiers on the labelled table the strategies train on: set TRAIN_CSV" >&2
+    exit 2
+  fi
+  if has_stage train && [[ ${VALIDATION_FRACTION:-0} =~ ^0*\.?0*$ ]]; then
+    echo "error: the downstream stage tests on patients no generator saw: set VALIDATION_FRACTION (e.g. 0.2) so" \
+         "that training holds them out" >&2
+    exit 2
+  fi
+fi
 for s in $STRATEGIES; do
   if [[ ! -f "$ROOT/synthesis_$s.sh" ]]; then
     echo "error: unknown strategy '$s' in STRATEGIES (there is no synthesis_$s.sh)" >&2; exit 2
@@ -73,7 +95,10 @@ step() {
   fi
 }
 
-RUNS=()
+read -r -a downstream_args <<< "$DOWNSTREAM_ARGS"
+if [[ -n "$DOWNSTREAM_LABELS" ]]; then downstream_args+=(--labels "$DOWNSTREAM_LABELS"); fi
+if [[ -n "${IMAGE_ROOT:-}" ]]; then downstream_args+=(--image_root "$IMAGE_ROOT"); fi
+RUNS=() SETS=()
 for s in $STRATEGIES; do
   run="$OUTPUT_ROOT/runs/$s" synthetic="$OUTPUT_ROOT/synthetic/$s"
   if has_stage train; then
@@ -103,11 +128,26 @@ for s in $STRATEGIES; do
       [[ -n "$metrics" ]] || break
     done
   fi
+  if has_stage downstream; then
+    # arms c and d: this strategy's images, tested on the patients its generator held out
+    step "downstream-$s" "$PYTHON" "$ROOT/downstream.py" --real "$TRAIN_CSV" --synthetic "$synthetic" --arms c,d \
+      --output_dir "$run/downstream" ${downstream_args[@]+"${downstream_args[@]}"} || true
+  fi
   if [[ -f "$run/training_summary.json" ]]; then RUNS+=("$run"); fi
+  if [[ -f "$synthetic/metadata.csv" ]]; then SETS+=("$synthetic"); fi
 done
+# arms a and b once, real only: the same test patients as every strategy's c and d, whose generators they name
+BASELINE="$OUTPUT_ROOT/downstream_real"
+if has_stage downstream && (( ${#SETS[@]} )); then
+  step downstream-real "$PYTHON" "$ROOT/downstream.py" --real "$TRAIN_CSV" --synthetic "${SETS[@]}" --arms a,b \
+    --output_dir "$BASELINE" ${downstream_args[@]+"${downstream_args[@]}"} || true
+fi
 
 if has_stage compare && (( ${#RUNS[@]} )); then
-  step compare "$PYTHON" "$ROOT/evaluate.py" compare "${RUNS[@]}" --output-dir "$OUTPUT_ROOT/comparison" || true
+  baseline=()
+  if [[ -f "$BASELINE/downstream.json" ]]; then baseline=(--downstream-real "$BASELINE"); fi
+  step compare "$PYTHON" "$ROOT/evaluate.py" compare "${RUNS[@]}" --output-dir "$OUTPUT_ROOT/comparison" \
+    ${baseline[@]+"${baseline[@]}"} || true
 fi
 if (( ${#FAILED[@]} )); then
   echo "failed: ${FAILED[*]} (logs in $LOGS)" >&2

@@ -49,6 +49,15 @@ def test_run_study_refuses_missing_settings_up_front(tmp_path):
                             env=environment(OUTPUT_ROOT=str(tmp_path), LABELS_CSV="x.csv", REAL_DIR="r",
                                             STRATEGIES="lora nope"))
     assert result.returncode == 2 and "unknown strategy 'nope'" in result.stderr
+    for extra, expected in (({"STAGES": "train downstrem"}, "unknown stage 'downstrem'"),
+                            ({"STAGES": "train downstream"}, "downstream stage trains classifiers on the labelled table"),
+                            ({"STAGES": "train downstream", "TRAIN_CSV": "t.csv"}, "set VALIDATION_FRACTION"),
+                            ({"STAGES": "train downstream", "TRAIN_CSV": "t.csv", "VALIDATION_FRACTION": "0.0"},
+                             "set VALIDATION_FRACTION")):
+        result = subprocess.run(["bash", str(ROOT / "run_study.sh")], capture_output=True, text=True, cwd=tmp_path,
+                                env=environment(OUTPUT_ROOT=str(tmp_path), **extra))
+        assert result.returncode == 2 and expected in result.stderr, (extra, result.stderr)
+        assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
@@ -103,6 +112,9 @@ def test_run_study_smoke_on_the_tiny_model(tiny_model, phantom_chexpert, tmp_pat
     env = environment(
         MODEL_NAME=str(tiny_model), TRAIN_CSV=str(data / "train.csv"), REAL_CSV=str(data / "valid.csv"),
         LABELS_CSV=str(labels), STRATEGIES="bitfit unet", OUTPUT_ROOT=str(out), MAX_TRAIN_STEPS="1",
+        STAGES="train synthesize evaluate downstream compare", VALIDATION_FRACTION="0.25",
+        DOWNSTREAM_LABELS="Cardiomegaly,Pleural Effusion", DOWNSTREAM_ARGS="--arch small_cnn --resolution 16 --steps 2 "
+                                                                          "--seeds 0 --n_per_class 2 --workers 1",
         RESOLUTION="64", TRAIN_BATCH_SIZE="2", GRADIENT_ACCUMULATION_STEPS="1", MIXED_PRECISION="no",
         USE_8BIT_ADAM="false", GRADIENT_CHECKPOINTING="false", NUM_INFERENCE_STEPS="2", BATCH_SIZE="4",
         FID_FEATURES=str(pool), FID_BOOTSTRAP="0", METRICS="fid,kid,vendi,clip",
@@ -122,6 +134,18 @@ def test_run_study_smoke_on_the_tiny_model(tiny_model, phantom_chexpert, tmp_pat
         assert len(list((out / "synthetic" / name / "images").glob("*.png"))) == 4
         assert (out / "runs" / name / "evaluation" / "pool.pt.json").is_file()
         assert float(records[name]["fid_torchscript_pool_pt"]) > 0 and records[name]["clip"] == ""  # CLIP: a warning offline
+    # The downstream stage: arms c, d per strategy and the real-only a, b once, all on the patients training held out
+    baseline = json.loads((out / "downstream_real" / "downstream.json").read_text())
+    assert list(baseline["arms"]) == ["a", "b"]
+    assert baseline["settings"]["synthetic"] == [str(out / "synthetic" / n) for n in rows]
+    for name in rows:
+        own = json.loads((out / "runs" / name / "downstream" / "downstream.json").read_text())
+        assert list(own["arms"]) == ["c", "d"] and own["counts"]["test"] == {
+            **baseline["counts"]["test"], "generators_holding_it_out": [str(out / "runs" / name)]}
+        assert own["counts"]["test"]["rule"] == "held out by the generator"
+        assert float(records[name]["downstream_b"]) == baseline["arms"]["b"]["mean_auroc"]["mean"]
+        assert rows[name]["AUROC (c: scarce real + synthetic)"] == f"{own['arms']['c']['mean_auroc']['mean']:.3f}"
+    assert "NOT COMPARABLE" not in (out / "comparison" / "comparison.md").read_text()
     # Both strategies freeze the VAE: they share one latent cache, each image encoded once for both.
     encoded = [json.loads((out / "runs" / n / "training_summary.json").read_text())["encoded_once"]["latents"] for n in rows]
     assert all("on disk" in e for e in encoded)
