@@ -95,5 +95,5 @@ echo "  phantom/                   phantom CheXpert (train.csv for training, val
 echo "  runs/<strategy>/           final_model/, training_summary.json, evaluation/inception.json"
 echo "  synthetic/<strategy>/      images/, metadata.csv, synthesis_config.json"
 echo "  ${FIRST#"$DEMO_DIR"/}/samples/cardiomegaly/grid.png   evaluate.py --generate-samples"
-echo "  comparison/                comparison.md, comparison.csv, fid_vs_parameters.png, sample_grid.png"
+echo "  comparison/                comparison.md, comparison.csv, fid_vs_*.png, sample_grid.png"
 echo "  logs/                      every step's output"

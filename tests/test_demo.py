@@ -81,7 +81,7 @@ def test_make_demo_at_minimal_size(tmp_path):
         assert results["samples"]["fake"] == 8 and results["samples"]["real"] >= 2  # 4 conditions x 2; valid set
         assert results["real"]["source"].endswith("valid.csv")
         assert rows[name]["CLIP score"] == "—"  # no CLIP weights offline
-    for name in ("comparison.md", "comparison.csv", "fid_vs_parameters.png", "sample_grid.png"):
+    for name in ("comparison.md", "comparison.csv", "fid_vs_parameters.png", "fid_vs_gpu_hours.png", "sample_grid.png"):
         assert (demo / "comparison" / name).is_file()
     assert (demo / "runs" / "lora" / "samples" / "cardiomegaly" / "grid.png").is_file()
     assert "| Cardiomegaly | cardiothoracic_ratio |" in result.stdout  # the phantom finding scores

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdtune.errors import UserError
 from sdtune.evaluation.cli import main
-from sdtune.evaluation.report import MISSING, column_titles, processes, spread
+from sdtune.evaluation.report import MISSING, column_titles, plot_fid_against, processes, spread
 from sdtune.evaluation.samples import default_model_path, image_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,12 +157,20 @@ def test_numbers_made_differently_are_flagged_as_not_comparable(two_runs, tmp_pa
 
 def test_plots_are_valid_pngs(two_runs, tmp_path):
     report = run_compare(two_runs, tmp_path / "cmp", "--grid-images", "3")
-    fid_plot, grid = Image.open(report["files"]["fid_plot"]), Image.open(report["files"]["sample_grid"])
-    for image in (fid_plot, grid):
+    fid_plot, grid = Image.open(report["files"]["fid_vs_parameters"]), Image.open(report["files"]["sample_grid"])
+    for image in (fid_plot, grid, Image.open(report["files"]["fid_vs_gpu_hours"])):
         assert image.format == "PNG"
         image.load()  # decodes completely
         assert np.asarray(image.convert("L")).std() > 0  # something is drawn
     assert fid_plot.width > 1.5 * fid_plot.height  # two panels: Inception and XRV
+
+
+def test_fid_against_gpu_hours_places_each_run_at_its_compute(two_runs, tmp_path):
+    report = run_compare(two_runs, tmp_path / "cmp", "--grid-images", "0")
+    panels = plot_fid_against(report["records"], ["inception", "xrv"], "gpu_hours", tmp_path / "plot.png")
+    # unet: 2 h wall x 4 processes (global batch 64 = 4 per device x 4 accumulation x 4); lora: 0.5 h x 1
+    assert panels["inception"] == [(8.0, 25.125, 1.5, "unet"), (0.5, 40.0, None, "lora")]
+    assert panels["xrv"] == [(8.0, 3.25, 0.125, "unet")]  # lora has no XRV results
 
 
 def test_missing_metrics_and_results_are_dashes_never_a_crash(tmp_path, capsys):
@@ -176,7 +184,8 @@ def test_missing_metrics_and_results_are_dashes_never_a_crash(tmp_path, capsys):
     notes = report["markdown"]
     assert "bare: training status 'running'" in notes and "bare: no evaluation results" in notes
     assert "is not an evaluate.py results file" in notes and "fid_vs_parameters.png not written" in notes
-    assert "fid_plot" not in report["files"] and "sample_grid" not in report["files"]
+    assert "fid_vs_gpu_hours.png not written: no run has both an FID and its GPU-hours of training" in notes
+    assert not {"fid_vs_parameters", "fid_vs_gpu_hours", "sample_grid"} & set(report["files"])
 
 
 def test_a_folder_without_summary_is_one_line_naming_it(two_runs, tmp_path, capsys):

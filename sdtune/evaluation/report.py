@@ -43,7 +43,7 @@ class CompareConfig:
                                                 "its name, e.g. '/data/evals/{name}/*.json' (put the RUN_DIRs first)")
     grid_images: int = field(8, "images of each run's synthetic set in the side-by-side sample grid, spread evenly "
                                 "over the set so every prompt group shows (0: no grid)")
-    plots: bool = field(True, "write fid_vs_parameters.png and sample_grid.png")
+    plots: bool = field(True, "write fid_vs_parameters.png, fid_vs_gpu_hours.png and sample_grid.png")
     downstream_real: str | None = field(None, "downstream.py results of the real-only arms a and b run once for every "
                                               "run (a folder or its downstream.json; run_study.sh: "
                                               "OUTPUT_ROOT/downstream_real): shown in each row without its own a, b")
@@ -400,37 +400,43 @@ def to_csv(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------- plots
 
 
-def plot_fid_vs_parameters(records: list[dict], extractors: list[str], path: Path) -> bool:
-    """FID against trainable parameters (log x), one panel per feature network; False when no run has both."""
+# x axes of the FID plots: (record key, axis label, file): what a strategy costs, in parameters and in compute
+FID_PLOTS = {"parameters": ("trainable_parameters", "trainable parameters", "fid_vs_parameters.png"),
+             "gpu_hours": ("gpu_hours", "GPU-hours of training", "fid_vs_gpu_hours.png")}
+
+
+def plot_fid_against(records: list[dict], extractors: list[str], x: str, path: Path) -> dict[str, list[tuple]]:
+    """FID against a cost (FID_PLOTS: log x), one panel per feature network; returns the points drawn per
+    extractor, (x, fid, std, run), and writes nothing when no run has both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []
+    key, label, _ = FID_PLOTS[x]
+    panels = {}
     for extractor in extractors:
         k = feature_key(extractor)
-        points = [(r["trainable_parameters"], r[f"fid_{k}"], r[f"fid_{k}_std"], r["run"]) for r in records
-                  if r[f"fid_{k}"] is not None and isinstance(r["trainable_parameters"], int)
-                  and r["trainable_parameters"] > 0]
+        points = [(r[key], r[f"fid_{k}"], r[f"fid_{k}_std"], r["run"]) for r in records
+                  if r[f"fid_{k}"] is not None and isinstance(r[key], (int, float)) and r[key] > 0]
         if points:
-            panels.append((extractor, points))
+            panels[extractor] = points
     if not panels:
-        return False
+        return panels
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (extractor, points) in zip(axes[0], panels):
-        for params, fid, std, name in points:
-            ax.errorbar(params, fid, yerr=std if std is not None else None, fmt="o", capsize=3)
-            ax.annotate(name, (params, fid), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for ax, (extractor, points) in zip(axes[0], panels.items()):
+        for cost, fid, std, name in points:
+            ax.errorbar(cost, fid, yerr=std if std is not None else None, fmt="o", capsize=3)
+            ax.annotate(name, (cost, fid), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
+        ax.set_xlabel(label)
         ax.set_ylabel(f"FID ({feature_label(extractor)}), lower is better")
-        ax.set_title(f"FID against trainable parameters ({feature_label(extractor)})")
+        ax.set_title(f"FID against {label} ({feature_label(extractor)})")
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return panels
 
 
 def synthetic_source(run: Run) -> str | None:
@@ -530,10 +536,11 @@ def compare(run_dirs: list[str], cfg: CompareConfig) -> dict:
     if baseline_file:
         note_lines += downstream_baseline_notes(runs, baseline, baseline_file)
     if cfg.plots:
-        if plot_fid_vs_parameters(records, extractors, out / "fid_vs_parameters.png"):
-            written["fid_plot"] = out / "fid_vs_parameters.png"
-        else:
-            note_lines.append("fid_vs_parameters.png not written: no run has both an FID and its trainable parameters")
+        for x, (_, label, name) in FID_PLOTS.items():
+            if plot_fid_against(records, extractors, x, out / name):
+                written[f"fid_vs_{x}"] = out / name
+            else:
+                note_lines.append(f"{name} not written: no run has both an FID and its {label}")
         if cfg.grid_images:
             note_lines += plot_sample_grid(runs, cfg.grid_images, out / "sample_grid.png")
             if (out / "sample_grid.png").is_file():
