@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable
+
+# Under torchrun every process meets the same user error. A machine's first process prints it at once;
+# the others wait first, and the launcher stops them when the first one has exited (which takes seconds:
+# its process group shuts down). So one line shows; a process prints its own only when the error was its alone.
+OTHER_PROCESSES_WAIT_S = 10.0
 
 
 class UserError(Exception):
@@ -15,12 +22,18 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(f"error: {err}")
         sys.exit(2)
     except ModuleNotFoundError as err:
         package = (err.name or "").split(".")[0]
         if not package or package == "sdtune":  # our own import: a bug, not the install
             raise
-        print(f"error: the Python package {package!r} is missing: install the toolkit's requirements (make setup, or "
-              "pip install -r requirements.txt) in the Python that runs this", file=sys.stderr)
+        _print_error(f"error: the Python package {package!r} is missing: install the toolkit's requirements (make "
+                     "setup, or pip install -r requirements.txt) in the Python that runs this")
         sys.exit(2)
+
+
+def _print_error(line: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(OTHER_PROCESSES_WAIT_S)
+    print(line, file=sys.stderr, flush=True)

@@ -183,6 +183,29 @@ def test_a_missing_package_is_one_line_naming_the_requirements(capsys):
         run_cli(lambda: importlib.import_module("sdtune.no_such_module"))
 
 
+@pytest.mark.parametrize(("local_rank", "waits"), [(None, False), ("0", False), ("1", True)])
+def test_under_several_processes_only_a_machines_first_prints_at_once(monkeypatch, capsys, local_rank, waits):
+    """The other processes wait before printing: the launcher stops them once the first one has exited."""
+    import sdtune.errors
+    from sdtune.errors import run_cli
+
+    events = []
+    monkeypatch.setattr(sdtune.errors.time, "sleep", lambda s: events.append(("sleep", s, capsys.readouterr().err)))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def fail():
+        raise UserError("the flag is wrong")
+
+    with pytest.raises(SystemExit):
+        run_cli(fail)
+    assert capsys.readouterr().err == "error: the flag is wrong\n"
+    # the wait comes before the line, not after it
+    assert events == ([("sleep", sdtune.errors.OTHER_PROCESSES_WAIT_S, "")] if waits else [])
+
+
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("xformers") is not None, reason="xformers installed")
 def test_xformers_asked_for_but_missing_is_one_clear_error(tiny_model, phantom_chexpert, tmp_path):
     table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
