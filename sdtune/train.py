@@ -435,10 +435,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     trainable, adapter = select_trainable(models, strategy, adapter_cfg)
     for c in COMPONENTS:
         model = getattr(models, c)
+        fp32_values = [p.data.float() for p in trainable[c]]  # before any cast: rounding would change them
         if not strategy.full[c] and weight_dtype != torch.float32:
             model.to(dtype=weight_dtype)  # frozen (or adapter-carrying) parts run in half precision...
-        for p in trainable[c]:
-            p.data = p.data.float()  # ...trained tensors stay fp32, so the fp16 GradScaler can unscale them
+        for p, value in zip(trainable[c], fp32_values):
+            p.data = value  # ...trained tensors stay fp32 (the fp16 GradScaler unscales them), unrounded
         model.to(accelerator.device)
         # Gradients flow back through the U-Net whenever anything trains.
         if c == "unet" or trainable[c]:

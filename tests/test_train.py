@@ -279,6 +279,23 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     assert models.vae.dtype == models.text_encoder.dtype == torch.bfloat16
 
 
+def test_bf16_does_not_round_the_trained_tensors_first(tiny_model, table, tmp_path):
+    """DoRA's magnitudes start as the fp32 column norms of the base weights; the half-precision cast of the
+    frozen weights must not round them (bf16 would, by up to 4e-3)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg, data, adapter_cfg = parse_args(_argv(tiny_model, table, tmp_path, "--strategy", "dora", "--mixed_precision",
+                                              "bf16", "--learning_rate", "1e-12", steps=1))
+    train(cfg, data, adapter_cfg)
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    base = dict(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").named_modules())
+    magnitudes = {k: v for k, v in saved.items() if k.endswith(".lora_magnitude_vector")}
+    assert magnitudes
+    for key, magnitude in magnitudes.items():
+        weight = base[key.removeprefix("unet.").removesuffix(".lora_magnitude_vector")].weight
+        torch.testing.assert_close(magnitude, weight.norm(dim=1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--strategy", "lora", "--train_unet"], "not both"),
     (["--strategy", "lora", "--resume_from_checkpoint", "/nowhere/checkpoint-3"], "does not exist"),
