@@ -603,7 +603,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
-        for batch in batches:
+        for index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
             with accelerator.accumulate(*prepared):
                 # Every random draw of a sample comes from its own generator (see sample_seeds).
                 seeds = sample_seeds(cfg.seed, global_step, batch["indices"])
@@ -632,7 +632,11 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                                           prediction_type, cfg.snr_gamma, cfg.noise_offset, generators)
                     if train_reconstruction:
                         loss = loss + cfg.vae_recon_weight * reconstruction_loss(decoded, pixels)
-                accelerator.backward(loss)
+                # accelerate divides every loss by the accumulation steps; an epoch's last window can hold
+                # fewer batches, and its step would get a fraction of the gradient
+                window = min(cfg.gradient_accumulation_steps, len(dataloader) - index // cfg.gradient_accumulation_steps
+                             * cfg.gradient_accumulation_steps)
+                accelerator.backward(loss * (cfg.gradient_accumulation_steps / window))
                 finite = True
                 if accelerator.sync_gradients:
                     # The norm is of the synchronised gradients, so every process decides alike.

@@ -279,6 +279,32 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     assert models.vae.dtype == models.text_encoder.dtype == torch.bfloat16
 
 
+def test_a_short_last_accumulation_window_counts_like_a_short_batch(tiny_model, phantom_chexpert, tmp_path):
+    """6 images: batch 2 x 2 accumulation gives windows of 2 and 1 batches; batch 4 gives batches of 4 and 2.
+    The second step must see the same gradient both ways, not half of it (max_grad_norm 0: no clipping)."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, image in enumerate(sorted((phantom_chexpert / "CheXpert-v1.0-small" / "train").rglob("*.jpg"))[:6]):
+        copy = data / f"{i}.jpg"
+        shutil.copy(image, copy)
+        copy.with_suffix(".txt").write_text("Chest x-ray of a patient with Edema")
+
+    def trained(name, batch, accumulation):
+        argv = _argv(tiny_model, data, tmp_path / name, "--strategy", "lora", "--max_grad_norm", "0",
+                     "--gradient_accumulation_steps", accumulation)
+        argv[argv.index("--train_csv")] = "--train_data_dir"
+        argv[argv.index("--train_batch_size") + 1] = str(batch)
+        summary, _ = train(*parse_args(argv))
+        assert summary["steps"] == 2 and len(list(data.glob("*.jpg"))) == 6
+        return load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+
+    accumulated, whole = trained("accumulated", 2, 2), trained("whole", 4, 1)
+    for key in whole:
+        torch.testing.assert_close(accumulated[key], whole[key], atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_does_not_round_the_trained_tensors_first(tiny_model, table, tmp_path):
     """DoRA's magnitudes start as the fp32 column norms of the base weights; the half-precision cast of the
     frozen weights must not round them (bf16 would, by up to 4e-3)."""
