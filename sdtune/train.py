@@ -308,8 +308,10 @@ def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
 def make_dataloader(dataset, cfg: TrainConfig, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     # The loader's own seeded generator: nothing else draws from it, so the order is reproducible.
     # A compiled U-Net keeps static shapes: the last, smaller batch of an epoch is dropped.
+    # Workers draw random crops and flips from the epoch they were started with (ImageCaptionDataset).
+    persistent = workers > 0 and not getattr(dataset, "random_augmentation", False)
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
-                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                                       num_workers=workers, persistent_workers=persistent, pin_memory=pin_memory,
                                        drop_last=cfg.torch_compile, generator=torch.Generator().manual_seed(cfg.seed))
 
 
@@ -488,6 +490,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError(f"--torch_compile drops each epoch's last partial batch, and {len(examples)} training images "
                         f"make no full batch of {cfg.train_batch_size}: lower --train_batch_size or add images")
     dataset = ImageCaptionDataset(examples, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
+                                  seed=cfg.seed,
                                   modality=None if data.data_format in ("ham10000", "isic") else "chest_xray")
     workers = loader_workers(cfg, accelerator)
     dataset, text_cache, encoded_once = encode_once(cfg, data, models, trainable, dataset, accelerator, weight_dtype,
@@ -602,6 +605,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
+        if isinstance(dataset, ImageCaptionDataset):
+            dataset.set_epoch(epoch)  # the epoch its random crops and flips are drawn from
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
         for index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
             with accelerator.accumulate(*prepared):

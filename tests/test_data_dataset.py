@@ -83,6 +83,22 @@ def test_dataset_items_are_vae_ready(messy_folder):
     assert item["caption"] in {e.caption for e in examples}
 
 
+def test_random_crops_and_flips_depend_on_seed_epoch_and_index_alone(phantom_chexpert):
+    examples = load_examples(DataConfig(train_data_dir=str(phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"),
+                                        resolution=64))[:4]
+
+    def pixels(seed, epoch, order):
+        dataset = ImageCaptionDataset(examples, 48, center_crop=False, random_flip=True, modality=None, seed=seed)
+        dataset.set_epoch(epoch)
+        return {i: dataset[i]["pixel_values"] for i in order}
+
+    first = pixels(0, 0, [0, 1, 2, 3])
+    again = pixels(0, 0, [3, 2, 1, 0])  # another instance, another order of reads: the same draws
+    assert all(torch.equal(first[i], again[i]) for i in first)
+    for other in (pixels(0, 1, [0, 1, 2, 3]), pixels(1, 0, [0, 1, 2, 3])):  # another epoch or seed draws anew
+        assert any(not torch.equal(first[i], other[i]) for i in first)
+
+
 def test_phantom_chexpert_through_the_table_reader(phantom_chexpert):
     table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
     examples = load_examples(DataConfig(train_data_dir=str(table), resolution=64))

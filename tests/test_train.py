@@ -138,7 +138,10 @@ def test_overfits_a_small_batch(strategy, lr, extra, tiny_model, phantom_chexper
     assert after <= 0.5 * before, (before, after)
 
 
-@pytest.mark.parametrize("strategy, extra", [("unet", ["--use_ema"]), ("lora", []), ("bitfit", ["--use_8bit_adam"])])
+@pytest.mark.parametrize("strategy, extra", [
+    ("unet", ["--use_ema"]), ("lora", []), ("bitfit", ["--use_8bit_adam"]),
+    # random crops and flips drawn per (seed, epoch, sample), not from a stream a resume restarts
+    ("unet+vae+text", ["--random_flip", "--center_crop", "false", "--dataloader_num_workers", "1"])])
 def test_resume_equals_a_straight_run(strategy, extra, tiny_model, table, tmp_path):
     argv = _argv(tiny_model, table, tmp_path, "--strategy", strategy, "--checkpointing_steps", "2",
                  "--lr_scheduler", "linear", "--caption_dropout_prob", "0.3", *extra, steps=4)

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from sdtune.config import field
@@ -139,20 +141,33 @@ def summarize(examples: list[Example]) -> dict:
 
 
 class ImageCaptionDataset(Dataset):
-    """(pixel_values in [-1, 1], caption) pairs for training; images decoded by the one decoder."""
+    """(pixel_values in [-1, 1], caption) pairs for training; images decoded by the one decoder.
+
+    A random crop or flip is drawn from (seed, epoch, index) alone, not from a generator that loader
+    workers and processes share or restart: a resumed run draws what an uninterrupted one would have.
+    Set the epoch with set_epoch; loader workers must then start afresh each epoch (not persistent).
+    """
 
     def __init__(self, examples: list[Example], resolution: int, center_crop: bool = True, random_flip: bool = False,
-                 modality: str | None = "chest_xray"):
-        self.examples = examples
+                 modality: str | None = "chest_xray", seed: int = 0):
+        self.examples, self.seed, self.epoch = examples, seed, 0
         self.transform = ImageTransform(resolution, crop="center" if center_crop else "random",
                                         random_flip=random_flip, modality=modality)
+        self.random_augmentation = random_flip or not center_crop
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        return {"pixel_values": self.transform(load_image(ex.image)), "caption": ex.caption, "index": i}
+        generator = None
+        if self.random_augmentation:
+            seed = np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+        return {"pixel_values": self.transform(load_image(ex.image), generator), "caption": ex.caption, "index": i}
 
 
 __all__ = ["DataConfig", "ImageCaptionDataset", "check_images", "inspect_dataset", "load_examples", "read_examples", "split_examples",

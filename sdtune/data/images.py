@@ -152,7 +152,9 @@ class ImageTransform:
                           "laterality markers read backwards; leave it off unless you mean it", stacklevel=2)
         self.resolution, self.crop, self.random_flip, self.generator = resolution, crop, random_flip, generator
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`generator` (default: the one given at construction) draws the random crop and flip."""
+        generator = generator or self.generator
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}: decode files with load_image")
         r = self.resolution
@@ -163,9 +165,9 @@ class ImageTransform:
         if self.crop == "center":
             left, top = (size[0] - r) // 2, (size[1] - r) // 2
         else:
-            left, top = (int(torch.randint(0, side - r + 1, (1,), generator=self.generator)) for side in size)
+            left, top = (int(torch.randint(0, side - r + 1, (1,), generator=generator)) for side in size)
         image = image.crop((left, top, left + r, top + r))
-        if self.random_flip and torch.rand(1, generator=self.generator).item() < 0.5:
+        if self.random_flip and torch.rand(1, generator=generator).item() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
