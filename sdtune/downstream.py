@@ -438,10 +438,11 @@ def train_classifier(model: nn.Module, bank: Bank, idx: np.ndarray, cfg: Downstr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, seen, step = total + loss.item() * len(batch), seen + len(batch), step + 1
+            # summed on the device, read once an epoch: a read each step would wait for the GPU
+            total, seen, step = total + loss.detach() * len(batch), seen + len(batch), step + 1
             if step == steps:
                 break
-        losses.append(total / seen)
+        losses.append(float(total) / seen)
     return losses
 
 
