@@ -676,6 +676,20 @@ def write_metadata(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def model_identity(source: ModelSource) -> str:
+    """The weights that get loaded, as their files' names, sizes and modification times: a model retrained
+    into the same folder is another model. A hub id stands for itself."""
+    path = Path(source.path)
+    if not path.exists():
+        return source.path
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def check_resume(config_path: Path, fingerprint: dict) -> None:
     """A folder holding images of other settings is not resumed: the set would mix two datasets."""
     if not config_path.is_file():
@@ -719,11 +733,15 @@ def synthesize(cfg: SynthesisConfig) -> dict:
     settings = asdict(cfg)
     local = Path(cfg.model_path).expanduser()
     settings["model_path"] = str(local.resolve()) if local.exists() else cfg.model_path  # a hub id stays as given
-    fingerprint = {**{k: settings[k] for k in IMAGE_SETTINGS}, "plan": plan_digest(plan)}
-    check_resume(out / "synthesis_config.json", fingerprint)  # every process, before anyone writes
-
     pipeline = load_pipeline(source, cfg.fuse_lora)
     scheduler = set_scheduler(pipeline, cfg.scheduler)
+    # what was loaded (a run folder and its final_model/ are one model) and the sampler by the name it
+    # resolved to (the model's own PNDM asked for by name is the same one)
+    loaded = Path(source.path)
+    fingerprint = {**{k: settings[k] for k in IMAGE_SETTINGS}, "scheduler": scheduler,
+                   "model_path": str(loaded.resolve()) if loaded.exists() else source.path,
+                   "model": model_identity(source), "plan": plan_digest(plan)}
+    check_resume(out / "synthesis_config.json", fingerprint)  # every process, before anyone writes
     speed = speed_settings(pipeline, cfg, device)
     prepare_pipeline(pipeline, cfg, device, speed)
 

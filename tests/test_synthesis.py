@@ -210,6 +210,26 @@ def test_resume_refuses_a_folder_made_with_other_settings(runs, tmp_path):
     assert synth(tmp_path, final, "--batch_size", "2")["made"] == 0  # batch size does not change images
 
 
+def test_resume_knows_a_model_retrained_in_place_and_the_same_model_by_another_name(runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(runs("bitfit"), run)
+    out = tmp_path / "set"
+    synth(out, run / "final_model")
+    # the run folder for its final_model/, and the model's own scheduler by name: the same images
+    assert synth(out, run, "--scheduler", "pndm")["made"] == 0
+    weights = next((run / "final_model" / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    save_file({k: v + 1e-3 for k, v in tensors.items()}, weights, metadata={"format": "pt"})  # retrained in place
+    (out / "images" / "000000.png").unlink()
+    with pytest.raises(UserError, match=r"other settings \(model: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now\)"):
+        synth(out, run)
+    assert not (out / "images" / "000000.png").exists()  # nothing of the new model mixed in
+
+
 def test_prompts_are_encoded_as_training_encodes_captions(runs):
     pipeline = StableDiffusionPipeline.from_pretrained(runs("lora") / "final_model", safety_checker=None)
     prompt = "Chest x-ray of a patient with Pleural Effusion"
