@@ -23,6 +23,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from sdtune.data.records import file_stamp
 from sdtune.errors import UserError
 
 MEMORY_LIMIT_BYTES = 8 * 2**30  # above this, latents go to disk (OUTPUT_DIR/latent_cache) instead of RAM
@@ -46,9 +47,7 @@ def vae_fingerprint(vae) -> str:
 
 
 def image_key(path: str | Path, preprocessing: str) -> str:
-    stat = Path(path).stat()
-    text = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{preprocessing}"
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{file_stamp(path)}|{preprocessing}".encode()).hexdigest()[:32]
 
 
 def _pixels_and_indices(batch: list[dict]):  # a module-level function: worker processes may need to pickle it

@@ -424,6 +424,18 @@ def test_feature_cache_is_reused_and_never_stale(tmp_path, pool_module, monkeypa
     assert compute_metrics(real, fake, **settings)["features"]["cache"]["real"] == "computed"
     (fake / "005.png").unlink()  # a file fewer
     assert compute_metrics(real, fake, **settings)["features"]["cache"]["fake"] == "computed"
+    # a BMP replaced by another of the same byte size with its modification time kept (cp -p, rsync -a)
+    bmps = tmp_path / "bmps"
+    bmps.mkdir()
+    for i, image in enumerate(noise_images(3, 2)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(bmps / f"{i}.bmp")
+    assert compute_metrics(bmps, fake, **settings)["features"]["cache"]["real"] == "computed"
+    stat = (bmps / "1.bmp").stat()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "black.bmp")
+    assert (tmp_path / "black.bmp").stat().st_size == stat.st_size
+    os.replace(tmp_path / "black.bmp", bmps / "1.bmp")
+    os.utime(bmps / "1.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert compute_metrics(bmps, fake, **settings)["features"]["cache"]["real"] == "computed"
 
 
 def test_per_condition_fid_uses_the_labelled_subsets(tmp_path, phantom_chexpert, pool_module):

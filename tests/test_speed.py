@@ -113,6 +113,23 @@ def test_latent_cache_on_disk_is_reused_and_keyed_by_preprocessing(tiny_model, f
     assert encodes.n == 3 and len(list(cache.glob("*.safetensors"))) == 10  # other preprocessing, other entries
 
 
+def test_a_latent_cache_key_changes_when_a_file_is_replaced_keeping_size_and_time(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from sdtune.caching import image_key
+
+    path = tmp_path / "a.bmp"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(path)
+    before, stat = image_key(path, "64|center"), path.stat()
+    assert image_key(path, "64|center") == before != image_key(path, "32|center")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "b.bmp")  # same byte size
+    os.replace(tmp_path / "b.bmp", path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p or rsync -a leave it
+    assert path.stat().st_size == stat.st_size and image_key(path, "64|center") != before
+
+
 def test_latent_cache_is_keyed_by_every_encoder_weight_not_the_folder(tiny_model, folder, tmp_path, monkeypatch):
     import shutil
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,3 +46,10 @@ class DatasetError(UserError):
 
 def errors_only(problems: Iterable[Problem]) -> list[Problem]:
     return [p for p in problems if p.severity == "error"]
+
+
+def file_stamp(path: str | Path) -> str:
+    """A file as caches know it: path, size, modification and change times, inode. The change time and
+    inode catch a file replaced with its size and modification time kept (cp -p, rsync -a, tar x)."""
+    stat = os.stat(path)
+    return f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"

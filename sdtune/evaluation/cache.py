@@ -1,7 +1,8 @@
 """Features of file-based image sets, cached on disk so that eleven runs read the real set once.
 
-The key hashes the extractor (name, version, resize) and every file's path, size and
-modification time (ns): change, add, remove or touch any file and the key changes, so a stale
+The key hashes the extractor (name, version, resize) and every file's path, size, modification
+and change times and inode (sdtune.data.records.file_stamp): change, add, remove, touch or replace
+any file, even keeping its size and modification time, and the key changes, so a stale
 entry is never read (it is simply never looked up again). Entries are written to a temporary
 name and renamed, so an interrupted run never leaves a half-written one.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdtune.data.records import file_stamp
+
 CACHE_FORMAT = 1  # bump when what an entry holds changes
 
 
@@ -27,8 +30,7 @@ def default_cache_dir() -> Path:
 def cache_key(files: list[Path], extractor_info: dict) -> str:
     digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **extractor_info}, sort_keys=True).encode())
     for file in files:
-        stat = os.stat(file)
-        digest.update(f"{os.path.abspath(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file_stamp(file)}\n".encode())
     return digest.hexdigest()
 
 
