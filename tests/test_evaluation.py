@@ -527,6 +527,23 @@ def test_in_memory_images_work_like_files(pool_module, tmp_path):
     assert from_memory["features"]["cache"] == {"real": "memory", "fake": "memory"}
 
 
+def test_a_transparent_image_reads_the_same_from_a_file_and_from_memory(tmp_path):
+    from sdtune.evaluation.images import ImageItem, pixels
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[:4, :, 3] = 0  # half transparent: black once composited, whatever colour it holds
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    from_file = pixels(ImageItem(tmp_path / "a.png"))
+    assert torch.equal(from_file[:, :4], torch.zeros(3, 4, 8, dtype=torch.uint8))
+    for in_memory in (Image.fromarray(rgba, "RGBA"), rgba, torch.from_numpy(rgba).permute(2, 0, 1)):
+        assert torch.equal(pixels(ImageItem(in_memory)), from_file), type(in_memory)
+
+
+def test_torchscript_features_of_another_input_size_are_another_version(pool_module):
+    assert get_extractor(str(pool_module), input_size=32).version != get_extractor(str(pool_module), input_size=64).version
+
+
 @pytest.mark.parametrize("array, says", [
     (np.full((8, 8, 3), 1000, np.uint16), "a torch.uint16 image cannot be read as 0-255"),
     (np.full((8, 8, 3), 200.0, np.float32), "spans 200 to 200: divide 0-255 values by 255"),

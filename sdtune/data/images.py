@@ -215,12 +215,17 @@ def _declared_bits(image: Image.Image) -> int | None:
     return 16 if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG") else None
 
 
+def over_black(image: Image.Image) -> Image.Image:
+    """A transparent image composited over black (as every reader of the toolkit sees it); others as they are."""
+    if not image.has_transparency_data:
+        return image
+    return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+
+
 def _pillow_to_rgb(path: Path, image: Image.Image, bits: int | None) -> np.ndarray:
     if image.mode in _HIGH_DEPTH_MODES:
         return _grey_to_rgb(_rescale(np.asarray(image), bits))
-    if image.has_transparency_data:
-        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(black, image.convert("RGBA"))
+    image = over_black(image)
     try:
         return np.asarray(image.convert("RGB"))
     except ValueError:

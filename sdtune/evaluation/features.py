@@ -164,7 +164,7 @@ class TorchScriptFeatures(Extractor):
         self.resize_fn, how = _resize(resize)
         self.name = f"torchscript:{path.name}"
         self.resize = f"{CROP}; {how}, to {input_size}x{input_size}; values 0-255 passed to the module unscaled"
-        self.version = f"sha256 {_file_hash(path, 'sha256')}; centre crop; resize {resize}"
+        self.version = f"sha256 {_file_hash(path, 'sha256')}; centre crop; resize {resize} to {input_size}"
         with torch.inference_mode():
             out = self.embed(torch.zeros(1, 3, input_size, input_size))
         self.dim = out.shape[1]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.folder import read_caption
-from sdtune.data.images import IMAGE_SUFFIXES, ImageError, load_image
+from sdtune.data.images import IMAGE_SUFFIXES, ImageError, load_image, over_black
 from sdtune.data.records import DatasetError, Problem, errors_only
 from sdtune.errors import UserError
 
@@ -105,7 +105,7 @@ def pixels(item: ImageItem) -> torch.Tensor:
         except ImageError as err:  # a table's row, not its path: paths name patients
             raise ImageError(item.name or err.path, err.what) from None
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))  # a writable copy: torch refuses to share read-only memory
+        image = np.array(over_black(image).convert("RGB"))  # a writable copy: torch refuses read-only memory
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
         if image.ndim == 2:
@@ -125,7 +125,10 @@ def pixels(item: ImageItem) -> torch.Tensor:
         image = image.expand(3, -1, -1)
     if image.ndim != 3 or image.shape[0] not in (3, 4):
         raise UserError(f"expected an RGB image, got shape {tuple(image.shape)}")
-    return image[:3].contiguous()
+    if image.shape[0] == 4:  # over black, as a file is read (over_black): round(rgb x alpha / 255), halves up
+        weighted = image[:3].int() * image[3:].int()
+        return ((2 * weighted + 255) // 510).to(torch.uint8).contiguous()
+    return image.contiguous()
 
 
 # ------------------------------------------------------------------------------- readers
