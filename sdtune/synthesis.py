@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import hashlib
 import io
 import json
@@ -253,6 +254,15 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
                         "into metadata.csv: remove them (a labels CSV holds label columns, count, and optionally age "
                         "and sex)")
     template, findings, uncertainty, run_demographics, order = caption_settings(cfg, summary)
+    # A misspelt column would prompt the model with a word it never trained on, and reach metadata.csv.
+    strangers = [c for c in labels if order and c not in order]
+    if strangers:
+        def name(column: str) -> str:
+            close = difflib.get_close_matches(column, order, n=1)
+            return f"{column} (did you mean {close[0]}?)" if close else column
+
+        raise UserError(f"labels CSV {path}: column(s) {', '.join(map(name, strangers))} are not labels of the "
+                        f"run's training table: fix the names (its labels: {', '.join(order)})")
     demographics = len(people) == 2
     if run_demographics is not None and demographics != run_demographics:
         want = "needs 'age' and 'sex' columns" if run_demographics else "must not have 'age'/'sex' columns"

@@ -462,6 +462,8 @@ def _bad_labels(tmp_path, text):
     ("no count column", "has no 'count' column"),
     ("bad count", r"line 3: count '2\.5' is not a whole number"),
     ("identifier column", "column\\(s\\) Path, subject_id identify patients or images"),
+    ("misspelt label column", r"column\(s\) Cardiomegally \(did you mean Cardiomegaly\?\) are not labels of the "
+                              "run's training table"),
     ("unknown scheduler", "unknown scheduler 'foo': use one of pndm, ddim"),
     ("two prompt sources", "exactly one of --prompts, --prompts_file, --labels_csv"),
     ("odd height", "--height must be a multiple of 8"),
@@ -489,6 +491,9 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
         del args["--prompts"]
         extra = _bad_labels(tmp_path, "Path,subject_id,Edema,count\nCheXpert-v1.0-small/train/patient00001/a.jpg,"
                                       "10000032,1.0,1\n")
+    elif case == "misspelt label column":
+        del args["--prompts"]
+        extra = _bad_labels(tmp_path, "Cardiomegally,Edema,count\n1.0,0.0,1\n")
     elif case == "unknown scheduler":
         extra = ["--scheduler", "foo"]
     elif case == "two prompt sources":
