@@ -363,6 +363,22 @@ def test_a_bad_downstream_baseline_is_one_line(two_runs, tmp_path, content, expe
     assert not (tmp_path / "cmp").exists()  # nothing written
 
 
+def test_downstream_numbers_on_seen_patients_or_other_labels_are_flagged(two_runs, tmp_path):
+    unet, lora = two_runs
+    seen = downstream_results({"c": (0.94, None)})
+    seen["counts"]["test"]["generators_that_saw_it"] = [str(unet)]
+    other = downstream_results({"c": (0.57, None)})
+    other["labels"] = ["Edema", "Cardiomegaly"]
+    for run, data in ((unet, seen), (lora, other)):
+        (run / "downstream").mkdir()
+        (run / "downstream" / "downstream.json").write_text(json.dumps(data))
+    text = run_compare(two_runs, tmp_path / "cmp")["markdown"]
+    assert f"unet: NOT COMPARABLE downstream AUROC: its test patients were in the training data of {unet}" in text
+    assert "lora: NOT COMPARABLE downstream" not in text
+    assert ("NOT COMPARABLE: the downstream mean AUROC averages other labels between runs "
+            "(unet: Edema; lora: Edema, Cardiomegaly)") in text
+
+
 def test_no_downstream_columns_without_downstream_results(two_runs, tmp_path):
     run_compare(two_runs, tmp_path / "cmp")
     assert "AUROC" not in (tmp_path / "cmp" / "comparison.md").read_text()

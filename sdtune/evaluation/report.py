@@ -130,6 +130,10 @@ def load_run(path: Path, name: str, patterns: list[str]) -> Run:
         if data.get("kind") == "sdtune.downstream":
             run.downstream = data
             run.notes += downstream_provenance(name, path, data)
+            seen = _get(data, "counts", "test", "generators_that_saw_it")
+            if seen:  # --allow_seen_test_patients
+                run.notes.append(f"{name}: NOT COMPARABLE downstream AUROC: its test patients were in the training "
+                                 f"data of {', '.join(seen)}, whose images arms (c, d) learn from (flattered)")
         else:
             run.notes.append(f"{name}: {downstream} is not a downstream.py results file: ignored")
     return run
@@ -365,6 +369,15 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
     models = sorted({r["clip_model"] for r in records if r["clip_model"]})
     if models:
         out.append(f"CLIP score model: {', '.join(models)}")
+    # the mean AUROC of different labels is a different number
+    label_sets = {}
+    for run in runs:
+        if run.downstream:
+            label_sets.setdefault(tuple(run.downstream.get("labels") or ()), []).append(run.name)
+    if len(label_sets) > 1:
+        out.append("NOT COMPARABLE: the downstream mean AUROC averages other labels between runs ("
+                   + "; ".join(f"{', '.join(names)}: {', '.join(labels) or 'not recorded'}"
+                               for labels, names in label_sets.items()) + ")")
     for run in runs:
         out += run.notes
     return out
