@@ -14,12 +14,38 @@ import typing
 from typing import Any
 
 
-def field(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with its help text (and allowed values) for the command line."""
-    metadata = {"help": help, "choices": choices}
+def field(default: Any, help: str, choices: tuple | None = None, bounds: str | None = None,  # noqa: A002
+          **kwargs: Any) -> Any:
+    """A dataclass field with its help text, allowed values and numeric bounds (a key of BOUNDS)."""
+    metadata = {"help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+BOUNDS = {  # rule -> (test, what the value must be)
+    ">=0": (lambda v: v >= 0, "at least 0"),
+    ">=1": (lambda v: v >= 1, "at least 1"),
+    ">0": (lambda v: v > 0, "above 0"),
+    "0..1": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "0..<1": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "8x": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8 (the VAE divides images by 8)"),
+}
+
+
+def check_bounds(*settings: Any) -> None:
+    """Every number outside its field's bounds, in one line (None, a value not given, passes)."""
+    from sdtune.errors import UserError
+
+    problems = []
+    for setting in settings:
+        for f in dataclasses.fields(setting):
+            rule, value = f.metadata.get("bounds"), getattr(setting, f.name)
+            if rule and value is not None and not BOUNDS[rule][0](value):
+                hint = " (a fraction: 0.2 means 20%)" if rule.startswith("0..") and value > 1 else ""
+                problems.append(f"--{f.name} {value:g} must be {BOUNDS[rule][1]}{hint}")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def _flag_type(annotation: Any) -> tuple[Any, str | None]:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sdtune import SD15_MODEL_ID, __version__
 from sdtune.adapters import AdapterConfig, get_adapter
-from sdtune.config import field
+from sdtune.config import check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
@@ -60,35 +60,41 @@ class TrainConfig:
     train_vae: bool = field(False, "custom run: train the VAE")
     peft: str | None = field(None, "custom run: a PEFT adapter on the U-Net", choices=("lora", "dora", "bitfit", "difffit"))
     # optimisation
-    learning_rate: float | None = field(None, "learning rate of every trained component (default: the strategy's)")
-    unet_lr: float | None = field(None, "U-Net (or U-Net adapter) learning rate (default: --learning_rate, else the strategy's)")
-    text_encoder_lr: float | None = field(None, "text encoder learning rate (default: --learning_rate, else the strategy's)")
-    vae_lr: float | None = field(None, "VAE learning rate (default: --learning_rate, else the strategy's)")
-    adam_beta1: float = field(0.9, "AdamW beta1")
-    adam_beta2: float = field(0.999, "AdamW beta2")
-    adam_weight_decay: float = field(1e-2, "AdamW decoupled weight decay")
-    adam_epsilon: float = field(1e-8, "AdamW epsilon")
+    learning_rate: float | None = field(None, "learning rate of every trained component (default: the strategy's)",
+                                        bounds=">0")
+    unet_lr: float | None = field(None, "U-Net (or U-Net adapter) learning rate (default: --learning_rate, else the strategy's)",
+                                  bounds=">0")
+    text_encoder_lr: float | None = field(None, "text encoder learning rate (default: --learning_rate, else the strategy's)",
+                                          bounds=">0")
+    vae_lr: float | None = field(None, "VAE learning rate (default: --learning_rate, else the strategy's)", bounds=">0")
+    adam_beta1: float = field(0.9, "AdamW beta1", bounds="0..<1")
+    adam_beta2: float = field(0.999, "AdamW beta2", bounds="0..<1")
+    adam_weight_decay: float = field(1e-2, "AdamW decoupled weight decay", bounds=">=0")
+    adam_epsilon: float = field(1e-8, "AdamW epsilon", bounds=">0")
     use_8bit_adam: bool = field(False, "8-bit AdamW from bitsandbytes: a quarter of AdamW's optimizer memory")
     paged_optimizer: bool = field(False, "bitsandbytes' paged AdamW (8-bit with --use_8bit_adam): on a GPU that runs "
                                   "short, optimizer state waits in CPU memory instead of failing (CUDA unified memory)")
     lr_scheduler: str = field("constant", "learning-rate schedule", choices=(
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
-    lr_warmup_steps: int = field(0, "warm-up steps of the schedule")
-    max_grad_norm: float = field(1.0, "clip the gradient norm of ALL trainable parameters to this (0: no clipping)")
-    train_batch_size: int = field(4, "images per device per micro-step")
-    gradient_accumulation_steps: int = field(1, "micro-steps per optimizer step")
-    max_train_steps: int | None = field(None, "optimizer steps to train (overrides --num_train_epochs)")
-    num_train_epochs: int = field(1, "passes over the data when --max_train_steps is not given")
+    lr_warmup_steps: int = field(0, "warm-up steps of the schedule", bounds=">=0")
+    max_grad_norm: float = field(1.0, "clip the gradient norm of ALL trainable parameters to this (0: no clipping)",
+                                 bounds=">=0")
+    train_batch_size: int = field(4, "images per device per micro-step", bounds=">=1")
+    gradient_accumulation_steps: int = field(1, "micro-steps per optimizer step", bounds=">=1")
+    max_train_steps: int | None = field(None, "optimizer steps to train (overrides --num_train_epochs)", bounds=">=1")
+    num_train_epochs: int = field(1, "passes over the data when --max_train_steps is not given", bounds=">=1")
     seed: int = field(42, "seed of noise, timesteps, caption dropout and data order")
     # diffusion objective
     prediction_type: str | None = field(None, "training target (default: the model's scheduler's)",
                                         choices=("epsilon", "v_prediction"))
-    snr_gamma: float | None = field(None, "min-SNR weighting gamma (Hang et al. 2023; 5.0 is typical); none: plain MSE")
-    noise_offset: float = field(0.0, "offset-noise strength (0.05-0.1 typical); 0 is off")
-    caption_dropout_prob: float = field(0.0, "probability of training on the empty prompt, for classifier-free guidance")
-    vae_recon_weight: float = field(1.0, "weight of the VAE reconstruction MSE when the VAE trains")
+    snr_gamma: float | None = field(None, "min-SNR weighting gamma (Hang et al. 2023; 5.0 is typical); none: plain MSE",
+                                    bounds=">0")
+    noise_offset: float = field(0.0, "offset-noise strength (0.05-0.1 typical); 0 is off", bounds=">=0")
+    caption_dropout_prob: float = field(0.0, "probability of training on the empty prompt, for classifier-free guidance",
+                                        bounds="0..1")
+    vae_recon_weight: float = field(1.0, "weight of the VAE reconstruction MSE when the VAE trains", bounds=">=0")
     use_ema: bool = field(False, "keep an exponential moving average of the trained weights; it is what gets saved")
-    ema_decay: float = field(0.9999, "EMA decay")
+    ema_decay: float = field(0.9999, "EMA decay", bounds="0..1")
     # precision and memory
     mixed_precision: str = field("no", "autocast precision; trained weights stay fp32, frozen parts run in it",
                                  choices=("no", "fp16", "bf16"))
@@ -115,23 +121,26 @@ class TrainConfig:
     torch_compile_mode: str | None = field(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)",
                                            choices=COMPILE_MODES)
     dataloader_num_workers: int | None = field(None, "data loading worker processes (default: 0 on CPU, "
-                                               "up to 8 per GPU process)")
+                                               "up to 8 per GPU process)", bounds=">=0")
     # outputs
     output_dir: str = field("outputs", "run folder: checkpoint-STEP/, final_model/, training_summary.json")
     logging_dir: str = field("logs", "tensorboard folder, relative to --output_dir")
     report_to: str = field("tensorboard", "where to log", choices=("tensorboard", "wandb", "none"))
     overwrite_output_dir: bool = field(False, "replace the run already in --output_dir (default: refuse, unless resuming)")
-    checkpointing_steps: int = field(500, "save a resumable checkpoint every N optimizer steps")
-    checkpoints_total_limit: int | None = field(None, "keep at most this many checkpoints (oldest deleted)")
+    checkpointing_steps: int = field(500, "save a resumable checkpoint every N optimizer steps", bounds=">=1")
+    checkpoints_total_limit: int | None = field(None, "keep at most this many checkpoints (oldest deleted)",
+                                                bounds=">=1")
     resume_from_checkpoint: str | None = field(None, "'latest' or a checkpoint-STEP folder to continue from")
     validation_prompts: list[str] | None = field(None, "prompts rendered every --validation_steps into the logs")
-    validation_steps: int = field(500, "render the validation prompts every N optimizer steps")
-    validation_inference_steps: int = field(25, "denoising steps of validation images")
+    validation_steps: int = field(500, "render the validation prompts every N optimizer steps", bounds=">=1")
+    validation_inference_steps: int = field(25, "denoising steps of validation images", bounds=">=1")
     validation_fid_steps: int = field(0, "every N optimizer steps, log the FID of --validation_fid_images images "
-                                      "(prompts cycled from --validation_prompts) against --validation_real; 0 is off")
+                                      "(prompts cycled from --validation_prompts) against --validation_real; 0 is off", bounds=">=0")
     validation_real: str | None = field(None, "real images for the validation FID: a folder, a table or a metadata file")
-    validation_fid_images: int = field(64, "images generated for each validation FID (fixed seeds, so runs compare)")
-    max_nonfinite_steps: int = field(25, "stop after this many consecutive steps with NaN/inf gradients (each is skipped)")
+    validation_fid_images: int = field(64, "images generated for each validation FID (fixed seeds, so runs compare)",
+                                       bounds=">=1")
+    max_nonfinite_steps: int = field(25, "stop after this many consecutive steps with NaN/inf gradients (each is skipped)",
+                                     bounds=">=1")
 
 
 def resolve_learning_rates(cfg: TrainConfig, strategy: Strategy) -> dict[str, float]:
@@ -382,6 +391,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     (adapter not merged), for callers that go on to sample or evaluate.
     """
     # ---------------------------------------------------------------- resolve every option once
+    check_bounds(cfg, data)
     try:
         strategy = resolve_strategy(cfg.strategy, cfg.train_unet, cfg.train_text_encoder, cfg.train_vae, cfg.peft)
     except ValueError as err:

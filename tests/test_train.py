@@ -340,6 +340,28 @@ def test_user_errors(extra, message, tiny_model, table, tmp_path):
         main(_argv(tiny_model, table, tmp_path, *extra))
 
 
+def test_numbers_out_of_range_are_all_named_in_one_line_before_anything_is_written(tiny_model, table, tmp_path):
+    out = tmp_path / "out"
+    argv = _argv(tiny_model, table, out, "--strategy", "lora", "--checkpointing_steps", "0", "--validation_fraction",
+                 "20", "--caption_dropout_prob", "2")
+    argv[argv.index("--resolution") + 1], argv[argv.index("--max_train_steps") + 1] = "60", "0"
+    with pytest.raises(UserError) as error:
+        main(argv)
+    assert str(error.value) == (
+        "--max_train_steps 0 must be at least 1; --caption_dropout_prob 2 must be from 0 to 1 (a fraction: 0.2 means "
+        "20%); --checkpointing_steps 0 must be at least 1; --resolution 60 must be a multiple of 8 (the VAE divides "
+        "images by 8); --validation_fraction 20 must be at least 0 and below 1 (a fraction: 0.2 means 20%)")
+    assert not out.exists()
+    for flag, value in (("--train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--learning_rate", "0")):
+        with pytest.raises(UserError, match=f"^{flag} 0 must be "):
+            main(_argv(tiny_model, table, out, "--strategy", "lora", flag, value))
+    # the data check reads the same bounds
+    from sdtune.data.__main__ import main as data_main
+
+    with pytest.raises(UserError, match="--validation_fraction 20 must be at least 0 and below 1"):
+        data_main(["check", "--train_csv", str(table), "--validation_fraction", "20"])
+
+
 def test_a_refused_precision_leaves_the_previous_run_alone(tiny_model, table, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "training_summary.json").write_text('{"status": "complete"}')

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sdtune.config import field
+from sdtune.config import check_bounds, field
 from sdtune.data.folder import read_image_folder
 from sdtune.data.images import ImageTransform, check_image, load_image
 from sdtune.data.records import DatasetError, Example, Problem, errors_only
@@ -47,13 +47,13 @@ class DataConfig:
                              choices=("ignore", "ones", "zeros"))
     views: str = field("frontal", "chest X-ray views to keep: frontal, AP, PA or all", choices=("frontal", "AP", "PA", "all"))
     demographics: bool = field(False, "start captions with age and sex, e.g. '50 year old female.'")
-    resolution: int = field(512, "training resolution; smaller images are upscaled (with a warning)")
+    resolution: int = field(512, "training resolution; smaller images are upscaled (with a warning)", bounds="8x")
     center_crop: bool = field(True, "crop the centre square after resizing; false: a random square")
     random_flip: bool = field(False, "random horizontal flips; off by default because a flipped chest X-ray mirrors anatomy")
-    min_size: int | None = field(None, "images whose short side is below this are errors (default: none)")
+    min_size: int | None = field(None, "images whose short side is below this are errors (default: none)", bounds=">=1")
     skip_bad_files: bool = field(False, "skip unreadable images and bad rows instead of stopping; they are listed in a report file")
     split: str = field("patient", "how validation is held out: patient (no patient on both sides) or image", choices=("patient", "image"))
-    validation_fraction: float = field(0.0, "fraction of patients held out for validation")
+    validation_fraction: float = field(0.0, "fraction of patients held out for validation", bounds="0..<1")
     split_seed: int = field(0, "seed of the train/validation split")
 
     @property
@@ -63,6 +63,7 @@ class DataConfig:
 
 def read_examples(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
     """The examples a source describes and the problems of its rows/captions (no image decoded yet)."""
+    check_bounds(cfg)
     if cfg.train_csv and cfg.train_data_dir:
         raise DatasetError([Problem("--train_csv", "given together with --train_data_dir: pass one of them")])
     if not cfg.source:
