@@ -82,6 +82,13 @@ for s in $STRATEGIES; do
     echo "error: unknown strategy '$s' in STRATEGIES (there is no synthesis_$s.sh)" >&2; exit 2
   fi
 done
+if has_stage evaluate; then  # each feature network loads now (xrv's weights offline), not after the training
+  read -r -a extra <<< "$EVAL_ARGS"
+  for features in $FID_FEATURES; do
+    "$PYTHON" "$ROOT/evaluate.py" --check-features --fid-features "$features" ${extra[@]+"${extra[@]}"} >/dev/null \
+      || { echo "error: FID_FEATURES names $features, which cannot be loaded (above): fix it, or leave it out" >&2; exit 2; }
+  done
+fi
 
 train_script() { if [[ -f "$ROOT/$1.sh" ]]; then echo "$ROOT/$1.sh"; else echo "$ROOT/finetune_$1.sh"; fi; }
 complete() { [[ -f "$1/final_model/model_index.json" ]] && grep -q '"status": "complete"' "$1/training_summary.json" 2>/dev/null; }

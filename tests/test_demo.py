@@ -58,6 +58,13 @@ def test_run_study_refuses_missing_settings_up_front(tmp_path):
                                 env=environment(OUTPUT_ROOT=str(tmp_path), **extra))
         assert result.returncode == 2 and expected in result.stderr, (extra, result.stderr)
         assert not (tmp_path / "runs").exists()
+    # a feature network that cannot load (xrv's weights, offline and not cached) fails before any training
+    result = subprocess.run(["bash", str(ROOT / "run_study.sh")], capture_output=True, text=True, cwd=tmp_path,
+                            env=environment(OUTPUT_ROOT=str(tmp_path), LABELS_CSV="x.csv", REAL_DIR="r",
+                                            FID_FEATURES="xrv", PYTHON=sys.executable, HOME=str(tmp_path)))
+    assert result.returncode == 2 and not (tmp_path / "runs").exists(), result.stderr
+    assert "torchxrayvision weights densenet121-res224-all are not cached" in result.stderr
+    assert "FID_FEATURES names xrv, which cannot be loaded" in result.stderr
 
 
 @pytest.mark.slow

@@ -34,9 +34,22 @@ def _generate_samples(argv: list[str]):
     return samples_main(argv)
 
 
+def _check_features(argv: list[str]):
+    """Load the feature network the flags name, say so, and stop. run_study.sh asks before any training, so
+    that missing weights (xrv offline) fail in seconds, not after hours."""
+    from sdtune.evaluation.core import feature_network
+
+    argv = [a for a in argv if a.split("=")[0] not in ("--check_features", "--check-features")]
+    cfg = from_args(EvalConfig, build_parser().parse_args(argv))
+    network = feature_network(cfg)
+    print(f"features ready: {network.name}, {network.dim}-d ({network.version})")
+    return network
+
+
 # First-word modes (subcommands) and flag modes; a new mode is one entry.
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {"compare": _compare}
-FLAG_MODES: dict[str, Callable[[list[str]], object]] = {"--generate_samples": _generate_samples}
+FLAG_MODES: dict[str, Callable[[list[str]], object]] = {"--generate_samples": _generate_samples,
+                                                        "--check_features": _check_features}
 
 
 def main(argv: list[str] | None = None) -> None:

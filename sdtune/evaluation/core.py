@@ -136,7 +136,7 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
         + (f"; real: {len(real_set)} images ({real_set.kind}, {real_set.source})" if real_set else ""))
 
     if {"fid", "kid", "vendi"} & set(names):
-        extractor = extractor or _extractor(cfg)
+        extractor = extractor or feature_network(cfg)
         results["features"] = {**extractor.describe(), "cache": {}}
         log(f"features: {extractor.name} ({extractor.dim}-d); resize: {extractor.resize}")
         feats = {}
@@ -192,7 +192,7 @@ def cache_features(images, cfg: EvalConfig | None = None, *, log: Callable[[str]
     """
     cfg = dataclasses.replace(cfg or EvalConfig(), **settings)
     image_set = _limit(as_image_set(images, "images"), cfg.max_real, cfg.seed, 0)
-    _features(image_set, "real", _extractor(cfg), cfg, _device(cfg), log, all_processes)
+    _features(image_set, "real", feature_network(cfg), cfg, _device(cfg), log, all_processes)
     return len(image_set)
 
 
@@ -200,7 +200,8 @@ def _device(cfg: EvalConfig) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
 
 
-def _extractor(cfg: EvalConfig) -> Extractor:
+def feature_network(cfg: EvalConfig) -> Extractor:
+    """The feature extractor the settings name (weights loaded; a missing file is a UserError)."""
     return get_extractor(cfg.fid_features, resize=cfg.fid_resize, input_size=cfg.fid_input_size,
                          xrv_weights=cfg.xrv_weights)
 
