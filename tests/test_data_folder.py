@@ -54,6 +54,19 @@ def test_every_caption_problem_is_reported_at_once(tmp_path):
     assert "not UTF-8" in by_file["latin1.png"] and "re-save it as UTF-8" in by_file["latin1.png"]
 
 
+def test_a_folder_without_any_caption_is_one_line_that_names_its_table(tmp_path):
+    for patient in range(3):
+        _image(tmp_path / "CheXpert-v1.0-small" / "train" / f"patient{patient:05d}" / "study1" / "view1_frontal.jpg")
+    (tmp_path / "CheXpert-v1.0-small" / "train.csv").write_text("Path\n")
+    examples, problems = read_image_folder(tmp_path)
+    assert examples == [] and [(p.where, p.what) for p in problems] == [(
+        str(tmp_path), f"none of its 3 images has a caption file; {tmp_path / 'CheXpert-v1.0-small' / 'train.csv'} is "
+        "a table: pass it with --train_csv (TRAIN_CSV= in the scripts)")]
+    (tmp_path / "CheXpert-v1.0-small" / "train.csv").unlink()
+    (problem,) = read_image_folder(tmp_path)[1]
+    assert problem.what.endswith("write NAME.txt beside each image, or pass --captions_dir, or a table with --train_csv")
+
+
 def test_an_empty_folder_is_a_problem(tmp_path):
     examples, problems = read_image_folder(tmp_path)
     assert examples == [] and "no images found" in problems[0].what

@@ -35,14 +35,21 @@ def read_image_folder(root: str | Path, captions_dir: str | Path | None = None) 
     captions_root = Path(captions_dir).expanduser().resolve() if captions_dir else root
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
-    examples, problems = [], []
+    examples, problems, missing = [], [], 0
     for image in images:
         relative = image.relative_to(root)
-        caption, error = read_caption(captions_root / relative.with_suffix(".txt"))
+        caption_file = captions_root / relative.with_suffix(".txt")
+        caption, error = read_caption(caption_file)
+        missing += not caption_file.exists()
         if error:
             problems.append(Problem(str(relative), error))
         else:
             examples.append(Example(image=image, caption=caption, source=str(relative)))
     if not images:
         problems.append(Problem(str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
+    elif missing == len(images):  # not a folder of captioned images: one line, not one per image
+        tables = sorted(root.rglob("*.csv"))[:1]
+        hint = (f"; {tables[0]} is a table: pass it with --train_csv (TRAIN_CSV= in the scripts)" if tables else
+                ": write NAME.txt beside each image, or pass --captions_dir, or a table with --train_csv")
+        problems = [Problem(str(root), f"none of its {len(images)} images has a caption file{hint}")]
     return examples, problems
