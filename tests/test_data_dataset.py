@@ -186,7 +186,13 @@ def test_export_round_trips_and_leaves_identifiers_behind(messy_folder, tmp_path
         if f.is_file():
             data = f.read_bytes()
             assert PATIENT_NAME.encode() not in data and PATIENT_ID.encode() not in data, f
-            assert b"scan" not in data and b"good" not in data, f  # no source file name either
+            # no source file name either, of an exported or a skipped file
+            assert not re.search(rb"scan|good|nocaption|white|truncated", data), f
+    # the skipped files are listed for the user beside the export, not in it
+    report = tmp_path / "out.problems.txt"
+    assert {line.split(":")[0] for line in report.read_text().splitlines()} == {"nocaption.png", "white.png",
+                                                                               "truncated.jpg"}
+    assert f"problems listed in {report}, beside the export" in result.stdout
 
 
 def test_export_leaves_exif_and_text_chunks_behind(tmp_path):

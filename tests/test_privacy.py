@@ -99,8 +99,8 @@ def test_table_paths_name_patients_and_no_output_repeats_them(tiny_model, tmp_pa
 
     patient = re.compile(rb"patient\d{5}")
     written = [p for folder in (tmp_path / "export", run, synthetic, tmp_path / "cache") for p in folder.rglob("*")
-               if p.is_file()] + [tmp_path / "results.json"]
-    assert {"held_out.txt", "data_problems.txt", "skipped.txt", "metadata.jsonl"} <= {p.name for p in written}
+               if p.is_file()] + [tmp_path / "results.json", tmp_path / "export.problems.txt"]
+    assert {"held_out.txt", "data_problems.txt", "export.problems.txt", "metadata.jsonl"} <= {p.name for p in written}
     assert any("tfevents" in p.name for p in written)
     assert "line" in (run / "data_problems.txt").read_text()  # the problems are there, by row
     for path in written:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,7 +66,8 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
     headers stay behind), and patient groups become numbered pseudonyms (g000001, ...), enough
     for patient-level splits.
     """
-    examples, problems = inspect_dataset(cfg)
+    # No resolution: an export keeps each image's own size, so no upscaling warnings.
+    examples, problems = inspect_dataset(dataclasses.replace(cfg, resolution=None))
     errors = errors_only(problems)
     if errors and not cfg.skip_bad_files:
         raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
@@ -93,10 +95,13 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
     if layout == "jsonl":
         with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    # Beside the export, never in it: a folder's problems name its files, and file names can name patients.
+    report = output_dir.with_name(f"{output_dir.name}.problems.txt")
     if problems:
-        write_report(problems, output_dir / "skipped.txt")
+        write_report(problems, report)
     print(f"exported {len(examples)} images to {output_dir} ({layout} layout)"
-          + (f"; {len(errors)} skipped, listed in {output_dir / 'skipped.txt'}" if errors else ""))
+          + (f"; {len(errors)} skipped" if errors else "")
+          + (f"; problems listed in {report}, beside the export: it names source files" if problems else ""))
     return 0
 
 
