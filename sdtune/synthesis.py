@@ -50,7 +50,7 @@ from sdtune.config import field
 from sdtune.errors import UserError
 from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
                            load_components)
-from sdtune.strategies import COMPONENTS, Strategy
+from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy
 
 # Short names for diffusers schedulers: (class, extra settings). Each is configured from the
 # model's own scheduler config, so betas and prediction type stay the model's.
@@ -366,6 +366,11 @@ def resolve_model(model_path: str, base_model: str | None = None) -> ModelSource
     """Tell which kind of thing --model_path is, from its files and the run's summary (never its name)."""
     path = Path(model_path).expanduser()
     if not path.exists():
+        if path.parent.is_dir() and path.parent != Path("."):  # outputs/bitfit with outputs/ here: meant as local
+            strategy = STRATEGIES.get(path.name)
+            script = f" (./{'' if strategy.peft else 'finetune_'}{path.name}.sh writes it)" if strategy else ""
+            raise UserError(f"model path {model_path} does not exist: train it first{script}, or pass the run folder "
+                            "with --model_path")
         if re.fullmatch(r"[\w.-]+/[\w.-]+", model_path) and not model_path.startswith("."):
             # a hub id, e.g. the untrained base
             return _no_base(ModelSource("pipeline", current_model_id(model_path)), base_model)
@@ -386,6 +391,11 @@ def resolve_model(model_path: str, base_model: str | None = None) -> ModelSource
             raise UserError(f"{path / 'final_model'} is incomplete (no model_index.json): did training finish?")
         return _no_base(ModelSource("run", str(path / "final_model"), read_summary(path)), base_model)
     adapter_file = _adapter_file(path) if path.is_dir() else path
+    checkpoints = sorted((p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                         key=lambda p: int(p.name.split("-")[1])) if path.is_dir() else []
+    if adapter_file is None and checkpoints:
+        raise UserError(f"{path} has no final_model/ (training did not finish): resume it with "
+                        f"--resume_from_checkpoint latest, or pass its last checkpoint, --model_path {checkpoints[-1]}")
     if adapter_file is None or adapter_file.suffix != ".safetensors":
         raise UserError(f"{path} is none of: a final_model/ folder (model_index.json), a run folder (final_model/), "
                         "a checkpoint-STEP/ folder (*_trained.safetensors), an adapter .safetensors file")

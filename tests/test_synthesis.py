@@ -459,6 +459,8 @@ def _bad_labels(tmp_path, text):
 
 @pytest.mark.parametrize("case, message", [
     ("missing model", "model path .*nowhere does not exist"),
+    ("not trained yet", r"model path .*outputs/bitfit does not exist: train it first \(\./bitfit\.sh writes it\)"),
+    ("unfinished run", r"has no final_model/ \(training did not finish\): resume it .* --model_path .*checkpoint-2$"),
     ("no count column", "has no 'count' column"),
     ("bad count", r"line 3: count '2\.5' is not a whole number"),
     ("identifier column", "column\\(s\\) Path, subject_id identify patients or images"),
@@ -481,6 +483,15 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
     extra = []
     if case == "missing model":
         args["--model_path"] = str(tmp_path / "nowhere")
+    elif case == "not trained yet":  # the wrapper's default, outputs/bitfit, before ./bitfit.sh ran
+        (tmp_path / "outputs").mkdir()
+        args["--model_path"] = str(tmp_path / "outputs" / "bitfit")
+    elif case == "unfinished run":
+        (tmp_path / "cut").mkdir()
+        for name in ("checkpoint-1", "checkpoint-2"):
+            shutil.copytree(run / "checkpoint-2", tmp_path / "cut" / name)
+        shutil.copy(run / "training_summary.json", tmp_path / "cut")
+        args["--model_path"] = str(tmp_path / "cut")
     elif case == "no count column":
         del args["--prompts"]
         extra = _bad_labels(tmp_path, "Edema,Cardiomegaly\n1.0,0.0\n")
