@@ -744,6 +744,9 @@ def synthesize(cfg: SynthesisConfig) -> dict:
     device = torch.device(cfg.device) if cfg.device else state.device
     if device.type == "cuda" and device.index is None and state.num_processes > 1:
         device = torch.device("cuda", state.local_process_index)
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":  # diffusers warns that it fails, then tries anyway
+        raise UserError("--mixed_precision fp16 needs a GPU: use --mixed_precision no or bf16 on the CPU "
+                        "(MIXED_PRECISION=no in the synthesis scripts)")
 
     source = resolve_model(cfg.model_path, cfg.base_model)
     plan = build_plan(cfg, source.summary)

@@ -466,6 +466,7 @@ def _bad_labels(tmp_path, text):
     ("identifier column", "column\\(s\\) Path, subject_id identify patients or images"),
     ("misspelt label column", r"column\(s\) Cardiomegally \(did you mean Cardiomegaly\?\) are not labels of the "
                               "run's training table"),
+    ("fp16 on the CPU", r"--mixed_precision fp16 needs a GPU: use --mixed_precision no or bf16 on the CPU"),
     ("unknown scheduler", "unknown scheduler 'foo': use one of pndm, ddim"),
     ("two prompt sources", "exactly one of --prompts, --prompts_file, --labels_csv"),
     ("odd height", "--height must be a multiple of 8"),
@@ -505,6 +506,8 @@ def test_bad_inputs_are_one_line_user_errors(case, message, runs, tmp_path, caps
     elif case == "misspelt label column":
         del args["--prompts"]
         extra = _bad_labels(tmp_path, "Cardiomegally,Edema,count\n1.0,0.0,1\n")
+    elif case == "fp16 on the CPU":
+        extra = ["--mixed_precision", "fp16", "--device", "cpu"]
     elif case == "unknown scheduler":
         extra = ["--scheduler", "foo"]
     elif case == "two prompt sources":
