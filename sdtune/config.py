@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 import sys
 import typing
 from typing import Any
@@ -46,6 +48,22 @@ def check_bounds(*settings: Any) -> None:
                 problems.append(f"--{f.name} {value:g} must be {BOUNDS[rule][1]}{hint}")
     if problems:
         raise UserError("; ".join(problems))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: the entry points' usage runs to 80 lines and buried the message.
+    A misspelt flag is given the nearest real one."""
+
+    def error(self, message: str):
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [option for action in self._actions for option in action.option_strings]
+            words = []
+            for arg in unknown.group(1).split():
+                close = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg.startswith("--") else []
+                words.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+            message = f"unrecognized arguments: {' '.join(words)}"
+        self.exit(2, f"error: {message} ({self.prog} --help lists every flag)\n")
 
 
 def _flag_type(annotation: Any) -> tuple[Any, str | None]:

@@ -21,7 +21,6 @@ Every image is decoded once, resized and cropped to --resolution, and kept in me
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.metadata
 import io
@@ -40,7 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sdtune.config import add_arguments, field, from_args
+from sdtune.config import ArgumentParser, add_arguments, field, from_args
 from sdtune.data.captions import apply_uncertainty
 from sdtune.data.dataset import FORMATS, DataConfig, read_examples
 from sdtune.data.images import ImageError, ImageTransform, load_image
@@ -689,7 +688,7 @@ def versions() -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> DownstreamConfig:
-    parser = argparse.ArgumentParser(prog="downstream.py", description="Does synthetic data help a classifier? "
+    parser = ArgumentParser(prog="downstream.py", description="Does synthetic data help a classifier? "
                                      "Four arms (all real, N real per class, plus synthetic, synthetic only), "
                                      "AUROC on a held-out real test set split by patient.")
     add_arguments(parser, DownstreamConfig)

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtune.config import field
+from sdtune.config import ArgumentParser, field
 from sdtune.errors import UserError
 from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
                            load_components)
@@ -817,12 +817,10 @@ def synthesize(cfg: SynthesisConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> SynthesisConfig:
-    import argparse
-
     from sdtune.config import add_arguments, from_args
 
-    parser = argparse.ArgumentParser(prog="synthesize_images.py",
-                                     description="Make a synthetic image dataset (PNG + metadata.csv) with a trained model.")
+    parser = ArgumentParser(prog="synthesize_images.py",
+                            description="Make a synthetic image dataset (PNG + metadata.csv) with a trained model.")
     add_arguments(parser, SynthesisConfig)
     return from_args(SynthesisConfig, parser.parse_args(argv))
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sdtune import SD15_MODEL_ID, __version__
 from sdtune.adapters import AdapterConfig, get_adapter
-from sdtune.config import check_bounds, field
+from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
@@ -988,11 +988,9 @@ SETTINGS = (TrainConfig, DataConfig, AdapterConfig)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, DataConfig, AdapterConfig]:
-    import argparse
-
     from sdtune.config import add_arguments, from_args
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train_text_to_image.py",
         description="Fine-tune Stable Diffusion 1.5 with one of the study's strategies (--strategy) or a custom one.",
     )

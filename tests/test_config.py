@@ -55,6 +55,22 @@ def test_unknown_flags_are_errors():
         parser.parse_args(["--lora_rnak", "8"])
 
 
+def test_a_misspelt_flag_is_one_line_with_the_nearest_flag(capsys):
+    from sdtune.config import ArgumentParser
+
+    parser = ArgumentParser(prog="tool")
+    add_arguments(parser, Demo)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--lora_rnak", "8", "--zzz"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: unrecognized arguments: --lora_rnak (did you mean --lora_rank?) 8 --zzz "
+                                       "(tool --help lists every flag)\n")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mixed_precision", "fp8"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --mixed_precision") and err.count("\n") == 1 and "usage" not in err
+
+
 def test_a_list_flag_given_twice_keeps_the_last_and_says_so(capsys):
     # A wrapper passes its defaults first and the user's flags after: the user's must win.
     assert _parse(["--lora_target_modules", "to_v", "to_out.0"]).lora_target_modules == ["to_v", "to_out.0"]

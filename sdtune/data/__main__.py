@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdtune.config import add_arguments, from_args
+from sdtune.config import ArgumentParser, add_arguments, from_args
 from sdtune.data.dataset import DataConfig, inspect_dataset, summarize, write_report
 from sdtune.data.images import load_image
 from sdtune.data.records import DatasetError, Example, errors_only
@@ -113,7 +112,7 @@ def _pixels_only(ex: Example) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdtune.data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m sdtune.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="counts, label distribution, caption examples and every problem")
     add_arguments(check_parser, DataConfig)

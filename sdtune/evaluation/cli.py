@@ -10,14 +10,13 @@ mapped to a function of the remaining arguments; anything else is the metrics mo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sdtune.config import add_arguments, from_args
+from sdtune.config import ArgumentParser, add_arguments, from_args
 from sdtune.evaluation.core import EvalConfig, compute_metrics
 from sdtune.processes import process_state
 
@@ -62,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     return evaluate_main(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="evaluate.py", description="FID, KID, Vendi, MS-SSIM diversity and CLIP score of generated images.",
         epilog=f"modes: {', '.join(SUBCOMMANDS)} (evaluate.py MODE --help), {', '.join(FLAG_MODES)}")
     add_arguments(parser, EvalConfig)

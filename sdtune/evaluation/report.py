@@ -16,7 +16,6 @@ gradient accumulation), all from the summary.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import io
@@ -25,7 +24,7 @@ import math
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 
-from sdtune.config import add_arguments, field, from_args
+from sdtune.config import ArgumentParser, add_arguments, field, from_args
 from sdtune.errors import UserError
 
 MISSING = "—"
@@ -567,7 +566,7 @@ def compare(run_dirs: list[str], cfg: CompareConfig) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="evaluate.py compare",
         description="The study's comparison table (Markdown, CSV) and plots from training runs and their "
                     "evaluate.py results.")

@@ -10,14 +10,13 @@ outputs/final_model, else the only outputs/*/final_model there is.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import re
 from pathlib import Path
 
-from sdtune.config import add_arguments, field, from_args
+from sdtune.config import ArgumentParser, add_arguments, field, from_args
 from sdtune.errors import UserError
 from sdtune.synthesis import SynthesisConfig, synthesize
 
@@ -143,7 +142,7 @@ def generate_samples(cfg: SamplesConfig) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="evaluate.py --generate-samples",
         description="Generate samples of a prompt with a trained model and one grid image (visual inspection).")
     add_arguments(parser, SamplesConfig)
