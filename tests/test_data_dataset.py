@@ -83,20 +83,36 @@ def test_dataset_items_are_vae_ready(messy_folder):
     assert item["caption"] in {e.caption for e in examples}
 
 
-def test_random_crops_and_flips_depend_on_seed_epoch_and_index_alone(phantom_chexpert):
-    examples = load_examples(DataConfig(train_data_dir=str(phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"),
-                                        resolution=64))[:4]
+def test_random_crops_and_flips_depend_on_seed_epoch_and_index_alone(tmp_path):
+    from sdtune.data.records import Example
 
-    def pixels(seed, epoch, order):
-        dataset = ImageCaptionDataset(examples, 48, center_crop=False, random_flip=True, modality=None, seed=seed)
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(4):  # not square, so a random crop has room to move
+        Image.fromarray(rng.integers(0, 256, (56, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        examples.append(Example(image=tmp_path / f"{i}.png", caption="c"))
+
+    def pixels(seed, epoch, order, **augment):
+        dataset = ImageCaptionDataset(examples, 48, modality=None, seed=seed,
+                                      **(augment or {"center_crop": False, "random_flip": True}))
         dataset.set_epoch(epoch)
         return {i: dataset[i]["pixel_values"] for i in order}
 
     first = pixels(0, 0, [0, 1, 2, 3])
+    torch.manual_seed(123)  # the global stream plays no part
     again = pixels(0, 0, [3, 2, 1, 0])  # another instance, another order of reads: the same draws
     assert all(torch.equal(first[i], again[i]) for i in first)
     for other in (pixels(0, 1, [0, 1, 2, 3]), pixels(1, 0, [0, 1, 2, 3])):  # another epoch or seed draws anew
         assert any(not torch.equal(first[i], other[i]) for i in first)
+    # the index is drawn from too: one image at eight indices is not cut eight times alike
+    same = ImageCaptionDataset([examples[0]] * 8, 48, center_crop=False, random_flip=True, modality=None)
+    assert len({same[i]["pixel_values"].sum().item() for i in range(8)}) > 1
+    # a random crop alone (no flip) follows the same rule
+    crops = []
+    for global_seed in (1, 2):  # a crop drawn from the global stream would differ
+        torch.manual_seed(global_seed)
+        crops.append(pixels(0, 0, [0, 1, 2, 3], center_crop=False, random_flip=False))
+    assert all(torch.equal(crops[0][i], crops[1][i]) for i in range(4))
 
 
 def test_phantom_chexpert_through_the_table_reader(phantom_chexpert):

@@ -446,3 +446,11 @@ def test_downstream_wrapper_passes_every_header_override(tmp_path):
     flags = dict(zip(rest[::2], rest[1::2]))
     assert (flags["--test_fraction"], flags["--uncertainty"], flags["--n_per_class"], flags["--epochs"],
             flags["--device"]) == ("0.3", "ones", "7", "2", "cpu")
+    # Real-only arms: the default set is not passed; a set you name is (its generator gives the test set).
+    for synthetic, passed in ((None, False), ("synthetic/x", True)):
+        env = {k: v for k, v in env.items() if k != "SYNTHETIC"} | {"ARMS": "a,b"}
+        if synthetic:
+            env["SYNTHETIC"] = synthetic
+        subprocess.run(["bash", str(ROOT / "downstream.sh")], env=env, check=True, cwd=tmp_path)
+        argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+        assert ("--synthetic" in argv) == passed and (not passed or argv[argv.index("--synthetic") + 1] == synthetic)

@@ -316,11 +316,11 @@ def test_downstream_numbers_from_another_runs_images_are_noted(two_runs, tmp_pat
         assert (note in text) == noted
 
 
-def downstream_results(arms: dict[str, tuple], *, test_images=40, arch="densenet121") -> dict:
+def downstream_results(arms: dict[str, tuple], *, test_images=40, patients=10, arch="densenet121") -> dict:
     """downstream.json with arm -> (mean, std) of the mean AUROC, a test set and the classifier's settings."""
     return {"kind": "sdtune.downstream", "format": 1, "labels": ["Edema"],
             "arms": {a: {"mean_auroc": {"mean": m, "std": sd, "n": 3}} for a, (m, sd) in arms.items()},
-            "counts": {"test": {"images": test_images, "patients": 10, "positives": {"Edema": 5}}},
+            "counts": {"test": {"images": test_images, "patients": patients, "positives": {"Edema": 5}}},
             "settings": {"arch": arch, "resolution": 224, "epochs": 5, "seeds": [0, 1, 2], "labels": ["Edema"]}}
 
 
@@ -346,6 +346,10 @@ def test_the_real_only_baseline_fills_arms_a_and_b_of_every_row(two_runs, tmp_pa
     # lora's c was tested on other images by another classifier; unet's matches the baseline
     assert ("NOT COMPARABLE: lora's downstream arms (c, d) and the real-only baseline differ in test set, arch"
             in text) and "NOT COMPARABLE: unet's downstream" not in text
+    # as many test images, other patients: another test set all the same
+    (unet / "downstream" / "downstream.json").write_text(json.dumps(downstream_results({"c": (0.8, 0.01)}, patients=11)))
+    text = run_compare(two_runs, tmp_path / "cmp2", "--downstream-real", str(baseline))["markdown"]
+    assert "NOT COMPARABLE: unet's downstream arms (c, d) and the real-only baseline differ in test set:" in text
 
 
 @pytest.mark.parametrize(("content", "expected"), [

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,17 +283,21 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     assert models.vae.dtype == models.text_encoder.dtype == torch.bfloat16
 
 
-def test_a_short_last_accumulation_window_counts_like_a_short_batch(tiny_model, phantom_chexpert, tmp_path):
-    """6 images: batch 2 x 2 accumulation gives windows of 2 and 1 batches; batch 4 gives batches of 4 and 2.
-    The second step must see the same gradient both ways, not half of it (max_grad_norm 0: no clipping)."""
+def _captioned_folder(phantom_chexpert, folder: Path, n: int) -> Path:
+    """n phantom images with one caption each, in the tutorial's folder layout."""
     import shutil
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, image in enumerate(sorted((phantom_chexpert / "CheXpert-v1.0-small" / "train").rglob("*.jpg"))[:6]):
-        copy = data / f"{i}.jpg"
-        shutil.copy(image, copy)
-        copy.with_suffix(".txt").write_text("Chest x-ray of a patient with Edema")
+    folder.mkdir()
+    for i, image in enumerate(sorted((phantom_chexpert / "CheXpert-v1.0-small" / "train").rglob("*.jpg"))[:n]):
+        shutil.copy(image, folder / f"{i}.jpg")
+        (folder / f"{i}.txt").write_text("Chest x-ray of a patient with Edema")
+    return folder
+
+
+def test_a_short_last_accumulation_window_counts_like_a_short_batch(tiny_model, phantom_chexpert, tmp_path):
+    """10 images: batch 2 x 3 accumulation gives windows of 3 and 2 batches; batch 6 gives batches of 6 and 4.
+    The second step must see the same gradient both ways, not 2/3 of it (max_grad_norm 0: no clipping)."""
+    data = _captioned_folder(phantom_chexpert, tmp_path / "data", 10)
 
     def trained(name, batch, accumulation):
         argv = _argv(tiny_model, data, tmp_path / name, "--strategy", "lora", "--max_grad_norm", "0",
@@ -300,12 +305,38 @@ def test_a_short_last_accumulation_window_counts_like_a_short_batch(tiny_model, 
         argv[argv.index("--train_csv")] = "--train_data_dir"
         argv[argv.index("--train_batch_size") + 1] = str(batch)
         summary, _ = train(*parse_args(argv))
-        assert summary["steps"] == 2 and len(list(data.glob("*.jpg"))) == 6
+        assert summary["steps"] == 2 and len(list(data.glob("*.jpg"))) == 10
         return load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
 
-    accumulated, whole = trained("accumulated", 2, 2), trained("whole", 4, 1)
+    accumulated, whole = trained("accumulated", 2, 3), trained("whole", 6, 1)
     for key in whole:
         torch.testing.assert_close(accumulated[key], whole[key], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_across_epochs_with_random_flips_workers_and_a_short_window(tiny_model, phantom_chexpert, tmp_path,
+                                                                            monkeypatch):
+    """6 images, batch 2 x 2 accumulation: 2 steps an epoch, the second a window of 1 batch. Stopped at step 3
+    (epoch 1, after its first window) and resumed, the run equals a straight one: each epoch draws its own
+    flips in fresh loader workers, and the resumed short window is still known to be short."""
+    from sdtune.data.dataset import ImageCaptionDataset
+
+    data = _captioned_folder(phantom_chexpert, tmp_path / "data", 6)
+    argv = _argv(tiny_model, data, tmp_path / "run", "--strategy", "lora", "--gradient_accumulation_steps", 2,
+                 "--checkpointing_steps", 3, "--random_flip", "--dataloader_num_workers", 1, steps=5)
+    argv[argv.index("--train_csv")] = "--train_data_dir"
+    epochs, set_epoch = [], ImageCaptionDataset.set_epoch
+    monkeypatch.setattr(ImageCaptionDataset, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e)))
+    main(argv)
+    assert list(dict.fromkeys(epochs)) == [0, 1, 2]  # each epoch draws anew (accelerate's loader also passes it on)
+    straight = load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
+    for left in ("checkpoint-5", "final_model"):  # a crash after step 3: its checkpoint is all that is left
+        shutil.rmtree(tmp_path / "run" / left)
+    (tmp_path / "run" / "pytorch_lora_weights.safetensors").unlink()
+    assert main(argv + ["--resume_from_checkpoint", "latest"])["steps"] == 5
+    resumed = load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7)
 
 
 def test_bf16_does_not_round_the_trained_tensors_first(tiny_model, table, tmp_path):
