@@ -174,8 +174,12 @@ def test_unreadable_table_and_unknown_format(tmp_path):
     with pytest.raises(DatasetError, match="cannot read the table"):
         read_table(table, format="chexpert")
     write_csv(table, ["a", "b"], [{"a": 1, "b": 2}])
-    with pytest.raises(UserError, match=r"cannot tell the format .*\(a, b\)"):
+    with pytest.raises(UserError, match=r"cannot tell the format .*\(a, b\): fix its header, or pass the format "
+                                        r"\(--data_format\)"):
         read_table(table)
+    write_csv(table, ["path", "Frontal/Lateral", "Edema"], [{"path": "x.jpg", "Frontal/Lateral": "Frontal", "Edema": 1}])
+    with pytest.raises(UserError, match=r"it looks like a chexpert table without Path: fix its header"):
+        read_table(table)  # a renamed Path column
     with pytest.raises(UserError, match="unsupported table format 'dicom'"):
         read_table(table, format="dicom")
 

@@ -101,13 +101,18 @@ def detect_format(path: str | Path) -> str:
     if path.suffix.lower() == ".jsonl":
         return "metadata"
     columns = set(_read_csv(path, [], nrows=0).columns)
-    for fmt, needs in (("chexpert", {"Path", "Frontal/Lateral"}), ("mimic", {"dicom_id", "ViewPosition"}),
-                       ("mimic", {"subject_id", "study_id", NO_FINDING}), ("ham10000", {"image_id", "dx"}),
-                       ("isic", {"image", "MEL"}), ("metadata", {"file_name"})):
+    signatures = (("chexpert", {"Path", "Frontal/Lateral"}), ("mimic", {"dicom_id", "ViewPosition"}),
+                  ("mimic", {"subject_id", "study_id", NO_FINDING}), ("ham10000", {"image_id", "dx"}),
+                  ("isic", {"image", "MEL"}), ("metadata", {"file_name"}))
+    for fmt, needs in signatures:
         if needs <= columns:
             return fmt
-    raise UserError(f"cannot tell the format of {path} from its columns ({', '.join(sorted(columns)) or 'none'}): "
-                    f"pass the format, one of {', '.join(TABLE_FORMATS)}")
+    # Half a signature is most likely that format with a column renamed or dropped: say which.
+    near = [f"a {fmt} table without {', '.join(sorted(needs - columns))}" for fmt, needs in signatures
+            if needs & columns]
+    raise UserError(f"cannot tell the format of {path} from its columns ({', '.join(sorted(columns)) or 'none'})"
+                    + (f"; it looks like {' or '.join(near)}" if near else "")
+                    + f": fix its header, or pass the format (--data_format), one of {', '.join(TABLE_FORMATS)}")
 
 
 # ------------------------------------------------------------------------------- readers
