@@ -164,8 +164,15 @@ def test_every_bad_row_is_reported_at_once_and_nothing_outside_the_root_is_touch
 def test_missing_columns_name_the_columns_and_the_file(tmp_path):
     columns = [c for c in CHEXPERT_COLUMNS if c not in ("AP/PA", "Edema")]
     table = write_csv(tmp_path / "train.csv", columns, [])
+    with pytest.raises(DatasetError, match=r"train.csv: missing column\(s\) Edema;"):
+        read_table(table, format="chexpert")  # frontal views are told by Frontal/Lateral: AP/PA is not read
     with pytest.raises(DatasetError, match=r"train.csv: missing column\(s\) AP/PA, Edema"):
-        read_table(table, format="chexpert")
+        read_table(table, format="chexpert", views="AP")
+    # Sex and Age are read only for demographic captions
+    table = write_csv(tmp_path / "cut.csv", [c for c in CHEXPERT_COLUMNS if c not in ("Sex", "Age")], [])
+    assert read_table(table, format="chexpert") == ([], [])
+    with pytest.raises(DatasetError, match=r"cut.csv: missing column\(s\) Sex, Age"):
+        read_table(table, format="chexpert", demographics=True)
 
 
 def test_unreadable_table_and_unknown_format(tmp_path):

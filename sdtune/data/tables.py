@@ -128,7 +128,10 @@ def read_chexpert(path: str | Path, image_root: str | Path | None = None, templa
     whichever holds the first images. group = the patient ("patient00001") from the path.
     """
     path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["chexpert"])
-    df = _read_csv(path, CHEXPERT_COLUMNS, dtype={"Path": str})
+    # Columns a setting reads are needed only with it: a table cut without Sex and Age still trains.
+    positions = not (isinstance(views, str) and views.strip().lower() in ("all", "frontal", "lateral"))
+    needed = [c for c in CHEXPERT_COLUMNS if (c not in ("Sex", "Age") or demographics) and (c != "AP/PA" or positions)]
+    df = _read_csv(path, needed, dtype={"Path": str})
     df = _keep_views(df, path, views, "Frontal/Lateral", "AP/PA")
     rels = df["Path"]
     root = _chexpert_root(path, rels, image_root)
