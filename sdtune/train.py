@@ -61,12 +61,12 @@ class TrainConfig:
     peft: str | None = field(None, "custom run: a PEFT adapter on the U-Net", choices=("lora", "dora", "bitfit", "difffit"))
     # optimisation
     learning_rate: float | None = field(None, "learning rate of every trained component (default: the strategy's)",
-                                        bounds=">0")
+                                        bounds=">=0")
     unet_lr: float | None = field(None, "U-Net (or U-Net adapter) learning rate (default: --learning_rate, else the strategy's)",
-                                  bounds=">0")
+                                  bounds=">=0")
     text_encoder_lr: float | None = field(None, "text encoder learning rate (default: --learning_rate, else the strategy's)",
-                                          bounds=">0")
-    vae_lr: float | None = field(None, "VAE learning rate (default: --learning_rate, else the strategy's)", bounds=">0")
+                                          bounds=">=0")
+    vae_lr: float | None = field(None, "VAE learning rate (default: --learning_rate, else the strategy's)", bounds=">=0")
     adam_beta1: float = field(0.9, "AdamW beta1", bounds="0..<1")
     adam_beta2: float = field(0.999, "AdamW beta2", bounds="0..<1")
     adam_weight_decay: float = field(1e-2, "AdamW decoupled weight decay", bounds=">=0")
