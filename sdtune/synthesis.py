@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from sdtune.config import ArgumentParser, field
+from sdtune.data.records import file_stamp
 from sdtune.errors import UserError
 from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
                            load_components)
@@ -73,10 +74,9 @@ METADATA_COLUMNS = ["file_name", "prompt", "negative_prompt", "seed", "steps", "
 # metadata files): a labels CSV cut from such a table must not carry them into metadata.csv.
 IDENTIFIER_COLUMNS = {"path", "patient", "patient_id", "subject_id", "study_id", "dicom_id", "lesion_id", "image_id",
                       "image", "group", "file", "filename"}
-# Settings that change pixels: a resumed run must match them (batch size and device do not count).
-# (The speed options are left out too: they change pixels by float rounding only.)
-IMAGE_SETTINGS = ("model_path", "base_model", "fuse_lora", "steps", "guidance_scale", "height", "width",
-                  "scheduler", "mixed_precision")
+# Settings that change pixels, as given: a resumed run must match them (batch size and device do not count;
+# the speed options change pixels by float rounding only). The model and the scheduler join them as resolved.
+IMAGE_SETTINGS = ("base_model", "fuse_lora", "steps", "guidance_scale", "height", "width", "mixed_precision")
 
 
 @dataclass
@@ -697,17 +697,13 @@ def write_metadata(path: Path, rows: list[dict]) -> None:
 
 
 def model_identity(source: ModelSource) -> str:
-    """The weights that get loaded, as their files' names, sizes and modification times: a model retrained
-    into the same folder is another model. A hub id stands for itself."""
+    """The weights that get loaded, as the caches know files (file_stamp): a model retrained into the same
+    folder is another model. A hub id stands for itself."""
     path = Path(source.path)
     if not path.exists():
         return source.path
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin"))
-    digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256("".join(f"{file_stamp(f)}\n" for f in files).encode()).hexdigest()[:16]
 
 
 def check_resume(config_path: Path, fingerprint: dict) -> None:
