@@ -66,6 +66,30 @@ def test_all_problems_are_reported_at_once(messy_folder):
     assert all(len(line.strip()) and "Traceback" not in line for line in message.splitlines())
 
 
+@pytest.mark.parametrize("layout", ["folder", "metadata"])
+def test_a_file_with_a_bad_caption_and_a_bad_image_is_reported_in_one_round(tmp_path, layout):
+    images = tmp_path / "data"
+    images.mkdir()
+    _radiograph().save(images / "good.png")
+    (images / "both.png").write_bytes(b"not an image")  # and an empty caption
+    Image.new("L", (64, 64), 0).save(images / "black.png")  # a good caption, a black page
+    captions = {"good.png": "Chest x-ray", "both.png": " ", "black.png": "Chest x-ray of a patient with Edema"}
+    if layout == "folder":
+        for name, text in captions.items():
+            (images / name).with_suffix(".txt").write_text(text)
+    else:
+        (images / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n"
+                                                       for n, t in captions.items()))
+    with pytest.raises(DatasetError) as caught:
+        load_examples(DataConfig(train_data_dir=str(images), resolution=64))
+    both = "both.png" if layout == "folder" else "metadata.jsonl line 2"
+    wheres = [p.where for p in caught.value.problems]
+    assert wheres.count(both) == 2 and wheres[wheres.index(both) + 1] == both  # its caption, then its image
+    whats = " ".join(p.what for p in caught.value.problems if p.where == both)
+    assert "empty" in whats and "not an image" in whats
+    assert len(wheres) == 3 and str(caught.value).startswith("3 problem(s)")
+
+
 def test_skip_bad_files_keeps_the_good_and_lists_the_rest(messy_folder, tmp_path):
     cfg = DataConfig(train_data_dir=str(messy_folder), resolution=64, skip_bad_files=True)
     report = tmp_path / "report" / "skipped.txt"

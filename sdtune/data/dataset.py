@@ -90,22 +90,23 @@ def read_examples(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
     )
 
 
-def check_images(examples: list[Example], resolution: int | None, min_size: int | None, workers: int | None = None) -> list[Problem]:
-    """Decode every image once and collect its problems (threads: decoding releases the GIL)."""
+def check_images(images: list[tuple[str, str | Path]], resolution: int | None, min_size: int | None,
+                 workers: int | None = None) -> list[Problem]:
+    """Decode every (where, image) once and collect its problems (threads: decoding releases the GIL)."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        found = pool.map(lambda ex: check_image(ex.image, resolution=resolution, min_size=min_size), examples)
-        return [
-            Problem(ex.source or str(ex.image), p.what, p.severity)
-            for ex, problems in zip(examples, found)
-            for p in problems
-        ]
+        found = pool.map(lambda item: check_image(item[1], resolution=resolution, min_size=min_size), images)
+        return [Problem(where, p.what, p.severity) for (where, _), problems in zip(images, found) for p in problems]
 
 
 def inspect_dataset(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
     """Read a source and decode every image once: (the usable examples, every problem found)."""
     examples, problems = read_examples(cfg)
-    problems += check_images(examples, cfg.resolution, cfg.min_size)
+    refused = {p.where: p.image for p in problems if p.image}  # rows with a bad caption: their images too
+    images = [(ex.source or str(ex.image), ex.image) for ex in examples] + list(refused.items())
+    problems += check_images(images, cfg.resolution, cfg.min_size)
+    first = {}  # each file's problems together, files in the order first named
+    problems.sort(key=lambda p: first.setdefault(p.where, len(first)))
     bad = {p.where for p in errors_only(problems)}
     return [ex for ex in examples if (ex.source or str(ex.image)) not in bad], problems
 

@@ -42,7 +42,7 @@ def read_image_folder(root: str | Path, captions_dir: str | Path | None = None) 
         caption, error = read_caption(caption_file)
         missing += not caption_file.exists()
         if error:
-            problems.append(Problem(str(relative), error))
+            problems.append(Problem(str(relative), error, image=str(image)))
         else:
             examples.append(Example(image=image, caption=caption, source=str(relative)))
     if not images:

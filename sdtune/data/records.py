@@ -28,6 +28,9 @@ class Problem:
     where: str
     what: str
     severity: str = "error"  # "error" stops training unless skipped; "warning" is reported only
+    # The image of a row refused before decoding (a bad caption or label): still decoded, so its
+    # own problems come in the same report, not in a second round after the first fix.
+    image: str | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}" if self.severity == "error" else f"{self.where}: warning: {self.what}"

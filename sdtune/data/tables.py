@@ -19,6 +19,7 @@ import gc
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -495,5 +496,8 @@ def _finish(name: str, lines, images: list[str | None], captions: list[str], gro
     finally:
         if collecting:
             gc.enable()
+    if bad:  # the refused rows' images are still decoded, for a one-round report
+        refused = {f"{name} line {line}": image for line, image in zip(lines, images) if image is not None}
+        found = [(n, line, replace(p, image=refused.get(p.where)) if p.where in bad else p) for n, line, p in found]
     found.sort(key=lambda f: (f[0], f[1]))
     return examples, [problem for _, _, problem in found]
