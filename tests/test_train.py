@@ -487,3 +487,18 @@ def test_validation_with_ema_renders_the_ema_weights_and_restores_the_trained_on
     assert torch.equal(weights[0].data, torch.ones(3))  # training goes on with its own weights
     with ema_weights(None, weights):
         assert torch.equal(weights[0].data, torch.ones(3))
+
+
+def test_each_learning_rate_is_logged_under_its_group(tiny_model, table, tmp_path):
+    """DiffFit's scales train at 10x the U-Net's rate: "lr" is the U-Net's, each group's under lr/NAME."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = _argv(tiny_model, table, out, "--strategy", "difffit", "--lr_scheduler", "constant", steps=1)
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    main(argv)
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    assert logged["lr"] == pytest.approx(1e-3)
+    assert logged["lr/unet"] == pytest.approx(1e-3) and logged["lr/unet/difffit_gamma"] == pytest.approx(1e-2)
