@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import torch  # noqa: E402
 
-CAPTIONS = [  # the study's caption style (REFERENCE.md section 2)
+CAPTIONS = [  # the study's caption style (Pixels Under Pressure)
     "Chest X-ray showing Cardiomegaly",
     "Chest X-ray showing Pleural Effusion, Support Devices",
     "Normal chest X-ray with no significant findings",

@@ -171,7 +171,7 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
                 with autocast(True):  # accelerate runs the prepared U-Net's forward under autocast
                     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-                if trains_all:  # the study's VAE term (REFERENCE.md section 2)
+                if trains_all:  # the study's VAE term
                     decoded = vae.decode(latents / scale, return_dict=False)[0]
                     loss = loss + F.mse_loss(decoded.float(), pixel_values.float())
             losses.append(loss.item())  # the script's train_loss += avg_loss.item()

@@ -5,7 +5,7 @@ A frozen VAE gives the same latent distribution for an image every epoch, so its
 draws the latent from them with the sample's own generator, exactly as encoding would. A frozen
 text encoder gives the same embedding for a caption, so each distinct caption (and the empty
 prompt of caption dropout) is encoded once. The VAE costs about 30% of a full-U-Net step at
-512 px (REFERENCE.md section 9); after caching it leaves the GPU.
+512 px (the reference recipe's H100 figures, BENCHMARKS.md); after caching it leaves the GPU.
 
 Latents live in memory, or on disk with `--latent_cache_dir`: one safetensors file per image,
 named by a hash of (file, size, mtime, preprocessing, VAE), so later runs on the same data

@@ -21,7 +21,7 @@ class Strategy:
     unet: str | None = None  # None: frozen; "full"; or an adapter name ("lora", "dora", "bitfit", "difffit")
     text_encoder: bool = False
     vae: bool = False
-    # The study's learning rates (REFERENCE.md section 2); the text encoder's drops to 1e-6
+    # The study's learning rates (Pixels Under Pressure); the text encoder's drops to 1e-6
     # when it trains together with the U-Net.
     unet_lr: float = 1e-5
     text_encoder_lr: float = 5e-6

@@ -34,7 +34,7 @@ from sdtune.adapters import AdapterConfig, get_adapter
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
-from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, split_examples
+from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, modality_of, split_examples
 from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
@@ -506,7 +506,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                         f"make no full batch of {cfg.train_batch_size}: lower --train_batch_size or add images")
     dataset = ImageCaptionDataset(examples, data.resolution, center_crop=data.center_crop, random_flip=data.random_flip,
                                   seed=cfg.seed,
-                                  modality=None if data.data_format in ("ham10000", "isic") else "chest_xray")
+                                  modality=modality_of(data))
     workers = loader_workers(cfg, accelerator)
     dataset, text_cache, encoded_once = encode_once(cfg, data, models, trainable, dataset, accelerator, weight_dtype,
                                                     workers, output_dir)

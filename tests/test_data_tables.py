@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from sdtune.data import tables
+from sdtune.data.dataset import DataConfig, modality_of
 from sdtune.data.records import DatasetError
 from sdtune.data.tables import CHEXPERT_COLUMNS, CHEXPERT_LABELS, MIMIC_LABELS, detect_format, read_table
 from sdtune.errors import UserError
@@ -272,6 +273,14 @@ def ham(tmp_path):
           tmp_path / "HAM10000_images_part_2/ISIC_0025030.jpg", tmp_path / "HAM10000_images_part_2/ISIC_0026769.jpg")
     columns = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
     return write_csv(tmp_path / "HAM10000_metadata.csv", columns, rows)
+
+
+def test_modality_follows_the_format_given_or_detected(ham, chexpert):
+    """Skin tables are dermoscopy (a random flip is harmless); the rest warn about mirrored chest X-rays."""
+    assert modality_of(DataConfig(train_csv=str(ham))) == "dermoscopy"  # detected from its columns
+    assert modality_of(DataConfig(train_csv=str(chexpert))) == "chest_xray"
+    assert modality_of(DataConfig(train_csv=str(chexpert), data_format="ham10000")) == "dermoscopy"
+    assert modality_of(DataConfig(train_data_dir=str(ham.parent))) == "chest_xray"  # a folder: not known
 
 
 def test_ham10000_examples_and_problems(ham):

@@ -3,7 +3,7 @@
 A model fine-tuned on "Chest x-ray of a patient with Cardiomegaly and Edema" must be prompted
 with exactly that wording, so training (tables.py) and synthesis call the same
 `build_caption`. Wording lives in a `CaptionTemplate`; three presets cover the tutorial, the
-study's own captions (REFERENCE.md section 2) and dermoscopy. Templates only ever see finding
+study's own captions (Pixels Under Pressure) and dermoscopy. Templates only ever see finding
 names, age and sex: no identifier (patient, subject, study, image id) can reach a caption.
 """
 
@@ -23,7 +23,7 @@ from sdtune.errors import UserError
 # "No Finding" only says that nothing else is positive; it is never listed as a finding.
 NO_FINDING = "No Finding"
 
-# The labels the study's captions name, in its order (its eight minus No Finding; REFERENCE.md section 2).
+# The labels the study's captions name, in its order (its eight minus No Finding).
 STUDY_FINDINGS = ("Cardiomegaly", "Lung Opacity", "Edema", "Pneumonia", "Pneumothorax",
                   "Pleural Effusion", "Support Devices")
 

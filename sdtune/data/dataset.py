@@ -23,7 +23,7 @@ from sdtune.data.folder import read_image_folder
 from sdtune.data.images import ImageTransform, check_image, load_image
 from sdtune.data.records import DatasetError, Example, Problem, errors_only
 from sdtune.data.splits import split_examples
-from sdtune.data.tables import TABLE_FORMATS, read_table
+from sdtune.data.tables import TABLE_FORMATS, detect_format, read_table
 
 FORMATS = ("auto", "folder") + tuple(TABLE_FORMATS)
 
@@ -88,6 +88,14 @@ def read_examples(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
         views=cfg.views,
         demographics=cfg.demographics,
     )
+
+
+def modality_of(cfg: DataConfig) -> str:
+    """"dermoscopy" for skin-lesion tables (the format given or detected), else "chest_xray"."""
+    fmt, source = cfg.data_format, Path(cfg.source).expanduser() if cfg.source else None
+    if fmt == "auto" and source is not None and source.is_file():
+        fmt = detect_format(source)
+    return "dermoscopy" if fmt in ("ham10000", "isic") else "chest_xray"
 
 
 def check_images(images: list[tuple[str, str | Path]], resolution: int | None, min_size: int | None,
@@ -172,5 +180,5 @@ class ImageCaptionDataset(Dataset):
         return {"pixel_values": self.transform(load_image(ex.image), generator), "caption": ex.caption, "index": i}
 
 
-__all__ = ["DataConfig", "ImageCaptionDataset", "check_images", "inspect_dataset", "load_examples", "read_examples", "split_examples",
+__all__ = ["DataConfig", "ImageCaptionDataset", "check_images", "inspect_dataset", "load_examples", "modality_of", "read_examples", "split_examples",
            "summarize", "write_report"]

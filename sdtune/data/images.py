@@ -134,9 +134,9 @@ class ImageTransform:
     Resize the short side to `resolution` (Pillow bicubic, antialiased when shrinking), then crop
     a square: "center" (deterministic) or "random". Horizontal flip is off by default; turning
     it on for chest X-rays warns, because a mirrored radiograph puts the heart on the right.
-    Random crop and flip draw from `generator`, or from torch's global RNG when it is None:
-    keep None under a multi-worker DataLoader, which seeds each worker's global RNG
-    differently, whereas a generator is copied into every worker with the same state.
+    Random crop and flip draw from the generator given to the call (ImageCaptionDataset passes
+    one seeded by (seed, epoch, index), so a resume or another worker count draws the same),
+    else from the one given here, else from torch's global RNG.
     """
 
     def __init__(self, resolution: int, crop: str = "center", random_flip: bool = False,

@@ -1,6 +1,6 @@
 """Clinical tables and generic metadata to Examples, with every row problem reported at once.
 
-Formats (REFERENCE.md section 5): CheXpert train.csv/valid.csv, MIMIC-CXR-JPG (chexpert.csv
+Formats, as each dataset publishes them: CheXpert train.csv/valid.csv, MIMIC-CXR-JPG (chexpert.csv
 joined with metadata.csv), HAM10000_metadata.csv, the ISIC 2019 ground truth, and the diffusers
 imagefolder convention (metadata.jsonl/.csv with file_name and text).
 

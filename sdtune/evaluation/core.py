@@ -32,7 +32,7 @@ from sdtune.processes import process_state
 
 METRICS = ("fid", "kid", "vendi", "ms_ssim", "clip")
 NEEDS_REAL = ("fid", "kid")
-# The study's per-condition FID (REFERENCE.md section 2).
+# The study's per-condition FID (Pixels Under Pressure).
 STUDY_CONDITIONS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion"]
 
 
