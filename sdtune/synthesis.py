@@ -353,13 +353,13 @@ def _adapter_file(folder: Path) -> Path | None:
 def _adapter_kind(path: Path) -> str | None:
     """The adapter a weights file holds, from the metadata the toolkit (or diffusers) wrote into it."""
     from sdtune.adapters.base import read_weights
+    from sdtune.adapters.lora import settings_from_metadata
 
     _, meta = read_weights(path, path.name)
     if "sdtune_adapter" in meta:
         return meta["sdtune_adapter"]
-    if "lora_adapter_metadata" in meta:
-        return "dora" if json.loads(meta["lora_adapter_metadata"]).get("unet.use_dora") else "lora"
-    return None
+    lora = settings_from_metadata(meta)
+    return lora[0] if lora else None
 
 
 def resolve_model(model_path: str, base_model: str | None = None) -> ModelSource:
@@ -433,17 +433,14 @@ def _adapter_config(source: ModelSource):
     """The adapter's settings: the run's (training_summary.json), else those stored in the file."""
     from sdtune.adapters import AdapterConfig
     from sdtune.adapters.base import read_weights
+    from sdtune.adapters.lora import settings_from_metadata
 
     known = {f.name for f in dataclasses.fields(AdapterConfig)}
     if source.summary is not None:
         return AdapterConfig(**{k: v for k, v in source.summary["arguments"]["adapter"].items() if k in known})
     _, meta = read_weights(source.path, Path(source.path).name)
-    if "lora_adapter_metadata" in meta:
-        saved = json.loads(meta["lora_adapter_metadata"])
-        return AdapterConfig(lora_rank=saved["unet.r"], lora_alpha=saved["unet.lora_alpha"],
-                             lora_dropout=saved.get("unet.lora_dropout", 0.0),
-                             lora_target_modules=list(saved["unet.target_modules"]))
-    return AdapterConfig(**json.loads(meta.get("sdtune_adapter_config", "{}")))
+    lora = settings_from_metadata(meta)
+    return lora[1] if lora else AdapterConfig(**json.loads(meta.get("sdtune_adapter_config", "{}")))
 
 
 def _train_config(source: ModelSource):
@@ -516,7 +513,7 @@ def load_pipeline(source: ModelSource, fuse_lora: bool = True):
         if train_cfg.use_ema:
             _load_ema(Path(source.path), ordered)
     # LoRA/DoRA stay unmerged only when asked; BitFit/DiffFit merges are exact (biases, scaled weights).
-    if adapter is not None and (fuse_lora or adapter.name not in ("lora", "dora")):
+    if adapter is not None and (fuse_lora or not adapter.can_stay_unmerged):
         models.unet = adapter.merge(models.unet)
     models.unet.requires_grad_(False)
     return build_pipeline(source.base_model, train_cfg, train_cfg.prediction_type, unet=models.unet,

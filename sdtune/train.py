@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sdtune import SD15_MODEL_ID, __version__
-from sdtune.adapters import AdapterConfig, get_adapter
+from sdtune.adapters import ADAPTERS, AdapterConfig, get_adapter
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
@@ -58,7 +58,7 @@ class TrainConfig:
     train_unet: bool = field(False, "custom run: train the whole U-Net")
     train_text_encoder: bool = field(False, "custom run: train the text encoder")
     train_vae: bool = field(False, "custom run: train the VAE")
-    peft: str | None = field(None, "custom run: a PEFT adapter on the U-Net", choices=("lora", "dora", "bitfit", "difffit"))
+    peft: str | None = field(None, "custom run: a PEFT adapter on the U-Net", choices=tuple(ADAPTERS))
     # optimisation
     learning_rate: float | None = field(None, "learning rate of every trained component (default: the strategy's)",
                                         bounds=">=0")
@@ -421,7 +421,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate has neither fp16 autocast nor a grad scaler on the CPU: fp16 parts would meet fp32 ones.
         raise UserError("--mixed_precision fp16 needs a GPU: use --mixed_precision bf16 or no on CPU")
-    if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and strategy.peft in ("bitfit", "difffit"):
+    half_norms = strategy.peft is not None and ADAPTERS[strategy.peft].trains_norms_or_biases
+    if weight_dtype != torch.float32 and accelerator.device.type == "cpu" and half_norms:
         # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
         raise UserError(f"--mixed_precision {cfg.mixed_precision} with {strategy.peft} needs a GPU: use --mixed_precision no on CPU")
     if accelerator.is_main_process:

@@ -57,6 +57,8 @@ class Adapter:
     name: str
     weights_name: str  # file written by save() inside out_dir
     config_fields: tuple[str, ...] = ()  # AdapterConfig fields that change the saved tensors
+    trains_norms_or_biases = False  # fp32 trained tensors inside half-precision layers: needs GPU autocast
+    can_stay_unmerged = False  # synthesis may sample through the adapter's layers (--fuse_lora false)
 
     def __init__(self, cfg: AdapterConfig):
         self.cfg = cfg

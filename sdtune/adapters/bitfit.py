@@ -14,6 +14,7 @@ def named_biases(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 class BitFit(Adapter):
     name = "bitfit"
+    trains_norms_or_biases = True
     weights_name = "bitfit_weights.safetensors"
 
     def apply(self, unet: torch.nn.Module) -> None:

@@ -67,6 +67,7 @@ def residual_projections(unet: nn.Module, resnets: bool) -> dict[str, nn.Module]
 
 class DiffFit(Adapter):
     name = "difffit"
+    trains_norms_or_biases = True
     weights_name = "difffit_weights.safetensors"
     config_fields = ("difffit_resnets",)  # decides which gammas exist
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune.adapters.base import Adapter, check_keys, read_weights
+from sdtune.adapters.base import Adapter, AdapterConfig, check_keys, read_weights
 from sdtune.errors import UserError
 
 ADAPTER_NAME = "default"  # peft's adapter name; diffusers uses it too
@@ -25,6 +25,7 @@ class Lora(Adapter):
     name = "lora"
     use_dora = False
     weights_name = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+    can_stay_unmerged = True  # peft's layers run unmerged; merging (--fuse_lora, default) is faster
 
     def peft_config(self):
         from peft import LoraConfig
@@ -124,6 +125,17 @@ class Lora(Adapter):
         if left:
             raise RuntimeError(f"peft layers left after merging: {left[:3]}")
         return unet
+
+
+def settings_from_metadata(meta: dict[str, str]) -> tuple[str, AdapterConfig] | None:
+    """("lora" or "dora", the settings) stored in a diffusers LoRA file's peft metadata; None without it."""
+    if "lora_adapter_metadata" not in meta:
+        return None
+    saved = json.loads(meta["lora_adapter_metadata"])
+    kind = "dora" if saved.get("unet.use_dora") else "lora"
+    return kind, AdapterConfig(lora_rank=saved["unet.r"], lora_alpha=saved["unet.lora_alpha"],
+                               lora_dropout=saved.get("unet.lora_dropout", 0.0),
+                               lora_target_modules=list(saved["unet.target_modules"]))
 
 
 def use_fast_dora(model: torch.nn.Module) -> int:
