@@ -485,16 +485,20 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     )
     optimizer_name = f"{optimizer_cls.__module__.split('.')[0]} {optimizer_cls.__name__}" + (
         " (fused)" if optimizer_kwargs.get("fused") else "")
-    examples = load_examples(data, report_path=output_dir / "data_problems.txt")
+    examples, held_out = load_examples(data, report_path=output_dir / "data_problems.txt"), []
     if data.validation_fraction > 0:
         if data.split == "patient" and all(e.group is None for e in examples):
             accelerator.print(f"warning: {data.source} has no patient ids (e.g. an images folder), so the held-out "
                               "split is by image and a patient may be on both sides; a table or metadata file with "
                               "a group column keeps patients together")
         examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # downstream.py reads it: these patients become its classifier's test set
-        (output_dir / "held_out.txt").write_text("".join(f"{held_out_name(e)}\n" for e in held_out))
+    if accelerator.is_main_process:
+        resumed_run = None  # the folder of the run whose checkpoint this one continues
+        if cfg.resume_from_checkpoint == "latest" and checkpoint_steps(output_dir):
+            resumed_run = output_dir
+        elif cfg.resume_from_checkpoint not in (None, "latest"):
+            resumed_run = Path(cfg.resume_from_checkpoint).parent
+        record_held_out(output_dir, held_out, resumed_run)
     if not examples:
         raise UserError(f"no training images left in {data.source}")
     if cfg.validation_fid_steps:
@@ -841,6 +845,24 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Non
         probe.unlink()
     except OSError as err:
         raise UserError(f"cannot write to --output_dir {output_dir}: {err.strerror}") from None
+
+
+def record_held_out(output_dir: Path, held_out: list, resumed_run: Path | None) -> None:
+    """held_out.txt, which downstream.py takes as its classifier's test patients, so that they must never
+    have trained the model: a resume must hold out what the resumed run's checkpoints held out."""
+    path = output_dir / "held_out.txt"
+    text = "".join(f"{held_out_name(e)}\n" for e in held_out)
+    resumed = resumed_run / "held_out.txt" if resumed_run is not None else None
+    before = resumed.read_text(encoding="utf-8") if resumed is not None and resumed.is_file() else ""
+    if resumed is not None and text != before:
+        raise UserError(f"the checkpoints in {resumed_run} were trained with another held-out set ({len(before.splitlines())} "
+                        f"images held out then, {len(held_out)} now): resume with the same data, --validation_fraction, "
+                        "--split and --split_seed (its training_summary.json lists them), or start afresh with "
+                        "--overwrite_output_dir")
+    if text:
+        path.write_text(text, encoding="utf-8")
+    elif path.exists():  # a run that holds out nothing leaves no list of "unseen" patients behind
+        path.unlink()
 
 
 def check_free_space(output_dir: Path, models, trainable: list, use_8bit_adam: bool) -> None:

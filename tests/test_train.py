@@ -423,6 +423,33 @@ def test_a_held_out_split_without_patient_ids_warns(tiny_model, table, tmp_path,
     assert "no patient ids" not in capsys.readouterr().out  # CheXpert's paths name the patient
 
 
+def test_a_resume_must_hold_out_what_its_checkpoints_held_out(tiny_model, table, tmp_path):
+    """downstream.py tests its classifier on held_out.txt's patients: a resume that changed the split
+    would have trained on some of them, so it is refused, and held_out.txt is left as it was."""
+    run = tmp_path / "run"
+    main(_argv(tiny_model, table, run, "--strategy", "bitfit", "--checkpointing_steps", "1", steps=1))
+    assert not (run / "held_out.txt").exists()
+    resumed = ("--strategy", "bitfit", "--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError, match=r"trained with another held-out set \(0 images held out then, \d+ now\)"):
+        main(_argv(tiny_model, table, run, *resumed, "--validation_fraction", "0.25", steps=2))
+    assert not (run / "held_out.txt").exists()
+
+    main(_argv(tiny_model, table, run, "--strategy", "bitfit", "--checkpointing_steps", "1", "--overwrite_output_dir",
+               "--validation_fraction", "0.25", steps=1))
+    held_out = (run / "held_out.txt").read_text()
+    with pytest.raises(UserError, match="another held-out set"):
+        main(_argv(tiny_model, table, run, *resumed, "--validation_fraction", "0.25", "--split_seed", "1", steps=2))
+    with pytest.raises(UserError, match="another held-out set"):
+        main(_argv(tiny_model, table, run, *resumed, steps=2))
+    assert (run / "held_out.txt").read_text() == held_out
+    main(_argv(tiny_model, table, run, *resumed, "--validation_fraction", "0.25", steps=2))  # the same split: resumes
+    assert json.loads((run / "training_summary.json").read_text())["steps"] == 2
+
+    # started afresh without a held-out set: the old list of "unseen" patients goes
+    main(_argv(tiny_model, table, run, "--strategy", "bitfit", "--overwrite_output_dir", steps=1))
+    assert not (run / "held_out.txt").exists()
+
+
 def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real set's feature cache
     main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
