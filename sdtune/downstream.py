@@ -63,8 +63,9 @@ class DownstreamConfig:
                                    "metadata.jsonl/.csv with label columns, or a folder holding one")
     real_format: str = field("auto", f"format of --real: {', '.join(f for f in FORMATS if f != 'folder')}")
     image_root: str | None = field(None, "folder that --real's image paths are relative to (default: found beside it)")
-    uncertainty: str = field("ignore", "CheXpert -1.0 labels: ignore (unknown: left out of the loss and the AUROC), "
-                                       "ones or zeros; blank is 0", choices=("ignore", "ones", "zeros"))
+    uncertainty: str = field("ignore", "CheXpert -1.0 labels in training: ignore (unknown: left out of the loss), "
+                                       "ones or zeros; blank is 0. The test set always leaves -1.0 out of the AUROC",
+                             choices=("ignore", "ones", "zeros"))
     views: str = field("frontal", "chest X-ray views kept: frontal, AP, PA or all", choices=("frontal", "AP", "PA", "all"))
     synthetic: list[str] | None = field(None, "synthetic sets: synthesize_images.py output folders or their "
                                               "metadata.csv (labels from their label columns): images trained on by arms c, d; "
@@ -209,9 +210,9 @@ def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
         raise UserError("--real is not given: pass the real data (e.g. CheXpert's train.csv)")
     if not Path(cfg.real).expanduser().exists():  # before the data layer, whose message names training's flags
         raise UserError(f"--real {cfg.real} does not exist: pass the real data (e.g. CheXpert's train.csv)")
-    examples, problems = read_examples(DataConfig(
+    examples, problems = read_examples(DataConfig(  # U-Ignore: label_matrix applies the policy, to training rows
         train_data_dir=cfg.real, data_format=cfg.real_format, image_root=cfg.image_root,
-        uncertainty=cfg.uncertainty, views=cfg.views))
+        uncertainty="ignore", views=cfg.views))
     _stop_on_errors(problems, cfg.real, cfg.skip_bad_files)
     if problems:
         warn(f"{len(problems)} row problem(s) in {cfg.real}, e.g. {problems[0]}")
@@ -272,14 +273,15 @@ def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, 
 def label_matrix(examples: list[Example], labels: list[str], metadata: bool, uncertainty: str) -> np.ndarray:
     """(N, labels) floats: 1 positive, 0 negative, NaN unknown (left out of the loss and the AUROC).
 
-    Clinical tables come with the uncertainty policy applied and blank = 0, so a missing value
-    is U-Ignore's unknown. Metadata files (synthetic sets included) keep raw cells: blank is 0
-    and -1 follows the policy, both by the data layer's `apply_uncertainty`.
+    Clinical tables are read under U-Ignore with blank = 0, so a missing value is an uncertain
+    -1. Metadata files (synthetic sets included) keep raw cells: blank is 0. Either way -1 then
+    follows `uncertainty` through the data layer's `apply_uncertainty`.
     """
     values = np.array([[ex.labels.get(name, np.nan) for name in labels] for ex in examples], dtype=float)
     values = values.reshape(len(examples), len(labels))
-    if metadata:
-        values = apply_uncertainty(values, uncertainty)
+    if not metadata:
+        values = np.where(np.isnan(values), -1.0, values)
+    values = apply_uncertainty(values, uncertainty)
     bad = ~np.isnan(values) & ~np.isin(values, (0.0, 1.0))
     if bad.any():
         i, j = map(int, np.argwhere(bad)[0])
@@ -345,7 +347,9 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bo
             warn(f"{cfg.real} has no patient ids: the test set is split by image, so a patient may be on both sides")
         train, test = split_examples(real, cfg.test_fraction, seed=cfg.split_seed, by="patient")
     examples = train + test + synthetic
-    targets = np.concatenate([label_matrix(train + test, labels, metadata, cfg.uncertainty)] + synth_targets)
+    # The policy is a training choice; the test set's uncertain labels are always left out of the AUROC.
+    targets = np.concatenate([label_matrix(train, labels, metadata, cfg.uncertainty),
+                              label_matrix(test, labels, metadata, "ignore")] + synth_targets)
     print(f"decoding {len(examples)} images at {cfg.resolution} px ({len(train) + len(test)} real, "
           f"{len(synthetic)} synthetic)")
     real_pixels, problems = decode(train + test, cfg.resolution, grey=False, workers=cfg.workers)

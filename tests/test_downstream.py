@@ -325,9 +325,33 @@ def test_label_policy():
     assert np.array_equal(label_matrix(examples, ["A", "B"], True, "ignore"), [[1, np.nan], [0, 0]], equal_nan=True)
     assert np.array_equal(label_matrix(examples, ["A", "B"], True, "ones"), [[1, 1], [0, 0]])
     assert np.array_equal(label_matrix(examples, ["A", "B"], True, "zeros"), [[1, 0], [0, 0]])
-    # clinical tables arrive with the policy applied: a missing value is U-Ignore's unknown
+    # clinical tables are read under U-Ignore (blank = 0): a missing value is an uncertain -1
     clinical = [Example(Path("a.png"), "c", labels={"A": 1.0}), Example(Path("b.png"), "c", labels={"A": 0.0, "B": 1.0})]
     assert np.array_equal(label_matrix(clinical, ["A", "B"], False, "ignore"), [[1, np.nan], [0, 1]], equal_nan=True)
+    assert np.array_equal(label_matrix(clinical, ["A", "B"], False, "ones"), [[1, 1], [0, 1]])
+    assert np.array_equal(label_matrix(clinical, ["A", "B"], False, "zeros"), [[1, 0], [0, 1]])
+
+
+def test_the_uncertainty_policy_changes_training_labels_never_the_test_set(phantom_train_csv, tmp_path):
+    import pandas as pd
+
+    banks = {policy: load_bank(config(phantom_train_csv, tmp_path, uncertainty=policy, resolution=16), list(DRAWN),
+                               print, with_synthetic=False)[0] for policy in ("ignore", "ones", "zeros")}
+    test = {policy: bank.targets[bank.test].numpy() for policy, bank in banks.items()}
+    assert np.array_equal(test["ones"], test["ignore"], equal_nan=True)
+    assert np.array_equal(test["zeros"], test["ignore"], equal_nan=True)
+    # and the test set's unknowns are exactly its table's -1.0 cells
+    table = pd.read_csv(phantom_train_csv)
+    frontal = table[table["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
+    uncertain = (frontal[list(DRAWN)] == -1.0).to_numpy()
+    ignored = banks["ignore"]
+    all_targets = ignored.targets.numpy()
+    assert np.isnan(test["ignore"]).any()  # the phantom has uncertain test labels: a real check
+    assert np.isnan(all_targets).sum() == uncertain.sum()
+    train = {policy: bank.targets[bank.train].numpy() for policy, bank in banks.items()}
+    unknown = np.isnan(train["ignore"])
+    assert unknown.any() and (train["ones"][unknown] == 1).all() and (train["zeros"][unknown] == 0).all()
+    assert np.array_equal(train["ones"][~unknown], train["ignore"][~unknown])
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
