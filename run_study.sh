@@ -115,7 +115,8 @@ for s in $STRATEGIES; do
       resume=(--resume_from_checkpoint latest)  # from scratch when there is no checkpoint
       [[ "$RESUME" == true ]] || resume=(--overwrite_output_dir)
       step "train-$s" env OUTPUT_DIR="$run" bash "$(train_script "$s")" "${resume[@]}" || continue
-      rm -rf "$synthetic"  # images of an earlier model must not be completed with the new one
+      # an earlier model's images must not be completed with the new one, nor its scores shown as the new one's
+      rm -rf "$synthetic" "$run/evaluation" "$run/downstream"
     fi
   fi
   if has_stage synthesize; then

@@ -208,15 +208,24 @@ def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
     """(examples of --real, whether it is a metadata file); row errors stop unless skipped."""
     if not cfg.real:
         raise UserError("--real is not given: pass the real data (e.g. CheXpert's train.csv)")
-    if not Path(cfg.real).expanduser().exists():  # before the data layer, whose message names training's flags
+    source = Path(cfg.real).expanduser()
+    # Checked before the data layer, whose messages name training's flags.
+    if not source.exists():
         raise UserError(f"--real {cfg.real} does not exist: pass the real data (e.g. CheXpert's train.csv)")
-    examples, problems = read_examples(DataConfig(  # U-Ignore: label_matrix applies the policy, to training rows
-        train_data_dir=cfg.real, data_format=cfg.real_format, image_root=cfg.image_root,
-        uncertainty="ignore", views=cfg.views))
+    if source.is_dir() and not any((source / n).is_file() for n in ("metadata.jsonl", "metadata.csv")):
+        raise UserError(f"--real {cfg.real} is a folder without metadata.jsonl or metadata.csv, so it has no labels: "
+                        "pass a clinical table (e.g. CheXpert's train.csv) or a metadata file with label columns")
+    try:
+        examples, problems = read_examples(DataConfig(  # U-Ignore: label_matrix applies the policy, to training rows
+            train_data_dir=cfg.real, data_format=cfg.real_format, image_root=cfg.image_root,
+            uncertainty="ignore", views=cfg.views))
+    except DatasetError:
+        raise
+    except UserError as err:
+        raise UserError(str(err).replace("--data_format", "--real-format")) from None
     _stop_on_errors(problems, cfg.real, cfg.skip_bad_files)
     if problems:
         warn(f"{len(problems)} row problem(s) in {cfg.real}, e.g. {problems[0]}")
-    source = Path(cfg.real).expanduser()
     if source.is_dir():
         metadata = any((source / n).is_file() for n in ("metadata.jsonl", "metadata.csv"))
     else:
@@ -446,6 +455,9 @@ def train_classifier(model: nn.Module, bank: Bank, idx: np.ndarray, cfg: Downstr
             if step == steps:
                 break
         losses.append(float(total) / seen)
+        if not math.isfinite(losses[-1]):  # every score would then tie: an AUROC of 0.5 that means nothing
+            raise UserError(f"the classifier diverged (loss {losses[-1]} after {step} steps at --lr {lr:g}): "
+                            "lower --lr")
     return losses
 
 
@@ -455,9 +467,10 @@ def total_steps(cfg: DownstreamConfig, n_images: int) -> int:
 
 @torch.no_grad()
 def predict(model: nn.Module, bank: Bank, idx: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The logits: an AUROC needs their order alone, which a float32 sigmoid loses above about 16.6 (all 1.0)."""
     model.to(device).eval()
     idx = torch.as_tensor(idx, dtype=torch.long)
-    return torch.cat([torch.sigmoid(model(_batch(bank, b, device))).cpu() for b in idx.split(batch_size)])
+    return torch.cat([model(_batch(bank, b, device)).float().cpu() for b in idx.split(batch_size)])
 
 
 def binary_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -526,8 +539,11 @@ def resolve(cfg: DownstreamConfig) -> tuple[list[str], list[str], list[int], tor
     lr = cfg.lr if cfg.lr is not None else ARCHS[cfg.arch].lr
     if not lr > 0:
         raise UserError(f"--lr must be positive, got {lr}")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        raise UserError(f"--device {cfg.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA device here; use --device cpu")
     return labels, arms, seeds, device, lr
@@ -548,7 +564,7 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
     """Train and evaluate every (arm, seed); write the JSON, Markdown and CSV results.
 
     Returns (summary, scores): the results as written to the JSON, and in memory the test
-    targets (key "targets", NaN = unknown) and each run's test scores (key (arm, seed)).
+    targets (key "targets", NaN = unknown) and each run's test logits (key (arm, seed)).
     """
     labels, arms, seeds, device, lr = resolve(cfg)
     out_dir = Path(cfg.output_dir).expanduser()
@@ -571,6 +587,10 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
             warn(f"the test set has {pos} positive and {neg} negative {name}: its AUROC is null and left out of the mean")
     if any(a in "cd" for a in arms) and len(bank.synthetic) == 0:
         raise UserError("the synthetic sets hold no images: arms c and d have nothing to train on")
+    # The input is good: an earlier run's results go now, so that a failure below leaves none to be mistaken
+    # for this run's (compare and run_study.sh read them).
+    for name in (RESULTS_FILE, TABLE_FILE, CSV_FILE):
+        (out_dir / name).unlink(missing_ok=True)
 
     params = sum(p.numel() for p in build_classifier(cfg.arch, len(labels)).parameters())
     print(f"{cfg.arch} ({params:,} parameters, {'ImageNet' if weights else 'random'} init) on {device}, lr {lr:g}, "

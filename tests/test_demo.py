@@ -164,3 +164,10 @@ def test_run_study_smoke_on_the_tiny_model(tiny_model, phantom_chexpert, tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count(": complete in") == 2 and not re.findall(r"^== train-\S+ \(", again.stdout, re.M)
     assert (out / "comparison" / "comparison.md").read_text() == first_table
+    # Retrained (RESUME=false): the old model's images and scores go with it, so none is shown as the new one's.
+    retrained = subprocess.run(["bash", str(ROOT / "run_study.sh")],
+                               env={**env, "STAGES": "train", "STRATEGIES": "bitfit", "RESUME": "false"},
+                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert retrained.returncode == 0, retrained.stdout[-3000:] + retrained.stderr[-3000:]
+    assert not any((out / sub).exists() for sub in ("synthetic/bitfit", "runs/bitfit/evaluation", "runs/bitfit/downstream"))
+    assert (out / "runs" / "unet" / "evaluation" / "pool.pt.json").is_file()  # the other strategy keeps its own

@@ -310,6 +310,21 @@ def test_auroc_masks_unknown_and_skips_single_class_labels():
     assert ours == pytest.approx(float(torchmetrics_auroc(tied, truth)), abs=1e-6)
 
 
+def test_predictions_are_logits_so_confident_scores_keep_their_order():
+    from sdtune.downstream import Bank, predict
+
+    class Confident(torch.nn.Module):  # logits 20 + pixel value: a float32 sigmoid makes them all 1.0
+        def forward(self, x):
+            return 20.0 + x.mean(dim=(1, 2, 3))[:, None]
+
+    pixels = torch.arange(6, dtype=torch.uint8).mul(40).view(6, 1, 1, 1).expand(6, 1, 4, 4).contiguous()
+    targets = torch.tensor([0.0, 0, 0, 1, 1, 1])[:, None]
+    bank = Bank(pixels, targets, [None] * 6, np.arange(0), np.arange(6), np.arange(0))
+    scores = predict(Confident(), bank, bank.test, 4, torch.device("cpu"))
+    assert torch.sigmoid(scores).unique().numel() == 1  # a probability would tie them all: AUROC 0.5
+    assert auroc_per_label(scores, targets, ["x"])["x"] == 1.0
+
+
 def test_loss_leaves_out_unknown_labels():
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     targets = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
@@ -396,6 +411,10 @@ def test_pretrained_weights_fill_all_but_the_head(tmp_path):
     ("arm c without synthetic", "arm\\(s\\) c need --synthetic"),
     ("bad arm", "--arms 'a,e'"),
     ("missing real", "--real .*nowhere.csv does not exist: pass the real data"),
+    ("bad device", "--device 'cuda:x' is not a device: use auto, cpu, cuda or cuda:N"),
+    ("images folder", "--real .* is a folder without metadata.jsonl or metadata.csv, so it has no labels"),
+    ("unknown table", "cannot tell the format of .*odd.csv .* pass the format \\(--real-format\\)"),
+    ("diverged", "the classifier diverged \\(loss (nan|inf) after \\d+ steps at --lr 1e\\+30\\): lower --lr"),
 ])
 def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, synthetic_set, tmp_path, capsys):
     argv = ["--real", str(phantom_train_csv), "--arch", "small_cnn", "--resolution", "16", "--epochs", "1",
@@ -406,8 +425,17 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
              "synthetic lacks label": ["--labels", "Cardiomegaly,Edema", "--arms", "d", "--synthetic", str(synthetic_set)],
              "arm c without synthetic": ["--arms", "a,c"],
              "bad arm": ["--arms", "a,e"],
-             "missing real": ["--real", str(tmp_path / "nowhere.csv")]}[case]
+             "missing real": ["--real", str(tmp_path / "nowhere.csv")],
+             "bad device": ["--device", "cuda:x"],
+             "images folder": ["--real", str(phantom_train_csv.parent / "train")],
+             "unknown table": ["--real", str(tmp_path / "odd.csv")],
+             "diverged": ["--lr", "1e30"]}[case]
     from sdtune.downstream import main
+
+    (tmp_path / "odd.csv").write_text("foo,bar\n1,2\n")
+    old_results = tmp_path / "out" / "downstream.json"  # an earlier run's
+    old_results.parent.mkdir()
+    old_results.write_text("{}")
 
     if "--labels" in extra:  # replaced, not repeated: a repeated list flag adds a note line
         at = argv.index("--labels")
@@ -418,7 +446,8 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(expected, err), err
-    assert not (tmp_path / "out" / "downstream.json").exists()
+    # Bad input loses nothing; a run that fails later leaves no earlier results to be read as its own.
+    assert old_results.exists() == (case != "diverged")
 
 
 # ------------------------------------------------------------------------------- the wrapper
