@@ -22,6 +22,7 @@ Every image is decoded once, resized and cropped to --resolution, and kept in me
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -376,8 +377,11 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bo
     bank = Bank(stacked, torch.from_numpy(targets[keep]).float(),
                 [ex.group for ex, k in zip(examples, keep) if k],
                 np.flatnonzero(kind == 0), np.flatnonzero(kind == 1), np.flatnonzero(kind == 2))
+    tested = sorted(held_out_name(ex) for ex, k in zip(test, keep[len(train):len(train) + len(test)]) if k)
+    # Which images were tested, not only how many: two results are comparable only on the same ones.
+    digest = hashlib.sha256("\n".join(tested).encode()).hexdigest()[:16]
     counts = {"real_train": _describe(bank, bank.train, labels),
-              "test": {**_describe(bank, bank.test, labels), **test_rule},
+              "test": {**_describe(bank, bank.test, labels), "rows_sha256": digest, **test_rule},
               "synthetic": _describe(bank, bank.synthetic, labels)}
     return bank, counts
 

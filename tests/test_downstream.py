@@ -150,7 +150,10 @@ def test_patient_level_split(phantom_train_csv, tmp_path):
     n_patients = len(set(train) | set(test))
     assert len(set(test)) == int(np.ceil(0.2 * n_patients)) == counts["test"]["patients"]
     assert split(0)[0] == (train, test)  # deterministic for a split seed
-    assert set(split(1)[0][1]) != set(test)
+    (_, other), other_counts = split(1)
+    assert set(other) != set(test)
+    # the digest of the tested rows tells the two test sets apart, and is the same for the same rows
+    assert split(0)[1]["test"]["rows_sha256"] == counts["test"]["rows_sha256"] != other_counts["test"]["rows_sha256"]
 
 
 @pytest.fixture(scope="module")

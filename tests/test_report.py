@@ -383,6 +383,27 @@ def test_downstream_numbers_on_seen_patients_or_other_labels_are_flagged(two_run
             "(unet: Edema; lora: Edema, Cardiomegaly)") in text
 
 
+@pytest.mark.parametrize("change, named", [
+    (lambda d: d["settings"].update(arch="resnet50"), "arch"),
+    (lambda d: d["settings"].update(epochs=20, seeds=[0]), "epochs, seeds"),
+    (lambda d: d["counts"]["test"].update(rows_sha256="0123456789abcdef"), "test set"),  # as many, other images
+])
+def test_downstream_numbers_made_differently_between_runs_are_flagged(two_runs, tmp_path, change, named):
+    """Without a baseline too: two strategies' arms (c, d) side by side must come from one recipe and test set."""
+    unet, lora = two_runs
+    same, other = downstream_results({"c": (0.8, None)}), downstream_results({"c": (0.7, None)})
+    for data in (same, other):
+        data["counts"]["test"]["rows_sha256"] = "fedcba9876543210"
+    for run, data in ((unet, same), (lora, same)):
+        (run / "downstream").mkdir()
+        (run / "downstream" / "downstream.json").write_text(json.dumps(data))
+    assert "NOT COMPARABLE" not in run_compare(two_runs, tmp_path / "alike")["markdown"]
+    change(other)
+    (lora / "downstream" / "downstream.json").write_text(json.dumps(other))
+    text = run_compare(two_runs, tmp_path / "cmp")["markdown"]
+    assert f"NOT COMPARABLE: the downstream AUROCs differ in {named} between runs" in text
+
+
 def test_no_downstream_columns_without_downstream_results(two_runs, tmp_path):
     run_compare(two_runs, tmp_path / "cmp")
     assert "AUROC" not in (tmp_path / "cmp" / "comparison.md").read_text()

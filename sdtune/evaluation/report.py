@@ -164,20 +164,22 @@ DOWNSTREAM_SETTINGS = ("arch", "pretrained_weights", "resolution", "epochs", "st
                        "n_per_class", "seeds", "uncertainty", "views", "labels")
 
 
+def downstream_test_set(data: dict) -> list:
+    """The tested images (their digest, where recorded) and their counts."""
+    return [_get(data, "counts", "test", key) for key in ("rows_sha256", "images", "patients", "positives")]
+
+
 def downstream_baseline_notes(runs: list[Run], baseline: dict, file: Path) -> list[str]:
     """Where the rows' arms a, b come from, and NOT COMPARABLE for a run whose arms c, d were tested on other
     images or trained otherwise."""
     out = [f"AUROC (a), (b) of runs without their own: the real-only baseline {file}"]
-
-    def test_set(data: dict):
-        return [_get(data, "counts", "test", key) for key in ("images", "patients", "positives")]
 
     for run in runs:
         arms = (run.downstream or {}).get("arms") or {}
         if not any(a in arms for a in "cd") or all(a in arms for a in "ab"):
             continue  # nothing of its own to set beside the baseline, or a row entirely its own
         settings, theirs = run.downstream.get("settings") or {}, baseline.get("settings") or {}
-        differ = ["test set"] if test_set(run.downstream) != test_set(baseline) else []
+        differ = ["test set"] if downstream_test_set(run.downstream) != downstream_test_set(baseline) else []
         differ += [key for key in DOWNSTREAM_SETTINGS if settings.get(key) != theirs.get(key)]
         if differ:
             out.append(f"NOT COMPARABLE: {run.name}'s downstream arms (c, d) and the real-only baseline differ in "
@@ -377,6 +379,14 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
         out.append("NOT COMPARABLE: the downstream mean AUROC averages other labels between runs ("
                    + "; ".join(f"{', '.join(names)}: {', '.join(labels) or 'not recorded'}"
                                for labels, names in label_sets.items()) + ")")
+    # and AUROCs of other test images or another classifier recipe are other numbers
+    measured = [run for run in runs if run.downstream]
+    differ = [key for key in DOWNSTREAM_SETTINGS if key != "labels"
+              and len({json.dumps(_get(r.downstream, "settings", key)) for r in measured}) > 1]
+    differ += ["test set"] if len({json.dumps(downstream_test_set(r.downstream)) for r in measured}) > 1 else []
+    if differ:
+        out.append(f"NOT COMPARABLE: the downstream AUROCs differ in {', '.join(differ)} between runs: run downstream.py "
+                   "alike for every strategy, on synthetic sets whose generators held out the same patients")
     for run in runs:
         out += run.notes
     return out
