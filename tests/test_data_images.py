@@ -513,3 +513,17 @@ def test_an_inverted_radiograph_is_flagged_and_a_normal_one_is_not(tmp_path):
     assert check_image(tmp_path / "normal.png") == []
     (problem,) = check_image(tmp_path / "inverted.png")
     assert problem.severity == "warning" and "looks inverted" in problem.what and "invert it" in problem.what
+
+
+@pytest.mark.parametrize("element, written", [("WindowCenter", b"1234.5"), ("RescaleSlope", b"1.25")])
+def test_malformed_dicom_header_values_are_one_problem_of_that_file(tmp_path, element, written):
+    """A hand-edited or broken exporter's "abc" as a window centre or rescale slope: one line, not a crash."""
+    others = {"WindowCenter": {"WindowWidth": 1000.0}, "RescaleSlope": {"RescaleIntercept": -100.0}}[element]
+    path = write_dicom(tmp_path / "a.dcm", STORED_12BIT, **{element: float(written)}, **others)
+    data = path.read_bytes()
+    assert data.count(written) == 1
+    path.write_bytes(data.replace(written, b"abc".ljust(len(written))))  # the same length: the file stays parseable
+    with pytest.raises(ImageError, match="its DICOM rescale or window values cannot be applied .*: re-export it"):
+        load_image(path)
+    problems = check_image(path)
+    assert len(problems) == 1 and "cannot be applied" in problems[0].what

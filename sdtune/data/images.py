@@ -301,16 +301,11 @@ def _decode_dicom(path: Path) -> np.ndarray:
         raise ImageError(path, f"unsupported DICOM Photometric Interpretation {photometric!r}: "
                          "convert it to MONOCHROME2 or RGB, or remove it")
 
-    values = apply_modality_lut(pixels, ds)
-    voi_lut = ds.get("VOILUTSequence")
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
-        unit = _voi_lut(values, ds)
-    elif center is not None and width is not None and width > 0:
-        unit = _window(values, center, width, ds.get("VOILUTFunction", "LINEAR"))
-    else:  # no window stored: show the whole range of the data, as viewers do
-        lo, hi = values.min(), values.max()
-        unit = (values - lo) / (hi - lo) if hi > lo else np.zeros(values.shape)
+    try:  # header values written by hand or by broken exporters: "abc" as a window centre
+        unit = _displayed(pixels, ds)
+    except Exception as err:
+        raise ImageError(path, f"its DICOM rescale or window values cannot be applied ({err}): re-export it, "
+                         "or remove it") from None
     grey = _to_uint8(unit)
     if photometric == "MONOCHROME1":  # low values are white; inverted after the VOI (PS3.3 C.7.6.3.1.2)
         grey = 255 - grey
@@ -335,6 +330,19 @@ def _dicom_pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
         return ds.pixel_array
     except Exception as err:
         raise ImageError(path, f"cannot decode its DICOM pixel data ({err}): re-export it, or remove it") from None
+
+
+def _displayed(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Stored values to [0, 1] as a viewer shows them: modality LUT (rescale), then the VOI LUT or window."""
+    values = apply_modality_lut(pixels, ds)
+    voi_lut = ds.get("VOILUTSequence")
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
+        return _voi_lut(values, ds)
+    if center is not None and width is not None and width > 0:
+        return _window(values, center, width, ds.get("VOILUTFunction", "LINEAR"))
+    lo, hi = values.min(), values.max()  # no window stored: the whole range of the data, as viewers do
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros(values.shape)
 
 
 def _first(value) -> float | None:
