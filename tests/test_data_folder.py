@@ -108,3 +108,50 @@ def test_image_split_ignores_groups():
 def test_bad_split_settings(kwargs):
     with pytest.raises(ValueError):
         split_examples(_examples(["a"]), **kwargs)
+
+
+def _captioned(path: Path, caption: str = "Chest x-ray") -> None:
+    _image(path)
+    path.with_suffix(".txt").write_text(caption)
+
+
+def test_linked_folders_are_read_and_what_cannot_be_listed_is_reported(tmp_path, monkeypatch):
+    """A second disk linked in, a broken link, an unreadable folder: nothing is left out silently."""
+    import os
+
+    images = tmp_path / "images"
+    _captioned(images / "a.png")
+    _captioned(tmp_path / "disk2" / "b.png")
+    (images / "batch2").symlink_to(tmp_path / "disk2")
+    (images / "loop").symlink_to(images)  # a link loop ends
+    (images / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _captioned(images / "locked" / "c.png")
+    _captioned(images / "__MACOSX" / "._a.png")  # macOS archive debris: not data
+    (images / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    _captioned(images / ".ipynb_checkpoints" / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    examples, problems = read_image_folder(images)
+    assert [e.source for e in examples] == ["a.png", "batch2/b.png"]
+    assert {p.where: p.what.split(":")[0] for p in problems} == {
+        "gone.png": "a link to a file that does not exist", "locked": "cannot read this folder (Permission denied)"}
+    assert all(p.severity == "error" for p in problems)
+
+
+def test_an_unreadable_caption_or_missing_captions_dir_is_one_problem(tmp_path, monkeypatch):
+    _captioned(tmp_path / "a.png")
+    _captioned(tmp_path / "b.png")
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "b.txt" else real_read(self))
+    examples, problems = read_image_folder(tmp_path)
+    assert [e.source for e in examples] == ["a.png"]
+    assert [str(p) for p in problems] == ["b.png: cannot read caption b.txt (Permission denied): check its permissions"]
+    examples, problems = read_image_folder(tmp_path, captions_dir=tmp_path / "captions")
+    assert examples == [] and len(problems) == 1 and "--captions_dir does not exist" in problems[0].what
