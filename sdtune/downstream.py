@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sdtune.config import ArgumentParser, add_arguments, field, from_args
+from sdtune.config import ArgumentParser, add_arguments, check_bounds, field, from_args
 from sdtune.data.captions import apply_uncertainty
 from sdtune.data.dataset import FORMATS, DataConfig, read_examples
 from sdtune.data.images import ImageError, ImageTransform, load_image
@@ -90,7 +90,8 @@ class DownstreamConfig:
                                       "sets' generator held out patients of --real: then those are the test set)")
     allow_seen_test_patients: bool = field(False, "measure even when a synthetic set's generator trained on every "
                                                   "patient of --real (the results then say so)")
-    split_seed: int = field(0, "seed of the patient-level train/test split (the same test set for every arm and seed)")
+    split_seed: int = field(0, "seed of the patient-level train/test split (the same test set for every arm and seed)",
+                            bounds="seed")
     skip_bad_files: bool = field(False, "leave out unreadable images and bad rows instead of stopping")
     workers: int = field(8, "threads decoding images")
     device: str = field("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
@@ -524,8 +525,9 @@ def resolve(cfg: DownstreamConfig) -> tuple[list[str], list[str], list[int], tor
         seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {cfg.seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise UserError(f"--seeds {cfg.seeds!r}: give distinct integers, e.g. 0,1,2")
+    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds {cfg.seeds!r}: give distinct integers from 0, e.g. 0,1,2")
+    check_bounds(cfg)
     if cfg.arch not in ARCHS:
         raise UserError(f"unknown --arch {cfg.arch!r}: use one of {', '.join(ARCHS)}")
     needs = [a for a in arms if a in "cd"]

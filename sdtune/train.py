@@ -83,7 +83,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(1, "micro-steps per optimizer step", bounds=">=1")
     max_train_steps: int | None = field(None, "optimizer steps to train (overrides --num_train_epochs)", bounds=">=1")
     num_train_epochs: int = field(1, "passes over the data when --max_train_steps is not given", bounds=">=1")
-    seed: int = field(42, "seed of noise, timesteps, caption dropout and data order")
+    seed: int = field(42, "seed of noise, timesteps, caption dropout and data order", bounds="seed")
     # diffusion objective
     prediction_type: str | None = field(None, "training target (default: the model's scheduler's)",
                                         choices=("epsilon", "v_prediction"))

@@ -380,12 +380,15 @@ def test_numbers_out_of_range_are_all_named_in_one_line_before_anything_is_writt
         main(argv)
     assert str(error.value) == (
         "--max_train_steps 0 must be at least 1; --caption_dropout_prob 2 must be from 0 to 1 (a fraction: 0.2 means "
-        "20%); --checkpointing_steps 0 must be at least 1; --resolution 60 must be a multiple of 8 (the VAE divides "
+        "20%); --checkpointing_steps 0 must be at least 1; --resolution 60 must be a positive multiple of 8 (the VAE divides "
         "images by 8); --validation_fraction 20 must be at least 0 and below 1 (a fraction: 0.2 means 20%)")
     assert not out.exists()
     for flag, value in (("--train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--learning_rate", "-1")):
         with pytest.raises(UserError, match=f"^{flag} {value} must be at least "):  # (a rate of 0 holds a part still)
             main(_argv(tiny_model, table, out, "--strategy", "lora", flag, value))
+    for flag, value in (("--seed", "-1"), ("--split_seed", "-5"), ("--seed", str(2**32))):  # numpy and torch refuse them
+        with pytest.raises(UserError, match=f"^{flag} {value} must be from 0 to 4294967295"):
+            main(_argv(tiny_model, table, out, "--strategy", "lora", "--validation_fraction", "0.5", flag, value))
     # the data check reads the same bounds
     from sdtune.data.__main__ import main as data_main
 

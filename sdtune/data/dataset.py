@@ -54,7 +54,7 @@ class DataConfig:
     skip_bad_files: bool = field(False, "skip unreadable images and bad rows instead of stopping; they are listed in a report file")
     split: str = field("patient", "how validation is held out: patient (no patient on both sides) or image", choices=("patient", "image"))
     validation_fraction: float = field(0.0, "fraction of patients held out for validation", bounds="0..<1")
-    split_seed: int = field(0, "seed of the train/validation split")
+    split_seed: int = field(0, "seed of the train/validation split", bounds="seed")
 
     @property
     def source(self) -> str | None:
