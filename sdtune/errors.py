@@ -17,6 +17,18 @@ class UserError(Exception):
     """A problem the user can fix (a path, a flag, a file). Entry points print it as one line."""
 
 
+def writable_folder(path: str | os.PathLike, flag: str) -> None:
+    """Make the output folder `path` (given by `flag`), or stop in one line before any work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file: pass a new or empty folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to {flag} {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"cannot write to {flag} {path}: permission denied")
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run an entry point; a UserError becomes `error: ...` on stderr and exit status 2."""
     try:

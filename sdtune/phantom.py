@@ -39,6 +39,8 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from sdtune.errors import run_cli, writable_folder
+
 LABELS = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
@@ -540,8 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=256, help="side of the square images, px")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.n < 1 or args.size < 32:
-        p.error("need --n >= 1 and --size >= 32")
+    if args.n < 1 or not 32 <= args.size <= 4096:
+        p.error("need --n >= 1 and --size from 32 to 4096")
+    writable_folder(args.out_dir, "OUT_DIR")
     out = write_phantom_chexpert(args.out_dir, args.n, args.size, args.seed)
     root = out / "CheXpert-v1.0-small"
     train, valid = (pd.read_csv(root / f"{s}.csv") for s in ("train", "valid"))
@@ -551,4 +554,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

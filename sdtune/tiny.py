@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from sdtune.errors import run_cli, writable_folder
+
 # SD1.5's scheduler (scheduler/scheduler_config.json of the official weights; PNDM ignores
 # clip_sample, which DDPM and DDIM read when loaded from the same file).
 SD15_SCHEDULER_CONFIG = dict(
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to write the diffusers pipeline to")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     args = parser.parse_args(argv)
-
+    writable_folder(args.out_dir, "OUT_DIR")
     out = write_tiny_pipeline(args.out_dir, args.seed)
     sizes = {
         name: sum(f.stat().st_size for f in (out / name).glob("*.safetensors"))
@@ -195,4 +197,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -278,3 +278,24 @@ def test_export_keeps_patient_groups_in_jsonl(phantom_chexpert, tmp_path):
     assert partition(exported) == partition(original) and len({e.group for e in original}) > 1
     text = (out / "metadata.jsonl").read_text()
     assert not re.search(r"patient\d", text) and not any(e.group in text for e in original)
+
+
+def test_check_fails_where_training_would_and_export_checks_its_folder_first(tmp_path, monkeypatch):
+    from sdtune.data import __main__ as data_cli
+    from sdtune.errors import UserError
+
+    table = tmp_path / "metadata.csv"
+    table.write_text("file_name,text\n")  # a header and no rows: nothing to train on
+    assert data_cli.main(["check", "--train_csv", str(table)]) == 1
+    _radiograph().save(tmp_path / "a.png")
+    table.write_text("file_name,text,group\na.png,Chest x-ray,p1\n")
+    assert data_cli.main(["check", "--train_csv", str(table), "--resolution", "64"]) == 0
+    # one patient, held out: training would have no image left
+    assert data_cli.main(["check", "--train_csv", str(table), "--resolution", "64", "--validation_fraction", "0.5"]) == 1
+
+    decoded = []
+    monkeypatch.setattr(data_cli, "inspect_dataset", lambda cfg: decoded.append(cfg) or ([], []))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="^--output_dir .*afile is a file: pass a new or empty folder$"):
+        data_cli.main(["export", "--train_csv", str(table), "--output_dir", str(tmp_path / "afile")])
+    assert decoded == []  # refused before a single image was read

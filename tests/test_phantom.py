@@ -222,3 +222,16 @@ def test_cli_rejects_nonsense(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sdtune.phantom", str(tmp_path), "--n", "0"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "--n >= 1" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["sdtune.phantom", "sdtune.tiny"])
+def test_an_output_folder_that_is_a_file_is_one_line(module, tmp_path, capsys):
+    import importlib
+
+    from sdtune.errors import run_cli
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: importlib.import_module(module).main([str(tmp_path / "afile")]))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: OUT_DIR {tmp_path / 'afile'} is a file: pass a new or empty folder\n"

@@ -21,7 +21,7 @@ from sdtune.data.dataset import DataConfig, inspect_dataset, summarize, write_re
 from sdtune.data.images import load_image
 from sdtune.data.records import DatasetError, Example, errors_only
 from sdtune.data.splits import split_examples
-from sdtune.errors import UserError, run_cli
+from sdtune.errors import UserError, run_cli, writable_folder
 
 
 def check(cfg: DataConfig) -> int:
@@ -35,11 +35,15 @@ def check(cfg: DataConfig) -> int:
         print(f"  {name}: {count} positive ({count / max(1, stats['images']):.1%})")
     for caption, count in stats["common_captions"]:
         print(f"  {count:6d} x {caption!r}")
+    trainable = len(examples)
     if cfg.validation_fraction > 0:
+        trainable = len(split_examples(examples, cfg.validation_fraction, cfg.split_seed, by=cfg.split)[0])
         print(split_line(examples, cfg))
     for p in problems:
         print(f"  {p}")
-    return 1 if errors else 0
+    if not trainable:  # what training would refuse, check refuses too
+        print("error: no image is left to train on" + (" after the held-out split" if examples else ""))
+    return 1 if errors or not trainable else 0
 
 
 def split_line(examples: list[Example], cfg: DataConfig) -> str:
@@ -65,6 +69,13 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
     headers stay behind), and patient groups become numbered pseudonyms (g000001, ...), enough
     for patient-level splits.
     """
+    images_dir = output_dir / "images"
+    # Before any image is decoded: a wrong --output_dir is found in a second, not after the whole dataset.
+    writable_folder(output_dir, "--output_dir")
+    if (images_dir.is_dir() and any(images_dir.iterdir())) or (output_dir / "metadata.jsonl").exists():
+        # Numbered files of an earlier export would be mixed into this one's.
+        raise UserError(f"{output_dir} already holds an export: pass an empty or new --output_dir")
+    images_dir.mkdir(exist_ok=True)
     # No resolution: an export keeps each image's own size, so no upscaling warnings.
     examples, problems = inspect_dataset(dataclasses.replace(cfg, resolution=None))
     errors = errors_only(problems)
@@ -72,12 +83,6 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
         raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
     if not examples:
         raise UserError(f"nothing to export from {cfg.source}")
-
-    images_dir = output_dir / "images"
-    if (images_dir.is_dir() and any(images_dir.iterdir())) or (output_dir / "metadata.jsonl").exists():
-        # Numbered files of an earlier export would be mixed into this one's.
-        raise UserError(f"{output_dir} already holds an export: pass an empty or new --output_dir")
-    images_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{k:06d}.png" for k in range(1, len(examples) + 1)]
     pseudonyms: dict[str, str] = {}  # in order of first appearance, so they say nothing of the ids
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding and PNG encoding release the GIL
