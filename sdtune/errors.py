@@ -17,16 +17,21 @@ class UserError(Exception):
     """A problem the user can fix (a path, a flag, a file). Entry points print it as one line."""
 
 
-def writable_folder(path: str | os.PathLike, flag: str) -> None:
-    """Make the output folder `path` (given by `flag`), or stop in one line before any work is done."""
+def writable_folder(path: str | os.PathLike, flag: str, create: bool = True) -> None:
+    """Make the output folder `path` (given by `flag`), or stop in one line before any work is done.
+    create=False only checks that it could be made (nothing is left behind by a run that stops later)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file: pass a new or empty folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write to {flag} {path}: {err.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"cannot write to {flag} {path}: permission denied")
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot write to {flag} {path}: {err.strerror}") from None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to {flag} {path}: {existing} is not a writable folder")
 
 
 def run_cli(main: Callable[[], object]) -> None:

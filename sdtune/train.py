@@ -485,7 +485,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     )
     optimizer_name = f"{optimizer_cls.__module__.split('.')[0]} {optimizer_cls.__name__}" + (
         " (fused)" if optimizer_kwargs.get("fused") else "")
-    examples, held_out = load_examples(data, report_path=output_dir / "data_problems.txt"), []
+    examples = load_examples(data, report_path=output_dir / "data_problems.txt", tokenizer=models.tokenizer,
+                             log=accelerator.print)
+    held_out = []
     if data.validation_fraction > 0:
         if data.split == "patient" and all(e.group is None for e in examples):
             accelerator.print(f"warning: {data.source} has no patient ids (e.g. an images folder), so the held-out "

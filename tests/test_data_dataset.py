@@ -17,7 +17,7 @@ from PIL import Image
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, inspect_dataset, load_examples
 from sdtune.data.folder import read_image_folder
 from sdtune.data.images import load_image
-from sdtune.data.records import DatasetError
+from sdtune.data.records import DatasetError, Example
 from sdtune.data.splits import split_examples
 from sdtune.data.tables import read_table
 
@@ -93,8 +93,10 @@ def test_a_file_with_a_bad_caption_and_a_bad_image_is_reported_in_one_round(tmp_
 def test_skip_bad_files_keeps_the_good_and_lists_the_rest(messy_folder, tmp_path):
     cfg = DataConfig(train_data_dir=str(messy_folder), resolution=64, skip_bad_files=True)
     report = tmp_path / "report" / "skipped.txt"
-    examples = load_examples(cfg, report_path=report)
+    logged = []
+    examples = load_examples(cfg, report_path=report, log=logged.append)
     assert sorted(e.source for e in examples) == ["good.png", "scan.dcm"]
+    assert logged[0].startswith("data: 2 images; 3 skipped (--skip_bad_files), e.g. ") and str(report) in logged[0]
     lines = report.read_text().splitlines()
     assert sorted(line.split(":")[0] for line in lines) == ["nocaption.png", "truncated.jpg", "white.png"]
 
@@ -299,3 +301,33 @@ def test_check_fails_where_training_would_and_export_checks_its_folder_first(tmp
     with pytest.raises(UserError, match="^--output_dir .*afile is a file: pass a new or empty folder$"):
         data_cli.main(["export", "--train_csv", str(table), "--output_dir", str(tmp_path / "afile")])
     assert decoded == []  # refused before a single image was read
+
+
+def test_captions_the_text_encoder_would_cut_are_warned_about(tmp_path):
+    from sdtune.data.dataset import long_captions
+    from sdtune.tiny import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    report = " ".join(["Small left pleural effusion with adjacent atelectasis."] * 10)  # about 90 tokens
+    examples = [Example(Path("a.png"), "Chest x-ray of a patient with Edema", source="a.png"),
+                Example(Path("b.png"), report, source="b.png")]
+    tokens = len(tokenizer(report).input_ids)
+    assert tokens > 77
+    assert [str(p) for p in long_captions(examples, tokenizer)] == [
+        f"b.png: warning: caption of {tokens} CLIP tokens: the text encoder reads 77 tokens and the rest is cut off: "
+        "shorten it"]
+    many = [Example(Path(f"{i}.png"), report, source=f"{i}.png") for i in range(11)]
+    (warning,) = long_captions(examples + many, tokenizer)  # many are one line, not one each
+    assert warning.where == "12 captions" and f"(e.g. b.png: {tokens})" in warning.what
+
+    # `check` counts with SD1.5's tokenizer; training with its model's, and says where the list is
+    _radiograph().save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text(report)
+    result = _cli("check", "--train_data_dir", tmp_path, "--resolution", 64)
+    assert result.returncode == 0 and f"b.png: warning: caption of {tokens} CLIP tokens" in result.stdout
+    logged = []
+    load_examples(DataConfig(train_data_dir=str(tmp_path), resolution=64), report_path=tmp_path / "run" / "report.txt",
+                  tokenizer=tokenizer, log=logged.append)
+    assert logged == [f"data: 1 images; 1 warning(s), e.g. b.png: warning: caption of {tokens} CLIP tokens: the text "
+                      f"encoder reads 77 tokens and the rest is cut off: shorten it; all listed in "
+                      f"{tmp_path / 'run' / 'report.txt'}"]

@@ -26,7 +26,9 @@ from sdtune.errors import UserError, run_cli, writable_folder
 
 def check(cfg: DataConfig) -> int:
     """Print counts, label distribution, caption examples and every problem; 1 if any error."""
-    examples, problems = inspect_dataset(cfg)
+    from sdtune.tiny import build_clip_tokenizer
+
+    examples, problems = inspect_dataset(cfg, tokenizer=build_clip_tokenizer())  # SD1.5's: CLIP's vocabulary
     errors = errors_only(problems)
     stats = summarize(examples)
     print(f"{cfg.source}: {stats['images']} usable images, {len(errors)} error(s), "
@@ -71,11 +73,10 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
     """
     images_dir = output_dir / "images"
     # Before any image is decoded: a wrong --output_dir is found in a second, not after the whole dataset.
-    writable_folder(output_dir, "--output_dir")
+    writable_folder(output_dir, "--output_dir", create=False)
     if (images_dir.is_dir() and any(images_dir.iterdir())) or (output_dir / "metadata.jsonl").exists():
         # Numbered files of an earlier export would be mixed into this one's.
         raise UserError(f"{output_dir} already holds an export: pass an empty or new --output_dir")
-    images_dir.mkdir(exist_ok=True)
     # No resolution: an export keeps each image's own size, so no upscaling warnings.
     examples, problems = inspect_dataset(dataclasses.replace(cfg, resolution=None))
     errors = errors_only(problems)
@@ -83,6 +84,7 @@ def export(cfg: DataConfig, output_dir: Path, layout: str) -> int:
         raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
     if not examples:
         raise UserError(f"nothing to export from {cfg.source}")
+    images_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{k:06d}.png" for k in range(1, len(examples) + 1)]
     pseudonyms: dict[str, str] = {}  # in order of first appearance, so they say nothing of the ids
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding and PNG encoding release the GIL

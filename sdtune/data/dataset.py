@@ -107,9 +107,28 @@ def check_images(images: list[tuple[str, str | Path]], resolution: int | None, m
         return [Problem(where, p.what, p.severity) for (where, _), problems in zip(images, found) for p in problems]
 
 
-def inspect_dataset(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
-    """Read a source and decode every image once: (the usable examples, every problem found)."""
+def long_captions(examples: list[Example], tokenizer) -> list[Problem]:
+    """Warnings for captions longer than the text encoder reads (CLIP: 77 tokens, start and end
+    included): training and synthesis cut the rest off without a word. Many are one line."""
+    distinct = list(dict.fromkeys(ex.caption for ex in examples))
+    lengths = dict(zip(distinct, map(len, tokenizer(distinct).input_ids))) if distinct else {}
+    limit = tokenizer.model_max_length
+    long = [(ex, lengths[ex.caption]) for ex in examples if lengths[ex.caption] > limit]
+    cut = f"the text encoder reads {limit} tokens and the rest is cut off: shorten "
+    if len(long) > 10:
+        ex, n = long[0]
+        where = ex.source or str(ex.image)
+        return [Problem(f"{len(long)} captions", f"longer than {limit} CLIP tokens (e.g. {where}: {n}); {cut}them "
+                        "(report text: keep the impression)", "warning")]
+    return [Problem(ex.source or str(ex.image), f"caption of {n} CLIP tokens: {cut}it", "warning") for ex, n in long]
+
+
+def inspect_dataset(cfg: DataConfig, tokenizer=None) -> tuple[list[Example], list[Problem]]:
+    """Read a source and decode every image once: (the usable examples, every problem found).
+    With the model's tokenizer, captions it would cut are warned about too."""
     examples, problems = read_examples(cfg)
+    if tokenizer is not None:
+        problems += long_captions(examples, tokenizer)
     refused = {p.where: p.image for p in problems if p.image}  # rows with a bad caption: their images too
     images = [(ex.source or str(ex.image), ex.image) for ex in examples] + list(refused.items())
     problems += check_images(images, cfg.resolution, cfg.min_size)
@@ -119,13 +138,21 @@ def inspect_dataset(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
     return [ex for ex in examples if (ex.source or str(ex.image)) not in bad], problems
 
 
-def load_examples(cfg: DataConfig, report_path: str | Path | None = None) -> list[Example]:
-    """Read and check a dataset. Errors stop here, all listed at once, unless skip_bad_files is set."""
-    examples, problems = inspect_dataset(cfg)
-    if errors_only(problems) and not cfg.skip_bad_files:
+def load_examples(cfg: DataConfig, report_path: str | Path | None = None, tokenizer=None,
+                  log=None) -> list[Example]:
+    """Read and check a dataset. Errors stop here, all listed at once, unless skip_bad_files is set;
+    then `log` gets one line counting what was skipped and warned about, and where it is listed."""
+    examples, problems = inspect_dataset(cfg, tokenizer)
+    errors = errors_only(problems)
+    if errors and not cfg.skip_bad_files:
         raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
     if report_path is not None and problems:
         write_report(problems, report_path)
+        if log is not None:
+            counts = [f"{len({p.where for p in errors})} skipped (--skip_bad_files)" if errors else "",
+                      f"{len(problems) - len(errors)} warning(s)" if len(problems) > len(errors) else ""]
+            log(f"data: {len(examples)} images; {', '.join(c for c in counts if c)}, e.g. {problems[0]}; "
+                f"all listed in {report_path}")
     return examples
 
 
@@ -180,5 +207,5 @@ class ImageCaptionDataset(Dataset):
         return {"pixel_values": self.transform(load_image(ex.image), generator), "caption": ex.caption, "index": i}
 
 
-__all__ = ["DataConfig", "ImageCaptionDataset", "check_images", "inspect_dataset", "load_examples", "modality_of", "read_examples", "split_examples",
+__all__ = ["DataConfig", "ImageCaptionDataset", "check_images", "inspect_dataset", "load_examples", "long_captions", "modality_of", "read_examples", "split_examples",
            "summarize", "write_report"]
