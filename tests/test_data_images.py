@@ -220,8 +220,20 @@ def test_truncated_jpeg_is_refused_without_touching_pillows_global_switch(tmp_pa
 def test_decompression_bomb_becomes_an_image_error(tmp_path, monkeypatch):
     Image.new("L", (40, 40)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 x limit: Pillow refuses
-    with pytest.raises(ImageError, match="MAX_IMAGE_PIXELS"):
+    with pytest.raises(ImageError, match="decompression-bomb guard\\): downscale it"):
         load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # between the limit and twice it: decoded, unwarned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "big.png").size == (40, 40)
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "pages.tiff", "animated.png"])
+def test_images_of_several_frames_are_refused_not_cut_to_their_first(tmp_path, name):
+    frames = [Image.new("L", (32, 32), v) for v in (60, 180)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="holds 2 frames or pages: save the one to train on alone"):
+        load_image(tmp_path / name)
 
 
 # --- DICOM ------------------------------------------------------------------------------------

@@ -191,7 +191,14 @@ def _require_file(path: Path) -> None:
 def _open_with_pillow(path: Path) -> tuple[Image.Image, int | None]:
     """The fully decoded, upright image and its declared bit depth (None where it has none)."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns, unnamed, of images between its pixel limit and twice it: they are decoded as asked
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:  # an animated GIF/PNG, a multi-page TIFF: which page is the image is not ours to guess
+                raise ImageError(path, f"holds {frames} frames or pages: save the one to train on alone, or remove it")
             image.load()  # a truncated JPEG opens fine and only fails here
             bits = _declared_bits(image)  # before exif_transpose, whose copy forgets the format
             return ImageOps.exif_transpose(image), bits
@@ -199,8 +206,10 @@ def _open_with_pillow(path: Path) -> tuple[Image.Image, int | None]:
         raise ImageError(path, "not an image Pillow or pydicom can read: re-export it as PNG, JPEG, TIFF "
                          "or DICOM, or remove it") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(path, f"{str(err).split(',')[0]} (Pillow's decompression-bomb guard): downscale it, "
-                         "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+        raise ImageError(path, f"{str(err).split(',')[0]} (Pillow's decompression-bomb guard): downscale it "
+                         "(a few thousand pixels a side is plenty at 512 px), or remove it") from None
+    except ImageError:
+        raise
     except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(path, f"truncated or corrupt image data ({err}): re-download or re-export it, "
                          "or remove it") from None
