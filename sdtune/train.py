@@ -253,13 +253,24 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model, path: Path) -> None:
+    """A checkpoint's trained tensors back into `model`: the same names and shapes, or a UserError."""
+    settings = "resume with the strategy and adapter settings it was saved with"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the checkpoint was saved by a run that did not train this part; {settings}")
     state = load_file(path)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        missing, unexpected = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
         raise UserError(f"{path} does not match this run's trainable parameters (missing {missing}, unexpected "
-                        f"{unexpected}): resume with the strategy and adapter settings it was saved with")
-    model.load_state_dict(state, strict=False)
+                        f"{unexpected}): {settings}")
+    wrong = [(n, tuple(state[n].shape), tuple(p.shape)) for n, p in params.items() if state[n].shape != p.shape]
+    if wrong:  # another --lora_rank: the same names, other shapes
+        name, saved, ours = wrong[0]
+        raise UserError(f"{path}: {len(wrong)} tensors have another shape, e.g. {name} is {saved} there and {ours} "
+                        f"in this run: {settings}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
 
 
 EMA_FILE = "ema.safetensors"

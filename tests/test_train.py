@@ -453,6 +453,19 @@ def test_a_resume_must_hold_out_what_its_checkpoints_held_out(tiny_model, table,
     assert not (run / "held_out.txt").exists()
 
 
+def test_a_resume_with_other_adapter_settings_or_parts_is_one_line(tiny_model, table, tmp_path):
+    run = tmp_path / "run"
+    main(_argv(tiny_model, table, run, "--strategy", "lora", "--lora_rank", "4", "--checkpointing_steps", "1", steps=1))
+    resumed = ("--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError, match=r"unet_trained.safetensors: \d+ tensors have another shape, e.g. .*lora_A.* is "
+                                        r"\(4, \d+\) there and \(8, \d+\) in this run: resume with the strategy"):
+        main(_argv(tiny_model, table, run, "--strategy", "lora", "--lora_rank", "8", *resumed, steps=2))
+    with pytest.raises(UserError, match="text_encoder_trained.safetensors is missing: the checkpoint was saved by a "
+                                        "run that did not train this part"):
+        main(_argv(tiny_model, table, run, "--peft", "lora", "--lora_rank", "4", "--train_text_encoder", *resumed,
+                   steps=2))
+
+
 def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real set's feature cache
     main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
