@@ -162,6 +162,58 @@ def test_every_bad_row_is_reported_at_once_and_nothing_outside_the_root_is_touch
     assert all(p.startswith(str(tmp_path)) for p in checked), checked
 
 
+
+def five_frontal_rows(tmp_path, **path):
+    """train.csv with 5 frontal rows (more than tables.FEW) and their images; path: line -> another Path."""
+    rows = [chexpert_row(n) for n in range(1, 6)]
+    touch(*(tmp_path / r["Path"] for r in rows))
+    rows = [{**r, "Path": path.get(f"line{n}", r["Path"])} for n, r in enumerate(rows, start=2)]
+    return write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", CHEXPERT_COLUMNS, rows)
+
+
+def test_a_wrong_image_root_is_one_problem_not_one_per_row(tmp_path):
+    table = five_frontal_rows(tmp_path)
+    examples, problems = read_table(table, image_root=tmp_path / "nowhere")
+    assert examples == [] and [(p.where, p.what) for p in problems] == [
+        ("train.csv", f"the image root {tmp_path / 'nowhere'} does not exist: fix --image_root")]
+    examples, problems = read_table(table, image_root=tmp_path / "CheXpert-v1.0-small")  # one level too deep
+    assert examples == [] and [(p.where, p.what) for p in problems] == [
+        ("train.csv", f"none of the 5 image paths is found under the image root {tmp_path / 'CheXpert-v1.0-small'}: "
+                      "set --image_root to the folder the paths start from (e.g. the one holding CheXpert-v1.0-small/)")]
+    # Some images found: each missing one is its row's problem
+    (tmp_path / pd.read_csv(table).Path[0]).unlink()
+    examples, problems = read_table(table)
+    assert len(examples) == 4 and [p.where for p in problems] == ["train.csv line 2"]
+    assert "its image file is not found under the image root" in problems[0].what and "--image_root" in problems[0].what
+
+
+def test_windows_and_absolute_image_paths(tmp_path):
+    rel = chexpert_row(1)["Path"]
+    table = five_frontal_rows(tmp_path, line2=rel.replace("/", "\\"), line3="..\\..\\etc\\passwd",
+                              line4="C:\\Users\\alice\\" + chexpert_row(3)["Path"].replace("/", "\\"))
+    examples, problems = read_table(table)
+    assert [ex.source for ex in examples] == ["train.csv line 2", "train.csv line 5", "train.csv line 6"]
+    assert examples[0].image == tmp_path / rel  # a table written on Windows: its '\\' read as '/'
+    assert [p.where for p in problems] == ["train.csv line 3", "train.csv line 4"]
+    assert "leads outside the image root" in problems[0].what
+    assert problems[1].what.endswith("absolute paths from another machine: make them relative to the image root")
+    # Every row absolute, from another machine: one problem, not one per row
+    table = five_frontal_rows(tmp_path, **{f"line{n}": f"/home/alice/{chexpert_row(n - 1)['Path']}" for n in range(2, 7)})
+    examples, problems = read_table(table)
+    assert examples == [] and [p.where for p in problems] == ["train.csv"]
+    assert problems[0].what.startswith("5 rows (first: line 2): its image path is absolute and leads outside")
+    assert not any("patient0" in p.what or "alice" in p.what for p in problems)
+
+
+def test_ham10000_wrong_image_root_is_one_problem(ham, tmp_path):
+    _, problems = read_table(ham, image_root=tmp_path / "nowhere")
+    assert [p.where for p in problems] == ["HAM10000_metadata.csv", "HAM10000_metadata.csv line 5"]  # + the unknown dx
+    assert problems[0].what == f"the image root {tmp_path / 'nowhere'} does not exist: fix --image_root"
+    (tmp_path / "empty").mkdir()
+    _, problems = read_table(ham, image_root=tmp_path / "empty")
+    assert [p.where for p in problems] == ["HAM10000_metadata.csv", "HAM10000_metadata.csv line 5"]
+    assert problems[0].what.startswith("none of the 5 images (ISIC_0027419.jpg ...) is found under the image root")
+
 def test_missing_columns_name_the_columns_and_the_file(tmp_path):
     columns = [c for c in CHEXPERT_COLUMNS if c not in ("AP/PA", "Edema")]
     table = write_csv(tmp_path / "train.csv", columns, [])

@@ -136,7 +136,7 @@ def read_chexpert(path: str | Path, image_root: str | Path | None = None, templa
     df = _keep_views(df, path, views, "Frontal/Lateral", "AP/PA")
     rels = df["Path"]
     root = _chexpert_root(path, rels, image_root)
-    images, found = _resolve(path.name, df.index, rels, root, check_files)
+    images, found = _resolve(path.name, df.index, rels, root, check_files, start="CheXpert-v1.0-small/")
     groups = rels.str.extract(r"(patient\d+)", expand=False)
     for line, group, image in zip(df.index, groups, images):
         if image is not None and not isinstance(group, str):  # a bad path is reported once, above
@@ -190,7 +190,7 @@ def read_mimic(path: str | Path, image_root: str | Path | None = None, template:
     root = _root(image_root, meta_csv.parent)
     sid, study = joined["subject_id"].astype(str), joined["study_id"].astype(str)
     rels = "files/p" + sid.str[:2] + "/p" + sid + "/s" + study + "/" + joined["dicom_id"].astype(str) + ".jpg"
-    images, more = _resolve(meta_csv.name, joined.index, rels, root, check_files)
+    images, more = _resolve(meta_csv.name, joined.index, rels, root, check_files, start="files/")
     values = apply_uncertainty(values[joined["_row"].to_numpy(dtype=int)], uncertainty)
     captions = _captions(values, MIMIC_LABELS, template, findings, None)
     return _finish(meta_csv.name, joined.index, images, captions, sid.tolist(), MIMIC_LABELS, values, found + more)
@@ -377,23 +377,52 @@ def _keep_views(df: pd.DataFrame, path: Path, views: str | Sequence[str], fronta
     return df[keep]
 
 
-def _resolve(name: str, lines, rels, root: str, check_files: bool) -> tuple[list[str | None], Found]:
-    """Absolute image paths (None for a bad row) and the problems: empty, outside the root, missing."""
-    images, found = [], []
+def _resolve(name: str, lines, rels, root: str, check_files: bool, start: str = "") -> tuple[list[str | None], Found]:
+    """Absolute image paths (None for a bad row) and the problems: empty, outside the root, missing.
+
+    Paths written on Windows ('\\') are read with '/' unless a file is named that way. When no
+    image is found at all, the cause is the image root or the paths' style, not each row: more
+    than FEW rows missing or absolute are one problem for the file, not 200k identical lines.
+    start: the folder the paths start from, for the hint ("CheXpert-v1.0-small/").
+    """
+    images, found, missing, absolute = [], [], [], []
     inside = root.rstrip(os.sep) + os.sep
+    look = check_files and os.path.isdir(root)  # no root: one problem below, not a failed lookup per row
     for line, rel in zip(lines, rels):
         image = None
         if not isinstance(rel, str) or not rel.strip():
-            found.append(_row(name, line, "empty image path"))
-        elif not (full := os.path.normpath(os.path.join(root, rel))).startswith(inside):
+            kind = "blank" if isinstance(rel, str) else _not_text(rel)
+            found.append(_row(name, line, "empty image path" if kind == "blank" else
+                              f"its image path is {kind}, not text: write the file's path as a string"))
+            images.append(None)
+            continue
+        full = os.path.normpath(os.path.join(root, rel))
+        if "\\" in rel and not (full.startswith(inside) and os.path.isfile(full)):  # a table written on Windows
+            rel = rel.replace("\\", "/")
+            full = os.path.normpath(os.path.join(root, rel))
+        if (os.path.isabs(rel) and not full.startswith(inside)) or re.match(r"[A-Za-z]:/", rel):  # C:/ too
+            absolute.append(line)
+        elif not full.startswith(inside):
             # Messages name the row, never its path: paths name patients (patient00001/, p10000032/).
             found.append(_row(name, line, f"its image path leads outside the image root {root}: not read"))
-        elif check_files and not os.path.isfile(full):
-            found.append(_row(name, line, f"its image file is not found under the image root {root}: fix the path or set "
-                                          "image_root"))
+        elif check_files and not (look and os.path.isfile(full)):
+            missing.append(line)
         else:
             image = full
         images.append(image)
+    none_found = all(image is None for image in images)
+    if missing and check_files and not look:
+        found.append(_file(name, f"the image root {root} does not exist: fix --image_root"))
+    elif none_found and len(missing) > FEW:
+        found.append(_file(name, f"none of the {len(missing)} image paths is found under the image root {root}: "
+                                 "set --image_root to the folder the paths start from"
+                                 + (f" (e.g. the one holding {start})" if start else "")))
+    else:
+        found += [_row(name, line, f"its image file is not found under the image root {root}: fix the path or set "
+                                   "--image_root") for line in missing]
+    what = (f"its image path is absolute and leads outside the image root {root}: not read; absolute paths from "
+            "another machine: make them relative to the image root")
+    found += _each_or_once(name, absolute, what) if none_found else [_row(name, line, what) for line in absolute]
     return images, found
 
 
@@ -413,7 +442,7 @@ def _search(name: str, lines, ids: pd.Series, root: str) -> tuple[list[str | Non
             if suffix.lower() in IMAGE_SUFFIXES:
                 repeated += stem in index
                 index.setdefault(stem, os.path.join(folder, file))
-    images, found = [], []
+    images, found, missing = [], [], []
     for line, image_id in zip(lines, ids):
         image = index.get(image_id) if isinstance(image_id, str) else None
         if not isinstance(image_id, str) or not image_id.strip():
@@ -421,12 +450,38 @@ def _search(name: str, lines, ids: pd.Series, root: str) -> tuple[list[str | Non
         elif "/" in image_id or "\\" in image_id:
             found.append(_row(name, line, f"image id {image_id!r} is a path, not a name: not read"))
         elif image is None:
-            found.append(_row(name, line, f"no image {image_id}.jpg under {root}: set image_root to their folder"))
+            missing.append((line, image_id))
         images.append(image)
+    if missing and not os.path.isdir(root):
+        found.append(_file(name, f"the image root {root} does not exist: fix --image_root"))
+    elif len(missing) > FEW and all(image is None for image in images):  # one line, not one per row
+        found.append(_file(name, f"none of the {len(missing)} images ({missing[0][1]}.jpg ...) is found under the "
+                                 f"image root {root}: set --image_root to a folder holding them (subfolders count)"))
+    else:
+        found += [_row(name, line, f"no image {image_id}.jpg under {root}: set --image_root to their folder")
+                  for line, image_id in missing]
     if repeated:  # Kaggle's HAM10000 copy ships every image twice (HAM10000_ and ham10000_images_part_*)
         found.append(_file(name, f"{repeated} image name(s) occur more than once under {root}; "
                                  "the first in sorted order is used", "warning"))
     return images, found
+
+
+def _each_or_once(name: str, lines: Sequence[int], what: str, severity: str = "error") -> Found:
+    """A problem per row, or past FEW rows one for the file that says how many and the first."""
+    if len(lines) <= FEW:
+        return [_row(name, line, what, severity) for line in lines]
+    return [_file(name, f"{len(lines)} rows (first: line {lines[0]}): {what}", severity)]
+
+
+def _not_text(value) -> str:
+    """What a cell that should hold text holds instead, in JSON's words."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "blank"
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false"
+    if isinstance(value, numbers.Number):
+        return "a number"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _label_values(name: str, df: pd.DataFrame, labels: Sequence[str], blank_ok: bool,
