@@ -112,6 +112,39 @@ def test_chexpert_views_column_with_no_frontal_rows_and_blank_cells_is_one_error
         read_table(table)
 
 
+
+def test_rows_whose_view_cannot_be_told_are_a_warning_not_dropped_silently(tmp_path):
+    rows = [{**chexpert_row(1), "Frontal/Lateral": "Frontal "}, {**chexpert_row(2), "Frontal/Lateral": ""},
+            {**chexpert_row(3), "Frontal/Lateral": "Frontl"}, chexpert_row(4, view="lateral", ap=""),
+            {**chexpert_row(5), "AP/PA": " pa"}, {**chexpert_row(6), "AP/PA": ""}]
+    table = write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", CHEXPERT_COLUMNS, rows)
+    examples, problems = read_table(table, check_files=False)
+    assert [ex.source for ex in examples] == ["train.csv line 2", "train.csv line 6", "train.csv line 7"]
+    assert [(p.where, p.what, p.severity) for p in problems] == [
+        ("train.csv line 3", "Frontal/Lateral is blank: left out", "warning"),
+        ("train.csv line 4", "Frontal/Lateral 'Frontl' is neither Frontal nor Lateral: left out", "warning")]
+    # Positions: a blank AP/PA is a warning on a frontal image only (CheXpert leaves it blank on laterals)
+    examples, problems = read_table(table, views=["AP", "PA"], check_files=False)
+    assert [ex.source for ex in examples] == ["train.csv line 2", "train.csv line 3", "train.csv line 4",
+                                              "train.csv line 6"]
+    assert [(p.where, p.what) for p in problems] == [("train.csv line 7", "AP/PA is blank: left out")]
+    # Many such rows: one warning with their count and the first
+    table = write_csv(table, CHEXPERT_COLUMNS, rows[:1] + [{**chexpert_row(n), "Frontal/Lateral": ""} for n in range(2, 7)])
+    _, problems = read_table(table, check_files=False)
+    assert [(p.where, p.what) for p in problems] == [
+        ("train.csv", "5 rows (first: line 3): Frontal/Lateral is blank: left out")]
+
+
+def test_mimic_blank_view_position_is_a_warning(mimic):
+    table = mimic / "mimic-cxr-2.0.0-metadata.csv"
+    df = pd.read_csv(table, dtype=str)
+    df.loc[0, "ViewPosition"] = ""
+    df.to_csv(table, index=False)
+    examples, problems = read_table(table)
+    assert [ex.source for ex in examples] == ["mimic-cxr-2.0.0-metadata.csv line 4"]
+    assert ("mimic-cxr-2.0.0-metadata.csv line 2", "ViewPosition is blank: left out", "warning") in \
+        [(p.where, p.what, p.severity) for p in problems]
+
 def test_chexpert_image_root(chexpert, tmp_path):
     # The table moved away from the images: image_root says where Paths start.
     moved = tmp_path / "tables" / "train.csv"

@@ -133,10 +133,11 @@ def read_chexpert(path: str | Path, image_root: str | Path | None = None, templa
     positions = not (isinstance(views, str) and views.strip().lower() in ("all", "frontal", "lateral"))
     needed = [c for c in CHEXPERT_COLUMNS if (c not in ("Sex", "Age") or demographics) and (c != "AP/PA" or positions)]
     df = _read_csv(path, needed, dtype={"Path": str})
-    df = _keep_views(df, path, views, "Frontal/Lateral", "AP/PA")
+    df, left_out = _keep_views(df, path, views, "Frontal/Lateral", "AP/PA")
     rels = df["Path"]
     root = _chexpert_root(path, rels, image_root)
     images, found = _resolve(path.name, df.index, rels, root, check_files, start="CheXpert-v1.0-small/")
+    found += left_out
     groups = rels.str.extract(r"(patient\d+)", expand=False)
     for line, group, image in zip(df.index, groups, images):
         if image is not None and not isinstance(group, str):  # a bad path is reported once, above
@@ -169,11 +170,12 @@ def read_mimic(path: str | Path, image_root: str | Path | None = None, template:
     labels_csv, meta_csv = (other, path) if given == "metadata" else (path, other)
     labels = _read_csv(labels_csv, ["subject_id", "study_id"] + MIMIC_LABELS, dtype=ids)
     meta = _read_csv(meta_csv, ["dicom_id", "subject_id", "study_id", "ViewPosition"], dtype=ids)
-    meta = _keep_views(meta, meta_csv, views, None, "ViewPosition")
+    meta, left_out = _keep_views(meta, meta_csv, views, None, "ViewPosition")
 
     # Label problems are reported once per study, at its chexpert.csv line; its images are left out.
     values, found = _label_values(labels_csv.name, labels, MIMIC_LABELS, blank_ok=True)
     bad_lines = {line for _, line, _ in found}
+    found += left_out
     labels = labels.assign(_row=np.arange(len(labels)), _ok=~labels.index.isin(bad_lines))
     labels = labels.drop_duplicates(["subject_id", "study_id"])  # a repeated study would duplicate its images
     joined = meta.reset_index(names="_line").merge(labels[["subject_id", "study_id", "_row", "_ok"]], how="left",
@@ -354,27 +356,42 @@ def _beside(path: Path, given: str, wanted: str) -> Path:
 
 
 def _keep_views(df: pd.DataFrame, path: Path, views: str | Sequence[str], frontal_lateral: str | None,
-                position: str) -> pd.DataFrame:
-    """Rows of the wanted views: "frontal", "lateral", "all", or positions such as ("AP", "PA")."""
+                position: str) -> tuple[pd.DataFrame, Found]:
+    """Rows of the wanted views: "frontal", "lateral", "all", or positions such as ("AP", "PA"), and a
+    warning for the rows left out because their view cannot be told (blank, or neither Frontal nor Lateral)."""
     if isinstance(views, str) and views.strip().lower() in ("all", "frontal", "lateral"):
         views = views.strip().lower()
     if views == "all":
-        return df
+        return df, []
     if views in ("frontal", "lateral") and frontal_lateral:  # CheXpert says it in its own column
         column = frontal_lateral
-        keep = df[column].astype(str).str.lower() == views
+        cells = _cells(df[column])  # "Frontal " is frontal too
+        keep, unknown = cells.str.lower() == views, ~cells.str.lower().isin(["frontal", "lateral"])
     else:
         if views in ("frontal", "lateral"):
             wanted = MIMIC_FRONTAL if views == "frontal" else MIMIC_LATERAL
         else:
-            wanted = [v.upper() for v in ([views] if isinstance(views, str) else views)]
+            wanted = [v.strip().upper() for v in ([views] if isinstance(views, str) else views)]
         column = position
-        keep = df[column].astype(str).str.upper().isin(wanted)
+        cells = _cells(df[column])
+        keep, unknown = cells.str.upper().isin(wanted), cells == ""  # other positions (MIMIC's LAO, SWIMMERS) are views
+        if frontal_lateral:  # CheXpert leaves AP/PA blank on lateral images
+            unknown &= _cells(df[frontal_lateral]).str.lower() != "lateral"
     if len(df) and not keep.any():
-        # (empty cells dropped first: pandas keeps them missing through astype(str))
-        seen = sorted(set(df[column].dropna().astype(str).str.upper()) - {"NAN", ""})
+        seen = sorted(set(cells.str.upper()) - {""})
         raise UserError(f"{path}: no rows with views {views!r} (its {column} values: {', '.join(seen) or 'none'})")
-    return df[keep]
+    found = []
+    for value, lines in df.index[unknown.to_numpy()].groupby(cells[unknown].to_numpy()).items():
+        # A short word is a view written wrong; anything else may be a shifted cell holding a path: not shown
+        shown = repr(value) if re.fullmatch(r"[A-Za-z ]{1,20}", value) else "holds a value that"
+        what = f"{column} is blank" if value == "" else f"{column} {shown} is neither Frontal nor Lateral"
+        found += _each_or_once(path.name, list(lines), f"{what}: left out", "warning")
+    return df[keep], found
+
+
+def _cells(column: pd.Series) -> pd.Series:
+    """Cells as stripped text, blank as "" (pandas keeps missing cells missing through astype(str))."""
+    return column.fillna("").astype(str).str.strip()
 
 
 def _resolve(name: str, lines, rels, root: str, check_files: bool, start: str = "") -> tuple[list[str | None], Found]:
