@@ -129,7 +129,8 @@ def test_rows_whose_view_cannot_be_told_are_a_warning_not_dropped_silently(tmp_p
                                               "train.csv line 6"]
     assert [(p.where, p.what) for p in problems] == [("train.csv line 7", "AP/PA is blank: left out")]
     # Many such rows: one warning with their count and the first
-    table = write_csv(table, CHEXPERT_COLUMNS, rows[:1] + [{**chexpert_row(n), "Frontal/Lateral": ""} for n in range(2, 7)])
+    rows = rows[:1] + [{**chexpert_row(n), "Frontal/Lateral": ""} for n in range(2, 7)]
+    table = write_csv(table, CHEXPERT_COLUMNS, rows)
     _, problems = read_table(table, check_files=False)
     assert [(p.where, p.what) for p in problems] == [
         ("train.csv", "5 rows (first: line 3): Frontal/Lateral is blank: left out")]
@@ -212,7 +213,8 @@ def test_a_wrong_image_root_is_one_problem_not_one_per_row(tmp_path):
     examples, problems = read_table(table, image_root=tmp_path / "CheXpert-v1.0-small")  # one level too deep
     assert examples == [] and [(p.where, p.what) for p in problems] == [
         ("train.csv", f"none of the 5 image paths is found under the image root {tmp_path / 'CheXpert-v1.0-small'}: "
-                      "set --image_root to the folder the paths start from (e.g. the one holding CheXpert-v1.0-small/)")]
+                      "set --image_root to the folder the paths start from "
+                      "(e.g. the one holding CheXpert-v1.0-small/)")]
     # Some images found: each missing one is its row's problem
     (tmp_path / pd.read_csv(table).Path[0]).unlink()
     examples, problems = read_table(table)
@@ -231,7 +233,8 @@ def test_windows_and_absolute_image_paths(tmp_path):
     assert "leads outside the image root" in problems[0].what
     assert problems[1].what.endswith("absolute paths from another machine: make them relative to the image root")
     # Every row absolute, from another machine: one problem, not one per row
-    table = five_frontal_rows(tmp_path, **{f"line{n}": f"/home/alice/{chexpert_row(n - 1)['Path']}" for n in range(2, 7)})
+    elsewhere = {f"line{n}": f"/home/alice/{chexpert_row(n - 1)['Path']}" for n in range(2, 7)}
+    table = five_frontal_rows(tmp_path, **elsewhere)
     examples, problems = read_table(table)
     assert examples == [] and [p.where for p in problems] == ["train.csv"]
     assert problems[0].what.startswith("5 rows (first: line 2): its image path is absolute and leads outside")
@@ -428,6 +431,24 @@ def test_isic2019_groups_and_demographics_from_its_metadata(isic):
                                                "a dermoscopic image of squamous cell carcinoma"]
 
 
+
+def test_image_ids_with_an_image_suffix_or_spaces_and_blank_cells_are_read_as_written(ham, isic):
+    df = pd.read_csv(ham, dtype=str)
+    df.loc[0, "image_id"], df.loc[1, "image_id"], df.loc[2, "dx"] = "ISIC_0027419.JPG", " ISIC_0025030 ", None
+    df.to_csv(ham, index=False)
+    examples, problems = read_table(ham)
+    assert [ex.image.name for ex in examples] == ["ISIC_0027419.jpg", "ISIC_0025030.jpg"]
+    assert problems[0].what.startswith("dx is blank: use one of akiec")
+    df = pd.read_csv(isic, dtype=str)
+    df.loc[0, "image"], df.loc[1, "UNK"] = "ISIC_0000000.jpg", None
+    df.to_csv(isic, index=False)
+    write_csv(isic.parent / "ISIC_2019_Training_Metadata.csv", ["image", "lesion_id"],
+              [{"image": "ISIC_0000000", "lesion_id": "BCN_0000001"}])
+    examples, problems = read_table(isic)
+    assert [(ex.image.name, ex.group) for ex in examples] == [("ISIC_0000000.jpg", "BCN_0000001"),
+                                                              ("ISIC_0000004.jpg", None)]
+    assert problems[0].what == "unknown label value(s) UNK=blank: use 0.0, 1.0"  # not UNK=np.float64(nan)
+
 # ----------------------------------------------------------------------------- generic metadata
 
 def test_metadata_jsonl_lines_are_newline_separated_only(tmp_path):
@@ -464,6 +485,21 @@ def test_metadata_jsonl(tmp_path):
     assert [(p.where, p.severity) for p in problems] == [(f"metadata.jsonl line {n}", s) for n, s in
                                                          [(3, "error"), (4, "error"), (5, "error"), (6, "warning"), (7, "error")]]
     assert "leads outside" in problems[0].what and "empty or missing text" in problems[1].what and "not JSON" in problems[2].what
+
+
+def test_metadata_values_that_are_not_text_say_what_they_are(tmp_path):
+    touch(tmp_path / "a.png")
+    lines = [{"file_name": "a.png", "text": 123}, {"file_name": 7, "text": "x"},
+             {"file_name": ["a.png"], "text": "y"}, {"file_name": None, "text": None}]
+    path = tmp_path / "metadata.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    examples, problems = read_table(path)
+    assert examples == [] and [(p.where, p.what) for p in problems] == [
+        ("metadata.jsonl line 1", "text is a number, not a caption: write the image's caption as a string"),
+        ("metadata.jsonl line 2", "its image path is a number, not text: write the file's path as a string"),
+        ("metadata.jsonl line 3", "its image path is a list, not text: write the file's path as a string"),
+        ("metadata.jsonl line 4", "empty image path"),
+        ("metadata.jsonl line 4", "empty or missing text: write the image's caption")]
 
 
 def test_metadata_csv_and_missing_text_column(tmp_path):

@@ -209,10 +209,11 @@ def read_ham10000(path: str | Path, image_root: str | Path | None = None, templa
                    dtype={"lesion_id": str, "image_id": str, "dx": str})
     names = list(HAM10000_DX.values())
     dx = df["dx"].str.strip().str.lower().map(HAM10000_DX)
-    found = [_row(path.name, line, f"unknown dx {code!r}: use one of {', '.join(HAM10000_DX)}")
+    found = [_row(path.name, line, f"{'unknown dx ' + repr(code) if isinstance(code, str) else 'dx is blank'}: "
+                                   f"use one of {', '.join(HAM10000_DX)}")
              for line, code in df["dx"][dx.isna()].items()]
     values = (dx.to_numpy()[:, None] == np.array(names)[None, :]).astype(float)
-    images, more = _search(path.name, df.index, df["image_id"], _root(image_root, path.parent))
+    images, more = _search(path.name, df.index, _image_ids(df["image_id"]), _root(image_root, path.parent))
     people = (df["age"], df["sex"]) if demographics else None
     captions = _captions(values, names, template, findings, people)
     return _finish(path.name, df.index, images, captions, df["lesion_id"].tolist(), names, values, found + more)
@@ -240,14 +241,15 @@ def read_isic2019(path: str | Path, image_root: str | Path | None = None, templa
     groups, people = [None] * len(df), None
     if metadata != path and metadata.is_file():
         meta = _read_csv(metadata, ["image", "lesion_id"] + (["age_approx", "sex"] if demographics else []),
-                         dtype={"image": str, "lesion_id": str}).drop_duplicates("image").set_index("image")
-        meta = meta.reindex(df["image"])
+                         dtype={"image": str, "lesion_id": str})
+        meta = meta.assign(image=_image_ids(meta["image"])).drop_duplicates("image").set_index("image")
+        meta = meta.reindex(_image_ids(df["image"]))
         groups = [g if isinstance(g, str) else None for g in meta["lesion_id"]]
         people = (meta["age_approx"], meta["sex"]) if demographics else None
     elif demographics:
         raise UserError(f"demographics need {metadata.name} beside {path} (age_approx, sex): add it or run without")
     names = [ISIC2019_DX[c] for c in codes]
-    images, more = _search(path.name, df.index, df["image"], _root(image_root, path.parent))
+    images, more = _search(path.name, df.index, _image_ids(df["image"]), _root(image_root, path.parent))
     findings = findings if findings is not None else (template.findings or names[:-1])  # not "unknown"
     captions = _captions(values, names, template, findings, people)
     return _finish(path.name, df.index, images, captions, groups, names, values, found + more)
@@ -268,8 +270,12 @@ def read_metadata(path: str | Path, image_root: str | Path | None = None,
         df, found = _read_csv(path, ["file_name", "text"], dtype=strings), []
     images, more = _resolve(path.name, df.index, df["file_name"], _root(image_root, path.parent), check_files)
     text = [" ".join(t.split()) if isinstance(t, str) else "" for t in df["text"]]  # one line: captions are prompts
-    found += more + [_row(path.name, line, "empty or missing text: write the image's caption")
-                     for line, t in zip(df.index, text) if not t]
+    found += more
+    for line, raw, t in zip(df.index, df["text"], text):
+        if not t:  # a number is no caption (a label column named text?): refused, not turned into one
+            kind = "blank" if isinstance(raw, str) else _not_text(raw)
+            found.append(_row(path.name, line, "empty or missing text: write the image's caption" if kind == "blank"
+                              else f"text is {kind}, not a caption: write the image's caption as a string"))
     key = next((c for c in ("group", "patient_id") if c in df.columns), None)
     groups = [None if pd.isna(g) else str(g) for g in df[key]] if key else [None] * len(df)
     names = [c for c in df.columns if c not in ("file_name", "text", key) and pd.api.types.is_numeric_dtype(df[c])]
@@ -490,6 +496,19 @@ def _each_or_once(name: str, lines: Sequence[int], what: str, severity: str = "e
     return [_file(name, f"{len(lines)} rows (first: line {lines[0]}): {what}", severity)]
 
 
+def _image_ids(ids: pd.Series) -> pd.Series:
+    """HAM10000/ISIC image ids as the image search knows them: spaces and a known image suffix dropped."""
+    suffix = "(" + "|".join(map(re.escape, IMAGE_SUFFIXES)) + ")$"
+    return ids.str.strip().str.replace(suffix, "", case=False, regex=True)
+
+
+def _cell(value) -> str:
+    """A table cell as a message shows it: 'yes', 2.0 or blank (not np.float64(nan))."""
+    if isinstance(value, str):
+        return repr(value)
+    return "blank" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
 def _not_text(value) -> str:
     """What a cell that should hold text holds instead, in JSON's words."""
     if value is None or (isinstance(value, float) and value != value):
@@ -511,7 +530,7 @@ def _label_values(name: str, df: pd.DataFrame, labels: Sequence[str], blank_ok: 
         bad |= raw.isna()
     found = []
     for line in df.index[bad.any(axis=1).to_numpy()]:
-        cells = ", ".join(f"{c}={raw.at[line, c]!r}" for c in labels if bad.at[line, c])
+        cells = ", ".join(f"{c}={_cell(raw.at[line, c])}" for c in labels if bad.at[line, c])
         accepted = ", ".join(map(str, allowed)) + (" or blank" if blank_ok else "")
         found.append(_row(name, line, f"unknown label value(s) {cells}: use {accepted}"))
     return values.to_numpy(dtype=float), found
