@@ -280,6 +280,36 @@ def test_unreadable_table_and_unknown_format(tmp_path):
         read_table(table, format="dicom")
 
 
+
+def test_a_table_not_in_utf8_names_its_first_bad_line(tmp_path, monkeypatch):
+    # pandas' UnicodeDecodeError counts from the start of its read chunk: no line, no fix
+    table = write_csv(tmp_path / "train.csv", CHEXPERT_COLUMNS, [chexpert_row(n) for n in range(1, 5)])
+    with open(table, "a", encoding="latin-1") as f:
+        f.write("CheXpert-v1.0-small/train/patient00009/study1/view1_frontal.jpg,Female,50,Frontal,AP,Gérard\n")
+    for fmt in ("auto", "chexpert"):
+        with pytest.raises(DatasetError) as err:
+            read_table(table, format=fmt)
+        assert err.value.problems[0].what == "not UTF-8 text (line 6): re-save it as UTF-8"
+    path = tmp_path / "metadata.jsonl"
+    path.write_bytes(b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png", "text": "G\xe9rard"}\n')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl: not UTF-8 text \(line 2\): re-save it as UTF-8"):
+        read_table(path)
+
+
+@pytest.mark.parametrize("sep, name", [(";", "';'"), ("\t", "tabs")])
+def test_a_table_separated_by_semicolons_or_tabs_says_so(tmp_path, sep, name):
+    table = tmp_path / "train.csv"
+    rows = [[r[c] if c in r else "" for c in CHEXPERT_COLUMNS] for r in (chexpert_row(1, Edema="1,0"), chexpert_row(2))]
+    table.write_text("\n".join(sep.join(map(str, row)) for row in [CHEXPERT_COLUMNS] + rows) + "\n")
+    said = f"look separated by {name}, not commas: save it comma-separated"
+    with pytest.raises(UserError, match=said):
+        read_table(table)
+    with pytest.raises(DatasetError, match=said):  # the decimal comma in line 2 splits it: not parsed at all
+        read_table(table, format="chexpert")
+    table.write_text(sep.join(CHEXPERT_COLUMNS) + "\n")
+    with pytest.raises(DatasetError, match=said):  # parsed, as one column
+        read_table(table, format="chexpert")
+
 # ----------------------------------------------------------------------------- MIMIC-CXR-JPG
 
 SUBJECT, STUDY_1, STUDY_2, STUDY_3 = "10000032", "50414267", "53189527", "56699142"

@@ -16,8 +16,11 @@ exist here; decoding is images.py's job.
 from __future__ import annotations
 
 import gc
+import gzip
 import json
+import numbers
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +55,7 @@ ISIC2019_DX = {
     "SCC": "squamous cell carcinoma", "UNK": "unknown",  # UNK: none of the others (caption: negative text)
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what the HAM10000/ISIC image search indexes
+FEW = 3  # past this many rows, one problem shared by all of them is one line for the file, not one per row
 
 DEFAULT_TEMPLATE = {"chexpert": "chexpert", "mimic": "chexpert", "ham10000": "dermoscopy", "isic": "dermoscopy"}
 
@@ -102,6 +106,9 @@ def detect_format(path: str | Path) -> str:
     if path.suffix.lower() == ".jsonl":
         return "metadata"
     columns = set(_read_csv(path, [], nrows=0).columns)
+    if sep := _separator(columns):
+        raise UserError(f"cannot tell the format of {path}: its columns look separated by {sep}, not commas: "
+                        "save it comma-separated")
     signatures = (("chexpert", {"Path", "Frontal/Lateral"}), ("mimic", {"dicom_id", "ViewPosition"}),
                   ("mimic", {"subject_id", "study_id", NO_FINDING}), ("ham10000", {"image_id", "dx"}),
                   ("isic", {"image", "MEL"}), ("metadata", {"file_name"}))
@@ -290,23 +297,66 @@ def _read_csv(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
     """The table with index = file line number (header = 1); all-blank lines dropped."""
     try:
         df = pd.read_csv(path, skip_blank_lines=False, low_memory=False, **kwargs)
-    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
-        raise DatasetError([Problem(str(path), f"cannot read the table: {err}")], context=str(path)) from None
+    except UnicodeDecodeError:  # its position counts from the start of pandas' chunk, not the file
+        raise DatasetError([_not_utf8(path)], context=str(path)) from None
+    except (OSError, ValueError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
+        # ';'-separated rows with decimal commas ("0,5") fail to parse before any column is checked
+        sep = isinstance(err, pd.errors.ParserError) and _separator(_header(path))
+        what = f"its columns look separated by {sep}, not commas: save it comma-separated" if sep else \
+            f"cannot read the table: {err}"
+        raise DatasetError([Problem(str(path), what)], context=str(path)) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise DatasetError([Problem(str(path), f"missing column(s) {', '.join(missing)}; the table needs "
-                                               f"{', '.join(required)}")], context=str(path))
+        sep = _separator(df.columns)
+        what = f"its columns look separated by {sep}, not commas: save it comma-separated" if sep else \
+            f"missing column(s) {', '.join(missing)}; the table needs {', '.join(required)}"
+        raise DatasetError([Problem(str(path), what)], context=str(path))
     df.index = df.index + 2
     return df.dropna(how="all")
+
+
+def _header(path: Path) -> list:
+    """The header's columns, or none where even the header cannot be read."""
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return []
+
+
+def _separator(columns) -> str | None:
+    """The separator ("';'" or "tabs") of a header that reading with commas left as one column, else None."""
+    columns = list(columns)
+    if len(columns) == 1 and isinstance(columns[0], str):
+        return "';'" if ";" in columns[0] else "tabs" if "\t" in columns[0] else None
+    return None
+
+
+def _not_utf8(path: Path, data: bytes | None = None) -> Problem:
+    """The problem of a file that is not UTF-8, naming its first bad line (found only after a read failed)."""
+    line = None
+    try:
+        if data is None and path.suffix.lower() not in (".bz2", ".xz", ".zip", ".zst", ".tar"):
+            with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:  # as pandas infers it
+                data = f.read()
+        if data is not None:
+            data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+    except OSError:
+        pass
+    return Problem(str(path), "not UTF-8 text" + (f" (line {line})" if line else "") + ": re-save it as UTF-8")
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, Found]:
     """One record per line; a line that is not a JSON object is a row problem, not a crash."""
     records, lines, found = [], [], []
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM, as Windows editors write it
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # newlines as read_text reads them
+    except OSError as err:
         raise DatasetError([Problem(str(path), f"cannot read the metadata: {err}")], context=str(path)) from None
+    except UnicodeDecodeError:
+        raise DatasetError([_not_utf8(path, data)], context=str(path)) from None
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 or \x85 may sit in a caption
         if not line.strip():
             continue
