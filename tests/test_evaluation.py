@@ -1,5 +1,6 @@
 """Evaluation: every number against an independent computation (numpy/scipy, the networks called directly)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -627,6 +628,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, says):
         run_cli(lambda: main([a.format(tmp=tmp_path) for a in argv]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and says in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_an_empty_table_is_a_clear_error_and_a_gzipped_one_is_read(tmp_path, capsys, phantom_chexpert):
+    from sdtune.errors import run_cli
+
+    (tmp_path / "empty.csv").write_bytes(b"")  # 0 bytes: pandas' EmptyDataError, once a traceback
+    fake = write_folder(tmp_path / "fake", noise_images(2, 0))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(["--real", str(tmp_path / "empty.csv"), "--fake", str(fake), "--metrics", "fid"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "empty.csv: cannot read the table" in err
+
+    # .csv.gz, as training reads tables: a synthesis metadata.csv and a clinical table
+    synth = write_synthesis(tmp_path / "synth", [{"Cardiomegaly": 1.0}, {"Cardiomegaly": 0.0}])
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    for plain in (synth / "metadata.csv", table):
+        packed = plain.with_name(plain.name + ".gz")
+        packed.write_bytes(gzip.compress(plain.read_bytes()))
+        try:
+            read = load_image_set(packed)
+            assert [(i.image, i.labels) for i in read.items] == [(i.image, i.labels) for i in load_image_set(plain).items]
+        finally:
+            packed.unlink()  # the phantom table is shared by the module's tests
 
 
 def test_evaluate_script_runs_as_a_program(tmp_path):

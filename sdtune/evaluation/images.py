@@ -148,15 +148,14 @@ def _read_folder(root: Path) -> ImageSet:
 
 
 def _read_file(path: Path) -> ImageSet:
-    import pandas as pd
+    from sdtune.data.tables import _read_csv, detect_format, read_table
 
-    if path.suffix.lower() == ".csv":
-        columns = set(pd.read_csv(path, nrows=0).columns)
-        if {"file_name", "prompt"} <= columns:
+    if path.name.lower().endswith((".csv", ".csv.gz")):  # .csv.gz: as training reads tables
+        # the data layer's reader: an empty or unreadable file is a one-line DatasetError, not a traceback
+        if {"file_name", "prompt"} <= set(_read_csv(path, [], nrows=0).columns):
             return _read_synthesis(path)
     elif path.suffix.lower() != ".jsonl":
-        raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv/.jsonl)")
-    from sdtune.data.tables import detect_format, read_table
+        raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv, .csv.gz or .jsonl)")
 
     examples, problems = read_table(path)
     if errors_only(problems):
@@ -167,13 +166,14 @@ def _read_file(path: Path) -> ImageSet:
 
 def _read_synthesis(path: Path) -> ImageSet:
     """A synthesis metadata.csv: file_name (relative to its folder), prompt, settings, label columns."""
-    import pandas as pd
+    from sdtune.data.tables import _read_csv
 
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    # Cells as written (only an empty cell is missing); index = file line, all-blank lines dropped.
+    df = _read_csv(path, ["file_name", "prompt"], dtype=str, keep_default_na=False, na_values=[""]).fillna("")
     root = path.resolve().parent
     labels = [c for c in df.columns if c not in SYNTHESIS_SETTINGS]
     items, problems = [], []
-    for line, row in zip(range(2, len(df) + 2), df.to_dict("records")):
+    for line, row in zip(df.index, df.to_dict("records")):
         file = (root / row["file_name"]).resolve()
         if not file.is_file():
             problems.append(Problem(f"{path.name} line {line}", f"image {file} does not exist"))
