@@ -3,6 +3,7 @@ sampling give what one process gives; FSDP is refused."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -209,6 +210,21 @@ def test_evaluate_launched_as_two_processes_reports_once_what_one_process_report
     assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-9)
     assert two["metrics"]["kid"] == pytest.approx(one["metrics"]["kid"], rel=1e-9)
     assert two["samples"] == one["samples"] == {"real": 10, "fake": 90}
+
+
+def test_unreadable_images_of_every_process_are_reported_together(phantom_chexpert, tmp_path):
+    # Each process decodes every other image: both must stop with the same list, not one hang at the gather.
+    args = _evaluate_args(phantom_chexpert, tmp_path, "fid")
+    fake = tmp_path / "fake"
+    shutil.copytree(phantom_chexpert / "CheXpert-v1.0-small" / "valid", fake)
+    first, second = sorted(p for p in fake.rglob("*.jpg"))[:2]  # items 0 and 1: one per process
+    first.write_bytes(b"not an image")
+    second.write_bytes(b"")
+    args[args.index("--fake") + 1] = fake
+    result = _launch(ROOT / "evaluate.py", 2, *args, "--cache", "false", use_cpu_flag=False, check=False, timeout=180)
+    assert result.returncode != 0 and "2 problem(s) in fake " in result.stderr, result.stderr[-3000:]
+    for image in (first, second):
+        assert f"fake {image.relative_to(fake)}: " in result.stderr
 
 
 def test_processes_whose_caches_differ_still_extract_together(phantom_chexpert, tmp_path):

@@ -653,6 +653,28 @@ def test_an_empty_table_is_a_clear_error_and_a_gzipped_one_is_read(tmp_path, cap
             packed.unlink()  # the phantom table is shared by the module's tests
 
 
+def test_every_unreadable_image_of_both_sets_is_named_in_one_run(tmp_path, capsys, pool_module):
+    from sdtune.errors import run_cli
+
+    real = write_folder(tmp_path / "real", noise_images(6, 0))
+    fake = write_folder(tmp_path / "fake", noise_images(6, 1))
+    (real / "002.png").write_bytes((real / "002.png").read_bytes()[:60])  # truncated
+    (fake / "001.png").write_bytes(b"not an image")
+    (fake / "004.png").write_bytes(b"")
+    out = tmp_path / "results.json"
+    argv = ["--real", str(real), "--fake", str(fake), "--metrics", "fid,kid", "--fid_features", str(pool_module),
+            "--fid_input_size", "32", "--fid_bootstrap", "0", "--batch_size", "2", "--cache_dir", str(tmp_path / "cache"),
+            "--output", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: 3 problem(s) in real ")
+    named = [line.split(":")[0].strip() for line in err.splitlines()[1:]]
+    assert named == ["real 002.png", "fake 001.png", "fake 004.png"], err
+    assert str(tmp_path) not in err.split("\n", 1)[1]  # rows name the file below its set, not its path
+    assert not out.exists() and not list((tmp_path / "cache").glob("*.npy"))  # no results, no partial features
+
+
 def test_evaluate_script_runs_as_a_program(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--real", str(tmp_path / "x"), "--fake",
                            str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, check=False)
@@ -779,7 +801,7 @@ def test_an_unreadable_table_image_is_named_by_its_row_not_its_path(tmp_path, po
     frontal = df.index[df["Frontal/Lateral"] == "Frontal"][0]
     image = root / df.Path[frontal]
     image.write_bytes(image.read_bytes()[:100])  # truncated
-    with pytest.raises(UserError, match=rf"^valid.csv line {frontal + 2}: ") as err:
+    with pytest.raises(UserError, match=rf"\n  real valid.csv line {frontal + 2}: ") as err:
         compute_metrics(table, table, metrics="fid", fid_bootstrap=0, cache=False, log=lambda _: None,
                         extractor=get_extractor(str(pool_module), input_size=32))
     assert "patient" not in str(err.value)  # paths name patients

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sdtune.config import field
+from sdtune.data.records import DatasetError
 from sdtune.errors import UserError
 from sdtune.evaluation.cache import FeatureCache, cache_key
 from sdtune.evaluation.clip_score import DEFAULT_CLIP, ClipUnavailable, clip_score
@@ -139,11 +140,18 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
         extractor = extractor or feature_network(cfg)
         results["features"] = {**extractor.describe(), "cache": {}}
         log(f"features: {extractor.name} ({extractor.dim}-d); resize: {extractor.resize}")
-        feats = {}
+        feats, unreadable, bad_sets = {}, [], []
         for label, image_set in (("real", real_set), ("fake", fake_set)):
             if image_set is not None:
-                feats[label], how = _features(image_set, label, extractor, cfg, device, log, all_processes)
+                try:
+                    feats[label], how = _features(image_set, label, extractor, cfg, device, log, all_processes)
+                except DatasetError as err:  # the other set is still read: all unreadable files in one report
+                    unreadable += [dataclasses.replace(p, where=f"{label} {p.where}") for p in err.problems]
+                    bad_sets.append(f"{label} {image_set.source}")
+                    continue
                 results["features"]["cache"][label] = how
+        if unreadable:
+            raise DatasetError(unreadable, context=" and ".join(bad_sets), hint="fix or remove them, then rerun")
         results["metrics"].update(_feature_metrics(names, feats, real_set, fake_set, extractor.dim, cfg, warn))
 
     if "ms_ssim" in names:

@@ -229,32 +229,53 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
                      progress: str | None = None, all_processes: bool = True) -> torch.Tensor:
     """Features (N, dim) float64 of an ImageSet's items, decoded a batch at a time.
 
+    Every item is decoded even after an unreadable file: the pass then stops encoding, finishes
+    decoding, and raises one DatasetError naming every unreadable file, so one run finds them all
+    (no second decoding pass up front, which would double the cost of a large set).
+
     Under `accelerate launch` with several processes, each process encodes every num_processes-th
-    item and all of them get the full matrix back, in the items' order. `all_processes=False` is
-    for one process working alone (e.g. the main process during training): it encodes everything.
+    item and all of them get the full matrix back, in the items' order (or all raise the same
+    DatasetError). `all_processes=False` is for one process working alone (e.g. the main process
+    during training): it encodes everything.
     """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
+    from sdtune.data.images import ImageError
+    from sdtune.data.records import DatasetError, Problem
     from sdtune.evaluation.images import pixels
     from sdtune.processes import process_state
+
+    def decode(i: int) -> torch.Tensor | Problem:
+        try:
+            return pixels(items[i])
+        except ImageError as err:
+            return Problem(err.path, err.what)
 
     state = process_state()
     processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
     mine = list(range(rank, len(items), processes))
     extractor.to(device)
-    out = []
+    out, problems = [], []
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
         starts = range(0, len(mine), batch_size)
         shown = progress is not None and state.is_main_process  # disable= only then: it would override TQDM_DISABLE
         for start in tqdm(starts, desc=progress, unit="batch", **({} if shown else {"disable": True})):
-            images = list(pool.map(pixels, [items[i] for i in mine[start:start + batch_size]]))
-            out.append(extractor(images).cpu())
+            batch = mine[start:start + batch_size]
+            images = list(pool.map(decode, batch))
+            problems += [(i, p) for i, p in zip(batch, images) if isinstance(p, Problem)]
+            if not problems:  # after the first unreadable file the features are lost anyway: only decode
+                out.append(extractor(images).cpu())
     feats = torch.cat(out) if out else torch.empty(0, extractor.dim, dtype=torch.float64)
+    parts = [(mine, feats, problems)] if processes == 1 else gather_object([(mine, feats, problems)])
+    problems = sorted((found for _, _, part in parts for found in part), key=lambda f: f[0])  # in the items' order
+    if problems:
+        raise DatasetError([p for _, p in problems], context=f"{len(items)} images",
+                           hint="fix or remove the unreadable files")
     if processes == 1:
         return feats
     merged = torch.empty(len(items), feats.shape[1], dtype=feats.dtype)
-    for indices, part in gather_object([(mine, feats)]):
+    for indices, part, _ in parts:
         merged[indices] = part
     return merged
 

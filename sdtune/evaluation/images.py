@@ -183,7 +183,7 @@ def _read_synthesis(path: Path) -> ImageSet:
             value = _label(row[name])
             if value is not None:
                 values[name] = value
-        items.append(ImageItem(file, " ".join(row["prompt"].split()) or None, values))
+        items.append(ImageItem(file, " ".join(row["prompt"].split()) or None, values, row["file_name"]))
     if problems:
         raise DatasetError(problems, context=str(path))
     return ImageSet(items, str(path.resolve()), "synthesis")
