@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from sdtune.config import ArgumentParser, field
-from sdtune.data.records import file_stamp
+from sdtune.data.records import DatasetError, Problem, file_stamp
 from sdtune.errors import UserError
 from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
                            load_components)
@@ -227,17 +227,14 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     Prompts come from build_caption, the function that made the training captions, with the
     run's template, findings, uncertainty policy and demographics (training_summary.json).
     """
-    import pandas as pd
-
     from sdtune.data.captions import apply_uncertainty, build_caption
+    from sdtune.data.tables import _read_csv
 
     path = Path(cfg.labels_csv).expanduser()
     if not path.is_file():
         raise UserError(f"labels CSV {path} does not exist")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read labels CSV {path}: {err}") from None
+    # Cells as written (only an empty cell is missing); index = file line, so messages name the right line.
+    df = _read_csv(path, [], dtype=str, keep_default_na=False, na_values=[""]).fillna("")
     df.columns = [str(c).strip() for c in df.columns]
     if COUNT not in df.columns:
         raise UserError(f"labels CSV {path} has no '{COUNT}' column: add one saying how many images each row asks "
@@ -274,28 +271,43 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     if findings and unknown:
         raise UserError(f"labels CSV {path} lacks finding column(s) {', '.join(unknown)} named by --findings or the run")
 
-    planned = []
-    for line, row in zip(range(2, len(df) + 2), df.to_dict("records")):
-        count = row[COUNT].strip()
+    planned, problems = [], []
+    for line, row in zip(df.index, df.to_dict("records")):
+        # Every row is checked before any is refused: all problems in one report.
+        where, count = f"{path.name} line {line}", row[COUNT].strip()
         if not re.fullmatch(r"\d+", count):
-            raise UserError(f"labels CSV {path} line {line}: count {count!r} is not a whole number >= 0")
-        values = {}
-        for name in labels:
-            text = row[name].strip()
-            try:
-                values[name] = apply_uncertainty(float(text) if text else float("nan"), uncertainty)
-            except ValueError:
-                raise UserError(f"labels CSV {path} line {line}: {name} = {text!r} is not a number "
-                                "(1 positive, 0 negative, -1 uncertain, blank unknown)") from None
+            problems.append(Problem(where, f"count {count!r} is not a whole number >= 0"))
+        values = {name: _label_value(row[name]) for name in labels}
+        bad = [f"{name} = {row[name].strip()!r}" for name, value in values.items() if value is None]
+        if bad:  # 2 or 0.5 would be prompted as negative and recorded as written in metadata.csv
+            problems.append(Problem(where, f"{', '.join(bad)}: a label is 1 (positive), 0 (negative), -1 "
+                                           "(uncertain) or blank (unknown)"))
+        if problems:
+            continue
+        values = {name: apply_uncertainty(value, uncertainty) for name, value in values.items()}
         person = {"age": row[people["age"]], "sex": row[people["sex"]]} if demographics else None
         prompt = build_caption(values, template, findings, person)
         # The labels the prompt was built from (blank is negative; the run's uncertainty policy applied,
         # so a -1 prompted as positive is recorded as 1); what the policy leaves unknown stays as written.
         written = {name: row[name] if math.isnan(values[name]) else f"{values[name]:g}" for name in labels}
         planned += [(prompt, written)] * int(count)
+    if problems:
+        raise DatasetError(problems, context=f"labels CSV {path}", hint="fix them")
     if not planned:
         raise UserError(f"labels CSV {path} asks for no images (every count is 0)")
     return planned
+
+
+def _label_value(text: str) -> float | None:
+    """A labels CSV cell: 1, 0 or -1 (as float() reads them: 1.0 too), NaN when blank, None for anything else."""
+    text = text.strip()
+    if not text:
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value in (1.0, 0.0, -1.0) else None  # not 2, 0.5, inf or nan: no caption reads them
 
 
 def build_plan(cfg: SynthesisConfig, summary: dict | None) -> list[PlannedImage]:
