@@ -805,3 +805,22 @@ def test_an_unreadable_table_image_is_named_by_its_row_not_its_path(tmp_path, po
         compute_metrics(table, table, metrics="fid", fid_bootstrap=0, cache=False, log=lambda _: None,
                         extractor=get_extractor(str(pool_module), input_size=32))
     assert "patient" not in str(err.value)  # paths name patients
+
+
+def test_an_image_folder_is_listed_as_training_lists_it(tmp_path):
+    """Linked folders are measured too, macOS debris is not, and a folder that cannot be listed stops it."""
+    from PIL import Image
+
+    from sdtune.data.records import DatasetError
+    from sdtune.evaluation.images import load_image_set
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "disk2").mkdir()
+    Image.new("L", (16, 16), 90).save(tmp_path / "set" / "a.png")
+    Image.new("L", (16, 16), 150).save(tmp_path / "disk2" / "b.png")
+    (tmp_path / "set" / "linked").symlink_to(tmp_path / "disk2")
+    (tmp_path / "set" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    assert [item.name for item in load_image_set(tmp_path / "set").items] == ["a.png", "linked/b.png"]
+    (tmp_path / "set" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DatasetError, match="gone.png: a link to a file that does not exist"):
+        load_image_set(tmp_path / "set")

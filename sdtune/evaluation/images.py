@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.data.folder import read_caption
+from sdtune.data.folder import list_images, read_caption
 from sdtune.data.images import IMAGE_SUFFIXES, ImageError, load_image, over_black
 from sdtune.data.records import DatasetError, Problem, errors_only
 from sdtune.errors import UserError
@@ -139,7 +139,9 @@ def _read_folder(root: Path) -> ImageSet:
     root = root.resolve()
     if (root / "images").is_dir():
         root = root / "images"
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, unlisted = list_images(root)  # as training lists a folder: linked folders too, hidden files not
+    if unlisted:
+        raise DatasetError(unlisted, context=str(root), hint="an image set that cannot be read whole is not measured")
     items = []
     for file in files:
         caption, _ = read_caption(file.with_suffix(".txt"))  # optional: FID, KID and diversity need none
