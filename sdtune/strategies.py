@@ -95,3 +95,22 @@ def resolve_strategy(
 def count_parameters(params: list[torch.nn.Parameter]) -> int:
     # Parameters are counted once even if a module shares them (tied weights).
     return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+def apply_strategy(models, strategy: Strategy, adapter=None) -> dict[str, dict[str, torch.nn.Parameter]]:
+    """Freeze every component, then unfreeze what `strategy` trains (applying `adapter`, its PEFT method,
+    to the U-Net): {component: {name: parameter}} in the model's order, empty for a frozen one."""
+    for c in COMPONENTS:
+        getattr(models, c).requires_grad_(False)
+    named = {}
+    for c in COMPONENTS:
+        model = getattr(models, c)
+        if c == "unet" and adapter is not None:
+            adapter.apply(model)  # marks exactly its own parameters trainable
+            named[c] = adapter.named_trainable(model)
+        elif strategy.trains[c]:
+            model.requires_grad_(True)
+            named[c] = dict(model.named_parameters())
+        else:
+            named[c] = {}
+    return named

@@ -51,7 +51,7 @@ from sdtune.data.records import DatasetError, Problem, file_stamp
 from sdtune.errors import UserError
 from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
                            load_components)
-from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy
+from sdtune.strategies import STRATEGIES, Strategy, apply_strategy
 
 # Short names for diffusers schedulers: (class, extra settings). Each is configured from the
 # model's own scheduler config, so betas and prediction type stay the model's.
@@ -463,32 +463,12 @@ def _train_config(source: ModelSource):
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def _load_ema(checkpoint: Path, params: list[torch.nn.Parameter]) -> None:
-    """A run with --use_ema saves its EMA weights as final_model; a checkpoint keeps them in
-    ema.safetensors, in the order of the run's trainable-parameter list."""
-    from safetensors.torch import load_file
-
-    from sdtune.train import EMA_FILE
-
-    path = checkpoint / EMA_FILE
-    if not path.is_file():
-        raise UserError(f"the run used --use_ema but {path} (its EMA weights) is missing")
-    saved = load_file(path)
-    shadow = [saved[k] for k in sorted(saved)]
-    if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
-        raise UserError(f"{path} does not match the run's trainable parameters")
-    with torch.no_grad():
-        for param, value in zip(params, shadow):
-            param.copy_(value)
-
-
 def load_pipeline(source: ModelSource, fuse_lora: bool = True):
     """A StableDiffusionPipeline in fp32 on the CPU, with the trained tensors in place."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
 
     from sdtune.adapters import get_adapter
-    from sdtune.adapters.base import copy_checked
+    from sdtune.checkpoints import EMA_FILE, load_trained, read_ema, trained_file
     from sdtune.train import build_pipeline
 
     if source.kind in ("pipeline", "run"):
@@ -507,23 +487,16 @@ def load_pipeline(source: ModelSource, fuse_lora: bool = True):
     else:  # a checkpoint: {component}_trained.safetensors onto the base, as the run trained them
         strategy = Strategy(**source.summary["strategy"])
         adapter = get_adapter(strategy.peft, _adapter_config(source)) if strategy.peft else None
-        ordered = []  # the run's trainable-parameter list, in its order (for EMA)
-        for c in COMPONENTS:
-            if not strategy.trains[c]:
-                continue
-            model = getattr(models, c)
-            if c == "unet" and adapter is not None:
-                adapter.apply(model)
-                params = adapter.named_trainable(model)
-            else:
-                params = dict(model.named_parameters())
-            path = Path(source.path) / f"{c}_trained.safetensors"
-            if not path.is_file():
-                raise UserError(f"{path} is missing: a {strategy.name} checkpoint holds one file per trained component")
-            copy_checked(params, load_file(path), path)
-            ordered += list(params.values())
-        if train_cfg.use_ema:
-            _load_ema(Path(source.path), ordered)
+        named = apply_strategy(models, strategy, adapter)  # as the run selected them
+        for c, params in named.items():
+            if params:
+                load_trained(params, trained_file(source.path, c), f"pass a checkpoint of this {strategy.name} run")
+        if train_cfg.use_ema:  # final_model holds the EMA weights; a checkpoint keeps them beside the trained ones
+            ordered = [p for params in named.values() for p in params.values()]  # the run's trainable-parameter list
+            shadow, _ = read_ema(Path(source.path) / EMA_FILE, ordered, "the run used --use_ema; it holds its EMA weights")
+            with torch.no_grad():
+                for param, value in zip(ordered, shadow):
+                    param.copy_(value)
     # LoRA/DoRA stay unmerged only when asked; BitFit/DiffFit merges are exact (biases, scaled weights).
     if adapter is not None and (fuse_lora or not adapter.can_stay_unmerged):
         models.unet = adapter.merge(models.unet)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import sys
@@ -26,11 +25,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType,
                                InitProcessGroupKwargs, ProjectConfiguration, set_seed)
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sdtune import SD15_MODEL_ID, __version__
 from sdtune.adapters import ADAPTERS, AdapterConfig, get_adapter
+from sdtune.checkpoints import (EMA_FILE, checkpoint_steps, load_trained, read_ema, save_ema, save_trained,
+                                trained_file)
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
@@ -40,7 +40,7 @@ from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
 from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id, load_components
 from sdtune.processes import launched_without_cuda
-from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, count_parameters, resolve_strategy
+from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, apply_strategy, count_parameters, resolve_strategy
 
 SD15_TOTAL_PARAMETERS = 859_520_964 + 83_653_863 + 123_060_480  # U-Net + VAE + text encoder
 
@@ -214,21 +214,9 @@ def loader_workers(cfg: TrainConfig, accelerator: Accelerator) -> int:
 
 def select_trainable(models, strategy: Strategy, adapter_cfg: AdapterConfig):
     """Freeze everything, then unfreeze what the strategy trains. Returns ({component: [params]}, adapter)."""
-    for c in COMPONENTS:
-        getattr(models, c).requires_grad_(False)
     adapter = get_adapter(strategy.peft, adapter_cfg) if strategy.peft else None
-    trainable = {}
-    for c in COMPONENTS:
-        model = getattr(models, c)
-        if c == "unet" and adapter is not None:
-            adapter.apply(model)
-            trainable[c] = adapter.trainable_parameters(model)
-        elif strategy.trains[c]:
-            model.requires_grad_(True)
-            trainable[c] = list(model.parameters())
-        else:
-            trainable[c] = []
-    return trainable, adapter
+    named = apply_strategy(models, strategy, adapter)
+    return {c: list(params.values()) for c, params in named.items()}, adapter
 
 
 def optimizer_groups(models, trainable, adapter, lrs: dict[str, float]) -> list[dict]:
@@ -247,60 +235,16 @@ def optimizer_groups(models, trainable, adapter, lrs: dict[str, float]) -> list[
     return groups
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
+def trained_params(model) -> dict[str, torch.nn.Parameter]:
     """The trained tensors of a component, by name: all of a fully trained model, the adapter's otherwise."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model, path: Path) -> None:
-    """A checkpoint's trained tensors back into `model`: the same names and shapes, or a UserError."""
-    settings = "resume with the strategy and adapter settings it was saved with"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the checkpoint was saved by a run that did not train this part; {settings}")
-    state = load_file(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != set(params):
-        missing, unexpected = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
-        raise UserError(f"{path} does not match this run's trainable parameters (missing {missing}, unexpected "
-                        f"{unexpected}): {settings}")
-    wrong = [(n, tuple(state[n].shape), tuple(p.shape)) for n, p in params.items() if state[n].shape != p.shape]
-    if wrong:  # another --lora_rank: the same names, other shapes
-        name, saved, ours = wrong[0]
-        raise UserError(f"{path}: {len(wrong)} tensors have another shape, e.g. {name} is {saved} there and {ours} "
-                        f"in this run: {settings}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name])
-
-
-EMA_FILE = "ema.safetensors"
-
-
-def save_ema(ema, path: Path) -> None:
-    """EMA shadow weights in the order of the trainable-parameter list, its counters as metadata."""
-    state = ema.state_dict()
-    shadow = state.pop("shadow_params")
-    save_file({f"{i:06d}": t.detach().contiguous() for i, t in enumerate(shadow)}, path,
-              metadata={"ema_state": json.dumps(state)})
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_ema(ema, path: Path) -> None:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise UserError(f"{path} is missing: this checkpoint was saved without --use_ema; resume without it")
-    with safe_open(path, "pt") as f:
-        state = json.loads(f.metadata()["ema_state"])
-        shadow = [f.get_tensor(k) for k in sorted(f.keys())]
-    if len(shadow) != len(ema.shadow_params) or any(a.shape != b.shape for a, b in zip(shadow, ema.shadow_params)):
-        raise UserError(f"{path} does not match this run's trainable parameters")
+    shadow, state = read_ema(path, ema.shadow_params, "this checkpoint was saved without --use_ema; resume without it")
     device = ema.shadow_params[0].device
     ema.load_state_dict({**state, "shadow_params": shadow})
     ema.to(device)  # the file loads onto the CPU; the EMA must stay beside the weights it follows
-
-
-def checkpoint_steps(output_dir: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
 
 
 def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
@@ -564,12 +508,12 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         model = model.vae if isinstance(model, LatentEncoder) else model
         return next((c, m) for c in COMPONENTS if (m := getattr(models, c)) is model)
 
-    # The EMA goes in safetensors too, not in accelerate's pickled custom-object file.
+    # The EMA goes in safetensors too (sdtune.checkpoints), not in accelerate's pickled custom-object file.
     def save_hook(hook_models, weights, folder):
         if accelerator.is_main_process:
             for model in hook_models:
                 name, module = component(model)
-                save_file(trainable_state(module), Path(folder) / f"{name}_trained.safetensors")
+                save_trained(trained_params(module), trained_file(folder, name))
             if ema is not None:
                 save_ema(ema, Path(folder) / EMA_FILE)
         weights.clear()
@@ -577,7 +521,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     def load_hook(hook_models, folder):
         while hook_models:
             name, module = component(hook_models.pop())
-            load_trainable_state(module, Path(folder) / f"{name}_trained.safetensors")
+            load_trained(trained_params(module), trained_file(folder, name),
+                         "resume with the strategy and adapter settings it was saved with")
         if ema is not None:
             load_ema(ema, Path(folder) / EMA_FILE)
 

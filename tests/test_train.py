@@ -176,7 +176,8 @@ def test_resuming_from_the_last_checkpoint_only_saves(tiny_model, table, tmp_pat
 def test_a_resumed_ema_stays_on_the_device_of_the_weights_it_follows(tmp_path):
     from diffusers.training_utils import EMAModel
 
-    from sdtune.train import load_ema, save_ema
+    from sdtune.checkpoints import save_ema
+    from sdtune.train import load_ema
 
     weights = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
     save_ema(EMAModel(weights, decay=0.5), tmp_path / "ema.safetensors")
@@ -458,7 +459,7 @@ def test_a_resume_with_other_adapter_settings_or_parts_is_one_line(tiny_model, t
     main(_argv(tiny_model, table, run, "--strategy", "lora", "--lora_rank", "4", "--checkpointing_steps", "1", steps=1))
     resumed = ("--resume_from_checkpoint", "latest")
     with pytest.raises(UserError, match=r"unet_trained.safetensors: \d+ tensors have another shape, e.g. .*lora_A.* is "
-                                        r"\(4, \d+\) there and \(8, \d+\) in this run: resume with the strategy"):
+                                        r"\(4, \d+\) there and \(8, \d+\) here: resume with the strategy"):
         main(_argv(tiny_model, table, run, "--strategy", "lora", "--lora_rank", "8", *resumed, steps=2))
     with pytest.raises(UserError, match="text_encoder_trained.safetensors is missing: the checkpoint was saved by a "
                                         "run that did not train this part"):

@@ -1,0 +1,74 @@
+"""What a run's checkpoint-STEP/ folder holds, for training (resume) and synthesis (sampling from it) alike.
+
+Only the trained tensors, in safetensors: `{component}_trained.safetensors` per trained component
+(the adapter's tensors for a PEFT U-Net, every weight of a fully trained one), and with --use_ema
+`ema.safetensors`, the EMA's shadow weights in the order of the run's trainable-parameter list.
+accelerate adds the optimizer, scheduler and RNG states beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sdtune.errors import UserError
+
+EMA_FILE = "ema.safetensors"
+
+
+def trained_file(folder: str | Path, component: str) -> Path:
+    return Path(folder) / f"{component}_trained.safetensors"
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    """The steps of a run's complete checkpoints, oldest first (.checkpoint-N.partial/ is not one)."""
+    return sorted(int(m.group(1)) for p in output_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+
+
+def save_trained(params: dict[str, torch.nn.Parameter], path: Path) -> None:
+    save_file({name: p.detach().contiguous() for name, p in params.items()}, path)
+
+
+def load_trained(params: dict[str, torch.nn.Parameter], path: Path, fix: str) -> None:
+    """A checkpoint's trained tensors into `params`: the same names and shapes, or a UserError ending in `fix`."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the checkpoint was saved by a run that did not train this part; {fix}")
+    state = load_file(path)
+    if set(state) != set(params):
+        missing, unexpected = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
+        raise UserError(f"{path} does not match these trainable parameters (missing {missing}, unexpected "
+                        f"{unexpected}): {fix}")
+    wrong = [(n, tuple(state[n].shape), tuple(p.shape)) for n, p in params.items() if state[n].shape != p.shape]
+    if wrong:  # another --lora_rank: the same names, other shapes
+        name, saved, ours = wrong[0]
+        raise UserError(f"{path}: {len(wrong)} tensors have another shape, e.g. {name} is {saved} there and {ours} "
+                        f"here: {fix}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def save_ema(ema, path: Path) -> None:
+    """EMA shadow weights in the order of the trainable-parameter list, its counters as metadata
+    (safetensors, not accelerate's pickled custom-object file)."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"{i:06d}": t.detach().contiguous() for i, t in enumerate(shadow)}, path,
+              metadata={"ema_state": json.dumps(state)})
+
+
+def read_ema(path: Path, like: list[torch.Tensor], missing: str) -> tuple[list[torch.Tensor], dict]:
+    """(shadow weights, EMA counters) saved by save_ema, checked against the tensors they stand for."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {missing}")
+    with safe_open(path, "pt") as f:
+        state = json.loads((f.metadata() or {}).get("ema_state", "{}"))
+        shadow = [f.get_tensor(k) for k in sorted(f.keys())]
+    if len(shadow) != len(like) or any(a.shape != b.shape for a, b in zip(shadow, like)):
+        raise UserError(f"{path} does not match this run's trainable parameters")
+    return shadow, state
