@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.metadata
 import io
 import json
 import math
 import os
-import platform
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +46,8 @@ from sdtune.data.records import DatasetError, Example, Problem, errors_only
 from sdtune.data.splits import held_out_name, split_examples
 from sdtune.data.tables import detect_format
 from sdtune.errors import UserError
-from sdtune.provenance import generator_runs, held_out_rows, synthetic_file, trained_on, trained_on_real
+from sdtune.provenance import (generator_runs, held_out_rows, package_versions, synthetic_file, trained_on,
+                               trained_on_real)
 
 STUDY_LABELS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion"]
 ARMS = {"a": "all real", "b": "N real per class", "c": "N real per class + synthetic", "d": "synthetic only"}
@@ -708,13 +707,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in ("sdtune", "torch", "torchvision", "torchmetrics", "numpy"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions("sdtune", "torch", "torchvision", "torchmetrics", "numpy")
 
 
 def parse_args(argv: list[str] | None = None) -> DownstreamConfig:

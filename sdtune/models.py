@@ -9,7 +9,7 @@ from pathlib import Path
 from sdtune import SD15_MODEL_ID
 from sdtune.errors import UserError
 
-COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+PIPELINE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")  # of a diffusers SD folder
 
 # torch.compile's modes for inductor: "default" fuses the element-wise work (GroupNorm+SiLU, residual
 # adds, the attention reshapes) and keeps cuBLAS/cuDNN for the GEMMs and convolutions; the
@@ -50,7 +50,7 @@ class SDComponents:
 
 
 def _check_local_folder(path: Path) -> None:
-    missing = [name for name in COMPONENTS if not (path / name).is_dir()]
+    missing = [name for name in PIPELINE_SUBFOLDERS if not (path / name).is_dir()]
     if missing:
         raise UserError(
             f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(name + '/' for name in missing)} "

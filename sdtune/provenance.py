@@ -1,12 +1,28 @@
-"""Where a synthetic set came from: the training run that made it, what that run read, and which
-rows it held out. downstream.py, evaluate.py (--real_patients held_out) and `compare` ask."""
+"""Where a result came from: the versions that made it; for a synthetic set, the training run that
+made it, what that run read, and which rows it held out (downstream.py, evaluate.py
+--real_patients held_out and `compare` ask)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
 from pathlib import Path
 
 from sdtune.errors import UserError
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """Python's version and each installed package's, for a result's record (one not installed is left out)."""
+    from sdtune import __version__
+
+    out = {"python": platform.python_version()}
+    for package in packages:
+        try:  # sdtune's own from the code that runs: a checkout on PYTHONPATH has no installed metadata
+            out[package] = __version__ if package == "sdtune" else importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def synthetic_file(path: str) -> Path:

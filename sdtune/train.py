@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -27,7 +26,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKw
                                InitProcessGroupKwargs, ProjectConfiguration, set_seed)
 from tqdm.auto import tqdm
 
-from sdtune import SD15_MODEL_ID, __version__
+from sdtune import SD15_MODEL_ID
 from sdtune.adapters import ADAPTERS, AdapterConfig, get_adapter
 from sdtune.checkpoints import (EMA_FILE, checkpoint_steps, load_trained, read_ema, save_ema, save_trained,
                                 trained_file)
@@ -40,6 +39,7 @@ from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
 from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id, load_components
 from sdtune.processes import launched_without_cuda
+from sdtune.provenance import package_versions
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, apply_strategy, count_parameters, resolve_strategy
 
 SD15_TOTAL_PARAMETERS = 859_520_964 + 83_653_863 + 123_060_480  # U-Net + VAE + text encoder
@@ -333,14 +333,7 @@ def encode_once(cfg: TrainConfig, data: DataConfig, models, trainable, dataset, 
 
 
 def library_versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
-    return {"sdtune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "peft": peft.__version__}
+    return package_versions("sdtune", "torch", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes")
 
 
 def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):

@@ -514,3 +514,12 @@ def test_downstream_wrapper_passes_every_header_override(tmp_path):
         subprocess.run(["bash", str(ROOT / "downstream.sh")], env=env, check=True, cwd=tmp_path)
         argv = (tmp_path / "argv").read_text().split("\0")[:-1]
         assert ("--synthetic" in argv) == passed and (not passed or argv[argv.index("--synthetic") + 1] == synthetic)
+
+
+def test_versions_record_the_running_code_and_leave_out_what_is_missing():
+    import sdtune
+    from sdtune.provenance import package_versions
+
+    found = package_versions("sdtune", "numpy", "no-such-package-here")
+    assert found["sdtune"] == sdtune.__version__ and found["numpy"] == np.__version__
+    assert "no-such-package-here" not in found and found["python"].count(".") == 2

