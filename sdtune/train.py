@@ -235,6 +235,13 @@ def optimizer_groups(models, trainable, adapter, lrs: dict[str, float]) -> list[
     return groups
 
 
+def accumulation_window(index: int, batches: int, steps: int) -> int:
+    """Batches in the accumulation window of batch `index` (0-based, of an epoch's `batches` on this
+    process): `steps`, or what is left for the epoch's last window."""
+    first = index // steps * steps
+    return min(steps, batches - first)
+
+
 def trained_params(model) -> dict[str, torch.nn.Parameter]:
     """The trained tensors of a component, by name: all of a fully trained model, the adapter's otherwise."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -610,8 +617,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                         loss = loss + cfg.vae_recon_weight * reconstruction_loss(decoded, pixels)
                 # accelerate divides every loss by the accumulation steps; an epoch's last window can hold
                 # fewer batches, and its step would get a fraction of the gradient
-                window = min(cfg.gradient_accumulation_steps, len(dataloader) - index // cfg.gradient_accumulation_steps
-                             * cfg.gradient_accumulation_steps)
+                window = accumulation_window(index, len(dataloader), cfg.gradient_accumulation_steps)
                 accelerator.backward(loss * (cfg.gradient_accumulation_steps / window))
                 finite = True
                 if accelerator.sync_gradients:

@@ -546,3 +546,15 @@ def test_each_learning_rate_is_logged_under_its_group(tiny_model, table, tmp_pat
     logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     assert logged["lr"] == pytest.approx(1e-3)
     assert logged["lr/unet"] == pytest.approx(1e-3) and logged["lr/unet/difffit_gamma"] == pytest.approx(1e-2)
+
+
+def test_accumulation_windows_cover_an_epoch_exactly():
+    from sdtune.train import accumulation_window
+
+    for batches in range(1, 12):
+        for steps in range(1, 5):
+            windows = [accumulation_window(i, batches, steps) for i in range(batches)]
+            # each batch's window: the batches that share its optimizer step, counted from the epoch's start
+            expected = [len(range(i // steps * steps, min(i // steps * steps + steps, batches))) for i in range(batches)]
+            assert windows == expected
+            assert sum(1 / w for w in windows) == pytest.approx(-(-batches // steps))  # one step per window
