@@ -72,3 +72,47 @@ def read_ema(path: Path, like: list[torch.Tensor], missing: str) -> tuple[list[t
     if len(shadow) != len(like) or any(a.shape != b.shape for a, b in zip(shadow, like)):
         raise UserError(f"{path} does not match this run's trainable parameters")
     return shadow, state
+
+
+def load_ema(ema, path: Path) -> None:
+    shadow, state = read_ema(path, ema.shadow_params, "this checkpoint was saved without --use_ema; resume without it")
+    device = ema.shadow_params[0].device
+    ema.load_state_dict({**state, "shadow_params": shadow})
+    ema.to(device)  # the file loads onto the CPU; the EMA must stay beside the weights it follows
+
+
+def trained_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trained tensors of a component, by name: all of a fully trained model, the adapter's otherwise."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def register_checkpoint_hooks(accelerator, models, ema=None) -> None:
+    """Make accelerate's save_state/load_state write and read the trained tensors and the EMA as above,
+    instead of every model's full state dict and a pickled EMA."""
+    from sdtune.loss import LatentEncoder
+    from sdtune.strategies import COMPONENTS
+
+    def component(model):  # accelerate hands over what it prepared: DDP-wrapped, the VAE inside its encoder
+        model = accelerator.unwrap_model(model)
+        model = model.vae if isinstance(model, LatentEncoder) else model
+        return next((c, m) for c in COMPONENTS if (m := getattr(models, c)) is model)
+
+    def save_hook(hook_models, weights, folder):
+        if accelerator.is_main_process:
+            for model in hook_models:
+                name, module = component(model)
+                save_trained(trained_params(module), trained_file(folder, name))
+            if ema is not None:
+                save_ema(ema, Path(folder) / EMA_FILE)
+        weights.clear()  # nothing else of the models is saved
+
+    def load_hook(hook_models, folder):
+        while hook_models:
+            name, module = component(hook_models.pop())
+            load_trained(trained_params(module), trained_file(folder, name),
+                         "resume with the strategy and adapter settings it was saved with")
+        if ema is not None:
+            load_ema(ema, Path(folder) / EMA_FILE)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

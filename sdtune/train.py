@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 
 from sdtune import SD15_MODEL_ID
 from sdtune.adapters import ADAPTERS, AdapterConfig, get_adapter
-from sdtune.checkpoints import (EMA_FILE, checkpoint_steps, load_trained, read_ema, save_ema, save_trained,
-                                trained_file)
+from sdtune.checkpoints import checkpoint_steps, register_checkpoint_hooks
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
@@ -240,18 +239,6 @@ def accumulation_window(index: int, batches: int, steps: int) -> int:
     process): `steps`, or what is left for the epoch's last window."""
     first = index // steps * steps
     return min(steps, batches - first)
-
-
-def trained_params(model) -> dict[str, torch.nn.Parameter]:
-    """The trained tensors of a component, by name: all of a fully trained model, the adapter's otherwise."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_ema(ema, path: Path) -> None:
-    shadow, state = read_ema(path, ema.shadow_params, "this checkpoint was saved without --use_ema; resume without it")
-    device = ema.shadow_params[0].device
-    ema.load_state_dict({**state, "shadow_params": shadow})
-    ema.to(device)  # the file loads onto the CPU; the EMA must stay beside the weights it follows
 
 
 def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
@@ -502,32 +489,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         ema = EMAModel(all_trainable, decay=cfg.ema_decay)
         ema.to(accelerator.device)
 
-    # Checkpoints hold only the trained tensors (safetensors) plus optimizer/scheduler/RNG state.
-    def component(model):
-        model = accelerator.unwrap_model(model)
-        model = model.vae if isinstance(model, LatentEncoder) else model
-        return next((c, m) for c in COMPONENTS if (m := getattr(models, c)) is model)
-
-    # The EMA goes in safetensors too (sdtune.checkpoints), not in accelerate's pickled custom-object file.
-    def save_hook(hook_models, weights, folder):
-        if accelerator.is_main_process:
-            for model in hook_models:
-                name, module = component(model)
-                save_trained(trained_params(module), trained_file(folder, name))
-            if ema is not None:
-                save_ema(ema, Path(folder) / EMA_FILE)
-        weights.clear()
-
-    def load_hook(hook_models, folder):
-        while hook_models:
-            name, module = component(hook_models.pop())
-            load_trained(trained_params(module), trained_file(folder, name),
-                         "resume with the strategy and adapter settings it was saved with")
-        if ema is not None:
-            load_ema(ema, Path(folder) / EMA_FILE)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    # Checkpoints hold only the trained tensors and the EMA (safetensors) plus optimizer/scheduler/RNG state.
+    register_checkpoint_hooks(accelerator, models, ema)
 
     # ---------------------------------------------------------------- resume
     global_step = 0

@@ -176,8 +176,7 @@ def test_resuming_from_the_last_checkpoint_only_saves(tiny_model, table, tmp_pat
 def test_a_resumed_ema_stays_on_the_device_of_the_weights_it_follows(tmp_path):
     from diffusers.training_utils import EMAModel
 
-    from sdtune.checkpoints import save_ema
-    from sdtune.train import load_ema
+    from sdtune.checkpoints import load_ema, save_ema
 
     weights = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
     save_ema(EMAModel(weights, decay=0.5), tmp_path / "ema.safetensors")
