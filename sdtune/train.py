@@ -219,16 +219,15 @@ def select_trainable(models, strategy: Strategy, adapter_cfg: AdapterConfig):
 
 
 def optimizer_groups(models, trainable, adapter, lrs: dict[str, float]) -> list[dict]:
-    """One group per trained component, named after it ("unet", "unet/difffit_gamma"): the names
-    label the logged learning rates."""
+    """A group per trained component, named after it; DiffFit adds "unet/difffit_gamma" for its scales'
+    own rate. The names label the logged learning rates."""
     groups = []
     for c, params in trainable.items():
         if not params:
             continue
         if c == "unet" and adapter is not None:
-            # DiffFit gives its scales their own rate, in a second group
-            adapter_groups = adapter.param_groups(models.unet, lrs[c])
-            groups += [{**g, "name": c if i == 0 else f"{c}/{g['name']}"} for i, g in enumerate(adapter_groups)]
+            groups += [{**g, "name": c if g["name"] == adapter.name else f"{c}/{g['name']}"}
+                       for g in adapter.param_groups(models.unet, lrs[c])]
         else:
             groups.append({"params": params, "lr": lrs[c], "name": c})
     return groups
@@ -611,12 +610,12 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             if ema is not None and finite:
                 ema.step(all_trainable)
             last_loss, loss_sum, loss_count = float(loss_sum) / loss_count, 0.0, 0
-            rates = lr_scheduler.get_last_lr()  # in the order of `groups`: the first trained component's first
-            logs = {"loss": last_loss, "lr": rates[0],
+            rates = {g["name"]: rate for g, rate in zip(groups, lr_scheduler.get_last_lr())}  # in the groups' order
+            logs = {"loss": last_loss, "lr": next(rate for name, rate in rates.items() if "/" not in name),
                     "grad_norm": float(grad_norm), "skipped_steps": skipped_steps,
                     "samples_per_second": samples_seen / (time.time() - start)}
-            if len(groups) > 1:  # unet+text, DiffFit's scales: each rate under its own name
-                logs.update({f"lr/{g['name']}": rate for g, rate in zip(groups, rates)})
+            if len(groups) > 1:  # unet+text, DiffFit's scales: each group's rate under its own name
+                logs.update({f"lr/{name}": rate for name, rate in rates.items()})
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)

@@ -255,7 +255,8 @@ def test_difffit_scales_get_their_own_learning_rate(tiny_model):
     adapter = get_adapter("difffit", AdapterConfig(difffit_scale_lr_multiplier=10.0))
     unet = fresh_unet(tiny_model)
     adapter.apply(unet)
-    rest, gammas = adapter.param_groups(unet, 1e-4)  # the component's own rate first
+    # in this order: a checkpoint's optimizer state holds its groups by position, so old runs resume
+    gammas, rest = adapter.param_groups(unet, 1e-4)
     assert gammas["lr"] == pytest.approx(1e-3) and rest["lr"] == 1e-4
     assert gammas["weight_decay"] == 0.0 and "weight_decay" not in rest  # rest uses the optimizer's
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]

@@ -80,7 +80,7 @@ class Adapter:
         return list(self.named_trainable(unet).values())
 
     def param_groups(self, unet: torch.nn.Module, lr: float) -> list[dict]:
-        """Optimizer parameter groups; one group at `lr` unless the method needs more."""
+        """Optimizer parameter groups; one group at `lr`, named as the method, unless the method needs more."""
         return [{"params": self.trainable_parameters(unet), "lr": lr, "name": self.name}]
 
     def state_dict(self, unet: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -104,10 +104,10 @@ class DiffFit(Adapter):
         named = self.named_trainable(unet)
         scales = [param for name, param in named.items() if name.endswith(f".{GAMMA}")]
         rest = [param for name, param in named.items() if not name.endswith(f".{GAMMA}")]
-        return [  # the group at the component's own rate first: the loop logs the first group's as "lr"
-            {"params": rest, "lr": lr, "name": "difffit_bias_norm"},
+        return [  # in this order for good: a checkpoint's optimizer state holds its groups by position
             {"params": scales, "lr": lr * self.cfg.difffit_scale_lr_multiplier, "weight_decay": 0.0,
              "name": "difffit_gamma"},
+            {"params": rest, "lr": lr, "name": self.name},  # named as the method: the U-Net's own rate
         ]
 
     def merge(self, unet: nn.Module) -> nn.Module:
