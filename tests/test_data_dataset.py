@@ -316,6 +316,10 @@ def test_captions_the_text_encoder_would_cut_are_warned_about(tmp_path):
     assert [str(p) for p in long_captions(examples, tokenizer)] == [
         f"b.png: warning: caption of {tokens} CLIP tokens: the text encoder reads 77 tokens and the rest is cut off: "
         "shorten it"]
+    fits = " ".join(["a"] * 75)  # 75 tokens and the start and end ones: what the text encoder reads, exactly
+    assert len(tokenizer(fits).input_ids) == 77
+    assert long_captions([Example(Path("c.png"), fits, source="c.png")], tokenizer) == []
+    assert len(long_captions([Example(Path("c.png"), fits + " a", source="c.png")], tokenizer)) == 1
     many = [Example(Path(f"{i}.png"), report, source=f"{i}.png") for i in range(11)]
     (warning,) = long_captions(examples + many, tokenizer)  # many are one line, not one each
     assert warning.where == "12 captions" and f"(e.g. b.png: {tokens})" in warning.what

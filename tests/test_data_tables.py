@@ -136,6 +136,20 @@ def test_rows_whose_view_cannot_be_told_are_a_warning_not_dropped_silently(tmp_p
         ("train.csv", "5 rows (first: line 3): Frontal/Lateral is blank: left out")]
 
 
+def test_view_cells_holding_paths_are_never_printed(tmp_path):
+    """Shifted columns put paths, which name patients, in the view column: no message shows them."""
+    shifted = "CheXpert-v1.0-small/train/patient00042/study1/view1_frontal.jpg"
+    rows = [{**chexpert_row(1), "Frontal/Lateral": shifted}, {**chexpert_row(2), "Frontal/Lateral": "Lateral"}]
+    table = write_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", CHEXPERT_COLUMNS, rows)
+    _, problems = read_table(table, views="lateral", check_files=False)
+    assert [(p.where, p.what) for p in problems] == [
+        ("train.csv line 2", "Frontal/Lateral holds a value that is neither Frontal nor Lateral: left out")]
+    with pytest.raises(UserError) as error:
+        read_table(table, check_files=False)  # no frontal row at all
+    assert "patient00042" not in str(error.value).lower()
+    assert "(its Frontal/Lateral values: LATERAL, 1 other(s) not shown)" in str(error.value)
+
+
 def test_mimic_blank_view_position_is_a_warning(mimic):
     table = mimic / "mimic-cxr-2.0.0-metadata.csv"
     df = pd.read_csv(table, dtype=str)

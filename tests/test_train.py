@@ -444,6 +444,10 @@ def test_a_resume_must_hold_out_what_its_checkpoints_held_out(tiny_model, table,
         main(_argv(tiny_model, table, run, *resumed, "--validation_fraction", "0.25", "--split_seed", "1", steps=2))
     with pytest.raises(UserError, match="another held-out set"):
         main(_argv(tiny_model, table, run, *resumed, steps=2))
+    with pytest.raises(UserError, match=f"the checkpoints in {run} were trained with another held-out set"):
+        # continued in a new folder from a named checkpoint: compared with the folder it came from
+        main(_argv(tiny_model, table, tmp_path / "elsewhere", "--strategy", "bitfit", "--resume_from_checkpoint",
+                   run / "checkpoint-1", steps=2))
     assert (run / "held_out.txt").read_text() == held_out
     main(_argv(tiny_model, table, run, *resumed, "--validation_fraction", "0.25", steps=2))  # the same split: resumes
     assert json.loads((run / "training_summary.json").read_text())["steps"] == 2

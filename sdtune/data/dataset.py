@@ -111,7 +111,7 @@ def long_captions(examples: list[Example], tokenizer) -> list[Problem]:
     """Warnings for captions longer than the text encoder reads (CLIP: 77 tokens, start and end
     included): training and synthesis cut the rest off without a word. Many are one line."""
     distinct = list(dict.fromkeys(ex.caption for ex in examples))
-    lengths = dict(zip(distinct, map(len, tokenizer(distinct).input_ids))) if distinct else {}
+    lengths = dict(zip(distinct, map(len, tokenizer(distinct, verbose=False).input_ids))) if distinct else {}
     limit = tokenizer.model_max_length
     long = [(ex, lengths[ex.caption]) for ex in examples if lengths[ex.caption] > limit]
     cut = f"the text encoder reads {limit} tokens and the rest is cut off: shorten "

@@ -9,6 +9,7 @@ what is wrong with one file; `ImageTransform` makes the training tensor.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,8 @@ INVERTED_MARGIN = 60  # grey levels the edges outshine the centre by, in a radio
 
 # Pillow modes that hold more than 8 bits per pixel; `.convert("RGB")` clips them instead of rescaling.
 _HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+# Warning filters are process-wide: the decoding threads change them one at a time (see _open_with_pillow).
+_FILTERS_LOCK = threading.Lock()
 
 
 class ImageError(UserError):
@@ -191,13 +194,16 @@ def _require_file(path: Path) -> None:
 def _open_with_pillow(path: Path) -> tuple[Image.Image, int | None]:
     """The fully decoded, upright image and its declared bit depth (None where it has none)."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns, unnamed, of images between its pixel limit and twice it: they are decoded as asked
+        with _FILTERS_LOCK, warnings.catch_warnings():
+            # Pillow warns, naming no file, of images between its pixel limit and twice it: they are decoded
+            # as asked (beyond twice it, its error is one problem of that file). Opening reads the header only.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
             frames = getattr(image, "n_frames", 1)
-            if frames > 1:  # an animated GIF/PNG, a multi-page TIFF: which page is the image is not ours to guess
+            # An animated GIF/PNG, a multi-page TIFF: which page is the image is not ours to guess. A camera
+            # JPEG with a preview (MPO) is not one: its first frame is the photograph.
+            if frames > 1 and image.format != "MPO":
                 raise ImageError(path, f"holds {frames} frames or pages: save the one to train on alone, or remove it")
             image.load()  # a truncated JPEG opens fine and only fails here
             bits = _declared_bits(image)  # before exif_transpose, whose copy forgets the format

@@ -434,15 +434,23 @@ def _keep_views(df: pd.DataFrame, path: Path, views: str | Sequence[str], fronta
         if frontal_lateral:  # CheXpert leaves AP/PA blank on lateral images
             unknown &= _cells(df[frontal_lateral]).str.lower() != "lateral"
     if len(df) and not keep.any():
-        seen = sorted(set(cells.str.upper()) - {""})
-        raise UserError(f"{path}: no rows with views {views!r} (its {column} values: {', '.join(seen) or 'none'})")
+        values = set(cells.str.upper()) - {""}
+        seen = sorted(v for v in values if _a_word(v))
+        others = f"{', ' if seen else ''}{len(values) - len(seen)} other(s) not shown" if len(seen) < len(values) else ""
+        raise UserError(f"{path}: no rows with views {views!r} (its {column} values: "
+                        f"{', '.join(seen) or ('' if others else 'none')}{others})")
     found = []
     for value, lines in df.index[unknown.to_numpy()].groupby(cells[unknown].to_numpy()).items():
-        # A short word is a view written wrong; anything else may be a shifted cell holding a path: not shown
-        shown = repr(value) if re.fullmatch(r"[A-Za-z ]{1,20}", value) else "holds a value that"
+        shown = repr(value) if _a_word(value) else "holds a value that"
         what = f"{column} is blank" if value == "" else f"{column} {shown} is neither Frontal nor Lateral"
         found += _each_or_once(path.name, list(lines), f"{what}: left out", "warning")
     return df[keep], found
+
+
+def _a_word(value: str) -> bool:
+    """A short word is a view written wrong; anything else may be a shifted cell holding a path, which
+    names a patient: not shown."""
+    return re.fullmatch(r"[A-Za-z ]{1,20}", value) is not None
 
 
 def _cells(column: pd.Series) -> pd.Series:
