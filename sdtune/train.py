@@ -336,7 +336,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     (adapter not merged), for callers that go on to sample or evaluate.
     """
     # ---------------------------------------------------------------- resolve every option once
-    check_bounds(cfg, data)
+    check_bounds(cfg, data, adapter_cfg)  # every number out of range, in one line
     try:
         strategy = resolve_strategy(cfg.strategy, cfg.train_unet, cfg.train_text_encoder, cfg.train_vae, cfg.peft)
     except ValueError as err:

@@ -120,8 +120,12 @@ def test_every_adapter_has_a_row():
 def test_unknown_adapter_and_bad_settings_fail_early():
     with pytest.raises(ValueError, match="unsupported adapter 'loha'"):
         get_adapter("loha", AdapterConfig())
-    with pytest.raises(UserError, match="lora_rank"):
-        get_adapter("lora", AdapterConfig(lora_rank=0))
+    with pytest.raises(UserError, match="^--lora_rank 0 must be at least 1; --lora_alpha -1 must be above 0; "
+                                        "--lora_dropout 1 must be at least 0 and below 1; "
+                                        "--difffit_scale_lr_multiplier 0 must be above 0$"):
+        get_adapter("lora", AdapterConfig(lora_rank=0, lora_alpha=-1, lora_dropout=1.0, difffit_scale_lr_multiplier=0))
+    with pytest.raises(UserError, match="lora_target_modules is empty"):
+        get_adapter("lora", AdapterConfig(lora_target_modules=[]))
 
 
 def test_apply_marks_exactly_the_methods_parameters(tiny_model, row):

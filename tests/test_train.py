@@ -374,14 +374,15 @@ def test_user_errors(extra, message, tiny_model, table, tmp_path):
 def test_numbers_out_of_range_are_all_named_in_one_line_before_anything_is_written(tiny_model, table, tmp_path):
     out = tmp_path / "out"
     argv = _argv(tiny_model, table, out, "--strategy", "lora", "--checkpointing_steps", "0", "--validation_fraction",
-                 "20", "--caption_dropout_prob", "2")
+                 "20", "--caption_dropout_prob", "2", "--lora_rank", "0")
     argv[argv.index("--resolution") + 1], argv[argv.index("--max_train_steps") + 1] = "60", "0"
     with pytest.raises(UserError) as error:
         main(argv)
     assert str(error.value) == (
         "--max_train_steps 0 must be at least 1; --caption_dropout_prob 2 must be from 0 to 1 (a fraction: 0.2 means "
         "20%); --checkpointing_steps 0 must be at least 1; --resolution 60 must be a positive multiple of 8 (the VAE divides "
-        "images by 8); --validation_fraction 20 must be at least 0 and below 1 (a fraction: 0.2 means 20%)")
+        "images by 8); --validation_fraction 20 must be at least 0 and below 1 (a fraction: 0.2 means 20%); "
+        "--lora_rank 0 must be at least 1")
     assert not out.exists()
     for flag, value in (("--train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--learning_rate", "-1")):
         with pytest.raises(UserError, match=f"^{flag} {value} must be at least "):  # (a rate of 0 holds a part still)

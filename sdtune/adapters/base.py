@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdtune.config import field
+from sdtune.config import check_bounds, field
 from sdtune.errors import UserError
 
 
@@ -18,9 +18,9 @@ from sdtune.errors import UserError
 class AdapterConfig:
     """PEFT settings for the U-Net (LoRA, DoRA, BitFit, DiffFit); each method reads its own fields."""
 
-    lora_rank: int = field(4, "LoRA/DoRA rank r (toolkit default 4; the paper's runs use 8)")
-    lora_alpha: float = field(16.0, "LoRA/DoRA alpha; the update is scaled by alpha / rank")
-    lora_dropout: float = field(0.0, "dropout on the LoRA/DoRA input, 0 to 1")
+    lora_rank: int = field(4, "LoRA/DoRA rank r (toolkit default 4; the paper's runs use 8)", bounds=">=1")
+    lora_alpha: float = field(16.0, "LoRA/DoRA alpha; the update is scaled by alpha / rank", bounds=">0")
+    lora_dropout: float = field(0.0, "dropout on the LoRA/DoRA input, 0 to 1", bounds="0..<1")
     lora_target_modules: list[str] = field(
         ["to_q", "to_k", "to_v", "to_out.0"], "U-Net module names that get LoRA/DoRA (the attention projections)"
     )
@@ -28,23 +28,16 @@ class AdapterConfig:
         True, "DoRA: the toolkit's faster training forward (same maths as peft's; false runs peft's own)"
     )
     difffit_scale_lr_multiplier: float = field(
-        10.0, "DiffFit: learning rate of the scale factors gamma = lr x this (Xie et al. 2023 find ~10x best)"
-    )
+        10.0, "DiffFit: learning rate of the scale factors gamma = lr x this (Xie et al. 2023 find ~10x best)",
+        bounds=">0")
     difffit_resnets: bool = field(False, "DiffFit: also scale each ResNet block's residual branch (conv2 output)")
 
 
 def check_config(cfg: AdapterConfig) -> None:
     """Fail at set-up, not at step 1, on settings no method can use."""
-    if cfg.lora_rank < 1:
-        raise UserError(f"lora_rank must be at least 1, got {cfg.lora_rank}")
-    if cfg.lora_alpha <= 0:
-        raise UserError(f"lora_alpha must be positive, got {cfg.lora_alpha}")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise UserError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    check_bounds(cfg)
     if not cfg.lora_target_modules:
         raise UserError("lora_target_modules is empty: name at least one module (e.g. to_q to_k to_v to_out.0)")
-    if cfg.difffit_scale_lr_multiplier <= 0:
-        raise UserError(f"difffit_scale_lr_multiplier must be positive, got {cfg.difffit_scale_lr_multiplier}")
 
 
 class Adapter:
