@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtune.config import ArgumentParser, field
+from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.data.records import DatasetError, Problem, file_stamp
 from sdtune.errors import UserError
 from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
@@ -97,14 +97,16 @@ class SynthesisConfig:
                                                "file; default: the run's, else chexpert)")
     findings: list[str] | None = field(None, "labels CSV: labels named in prompts, in order (default: the run's, "
                                              "else the template's, else the training table's label order)")
-    num_images: int = field(1, "images per prompt (--prompts, --prompts_file); a labels CSV uses its count column")
+    num_images: int = field(1, "images per prompt (--prompts, --prompts_file); a labels CSV uses its count column",
+                            bounds=">=1")
     negative_prompt: str = field("", "negative prompt for every image (empty: none)")
-    steps: int = field(50, "denoising steps")
+    steps: int = field(50, "denoising steps", bounds=">=1")
     guidance_scale: float = field(7.5, "classifier-free guidance scale (1 turns guidance off)")
-    height: int = field(512, "image height in pixels, a multiple of 8")
-    width: int = field(512, "image width in pixels, a multiple of 8")
+    height: int = field(512, "image height in pixels, a multiple of 8", bounds="8x")
+    width: int = field(512, "image width in pixels, a multiple of 8", bounds="8x")
     seed: int = field(42, "base seed; image k's seed is image_seed(seed, k), written to metadata.csv")
-    batch_size: int = field(1, "images per pipeline call, per process (does not change the images' noise)")
+    batch_size: int = field(1, "images per pipeline call, per process (does not change the images' noise)",
+                            bounds=">=1")
     scheduler: str | None = field(None, f"sampler: {', '.join(SCHEDULERS)} (default: the model's own). Fast recipe: "
                                         "dpm++ with --steps 20-25, about half the U-Net calls of pndm at 50 (other "
                                         "images than pndm's)")
@@ -146,12 +148,7 @@ def check_config(cfg: SynthesisConfig) -> None:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     if cfg.mixed_precision not in DTYPES:
         raise UserError(f"unknown mixed precision {cfg.mixed_precision!r}: use one of {', '.join(DTYPES)}")
-    for name in ("num_images", "steps", "batch_size", "height", "width"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("height", "width"):
-        if getattr(cfg, name) % 8:
-            raise UserError(f"--{name} must be a multiple of 8 (the VAE's downsampling), got {getattr(cfg, name)}")
+    check_bounds(cfg)
     if cfg.torch_compile:
         check_compile_backend(cfg.torch_compile_backend)
         check_compile_mode(cfg.torch_compile_mode)

@@ -491,7 +491,7 @@ def _bad_labels(tmp_path, text):
     ("fp16 on the CPU", r"--mixed_precision fp16 needs a GPU: use --mixed_precision no or bf16 on the CPU"),
     ("unknown scheduler", "unknown scheduler 'foo': use one of pndm, ddim"),
     ("two prompt sources", "exactly one of --prompts, --prompts_file, --labels_csv"),
-    ("odd height", "--height must be a multiple of 8"),
+    ("odd height", "--height 60 must be a positive multiple of 8"),
     ("checkpoint without summary", "training_summary.json is missing"),
     ("adapter without base", "pass --base_model"),
     ("base for a pipeline", "--base_model is for checkpoints and adapter files"),
