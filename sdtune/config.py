@@ -31,6 +31,7 @@ BOUNDS = {  # rule -> (test, what the value must be)
     ">0": (lambda v: v > 0, "above 0"),
     "0..1": (lambda v: 0 <= v <= 1, "from 0 to 1"),
     "0..<1": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "0<..<1": (lambda v: 0 < v < 1, "above 0 and below 1"),
     "8x": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8 (the VAE divides images by 8)"),
     "seed": (lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (numpy and torch take unsigned 32-bit seeds)"),
 }
@@ -45,7 +46,7 @@ def check_bounds(*settings: Any) -> None:
         for f in dataclasses.fields(setting):
             rule, value = f.metadata.get("bounds"), getattr(setting, f.name)
             if rule and value is not None and not BOUNDS[rule][0](value):
-                hint = " (a fraction: 0.2 means 20%)" if rule.startswith("0..") and value > 1 else ""
+                hint = " (a fraction: 0.2 means 20%)" if rule.startswith("0") and value > 1 else ""
                 shown = f"{value:g}" if isinstance(value, float) else value
                 problems.append(f"--{f.name} {shown} must be {BOUNDS[rule][1]}{hint}")
     if problems:

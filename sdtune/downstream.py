@@ -76,23 +76,26 @@ class DownstreamConfig:
                                      "(a ~100k-parameter CNN for tests and CPU demos only)")
     pretrained_weights: str | None = field(None, "ImageNet weights for --arch from a local .pth/.safetensors file, "
                                                  "never downloaded (default: none, random initialisation)")
-    resolution: int = field(224, "images are resized (short side) and centre-cropped to this square")
-    epochs: int = field(5, "passes over each arm's training images (a small arm gets fewer steps; see --steps)")
+    resolution: int = field(224, "images are resized (short side) and centre-cropped to this square", bounds=">=1")
+    epochs: int = field(5, "passes over each arm's training images (a small arm gets fewer steps; see --steps)",
+                        bounds=">=1")
     steps: int | None = field(None, "optimizer steps for every arm instead of --epochs: compute-matched arms, "
-                                    "cycling through a small arm's images more often")
-    batch_size: int = field(32, "images per step")
-    lr: float | None = field(None, "Adam learning rate (default: 1e-4 for the torchvision networks, 1e-3 for small_cnn)")
+                                    "cycling through a small arm's images more often", bounds=">=1")
+    batch_size: int = field(32, "images per step", bounds=">=1")
+    lr: float | None = field(None, "Adam learning rate (default: 1e-4 for the torchvision networks, 1e-3 for small_cnn)",
+                             bounds=">0")
     n_per_class: int = field(100, "arms b, c: real images per label (>= this many positives where the data has them)")
     arms: str = field("a,b,c,d", "comma-separated arms: a all real, b N real per class, c b + synthetic, d synthetic only")
     seeds: str = field("0,1,2", "comma-separated seeds; a seed gives the same initial weights in every arm")
     test_fraction: float = field(0.2, "fraction of real patients held out as the test set (unless the synthetic "
-                                      "sets' generator held out patients of --real: then those are the test set)")
+                                      "sets' generator held out patients of --real: then those are the test set)",
+                                bounds="0<..<1")
     allow_seen_test_patients: bool = field(False, "measure even when a synthetic set's generator trained on every "
                                                   "patient of --real (the results then say so)")
     split_seed: int = field(0, "seed of the patient-level train/test split (the same test set for every arm and seed)",
                             bounds="seed")
     skip_bad_files: bool = field(False, "leave out unreadable images and bad rows instead of stopping")
-    workers: int = field(8, "threads decoding images")
+    workers: int = field(8, "threads decoding images", bounds=">=1")
     device: str = field("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     output_dir: str = field("outputs/downstream", f"folder for {RESULTS_FILE}, {TABLE_FILE} and {CSV_FILE}")
 
@@ -536,14 +539,7 @@ def resolve(cfg: DownstreamConfig) -> tuple[list[str], list[str], list[int], tor
         synthetic_file(path)
     if any(a in "bc" for a in arms) and cfg.n_per_class < 1:
         raise UserError(f"--n_per_class must be at least 1, got {cfg.n_per_class}")
-    if not 0.0 < cfg.test_fraction < 1.0:
-        raise UserError(f"--test_fraction must be in (0, 1), got {cfg.test_fraction}")
-    for name in ("epochs", "batch_size", "resolution", "steps"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     lr = cfg.lr if cfg.lr is not None else ARCHS[cfg.arch].lr
-    if not lr > 0:
-        raise UserError(f"--lr must be positive, got {lr}")
     try:
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               "cpu" if cfg.device == "auto" else cfg.device)

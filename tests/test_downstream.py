@@ -417,6 +417,8 @@ def test_pretrained_weights_fill_all_but_the_head(tmp_path):
     ("bad device", "--device 'cuda:x' is not a device: use auto, cpu, cuda or cuda:N"),
     ("negative seed", "--seeds '0,-1': give distinct integers from 0"),
     ("negative split seed", "--split_seed -2 must be from 0 to 4294967295"),
+    ("numbers out of range", "--epochs 0 must be at least 1; --lr -0.1 must be above 0; --test_fraction 20 must be "
+                             "above 0 and below 1 \\(a fraction: 0.2 means 20%\\)"),
     ("images folder", "--real .* is a folder without metadata.jsonl or metadata.csv, so it has no labels"),
     ("unknown table", "cannot tell the format of .*odd.csv .* pass the format \\(--real-format\\)"),
     ("diverged", "the classifier diverged \\(loss (nan|inf) after \\d+ steps at --lr 1e\\+30\\): lower --lr"),
@@ -434,6 +436,7 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
              "bad device": ["--device", "cuda:x"],
              "negative seed": ["--seeds", "0,-1"],
              "negative split seed": ["--split-seed", "-2"],
+             "numbers out of range": ["--epochs", "0", "--lr", "-0.1", "--test_fraction", "20"],
              "images folder": ["--real", str(phantom_train_csv.parent / "train")],
              "unknown table": ["--real", str(tmp_path / "odd.csv")],
              "diverged": ["--lr", "1e30"]}[case]
