@@ -618,6 +618,8 @@ def test_cli_end_to_end_with_inception(tmp_path, capsys):
     (["--fake", "{tmp}/empty", "--metrics", "fid"], "--real is required"),
     (["--fake", "{tmp}/empty", "--metrics", "fid,is"], "unknown metric"),
     (["compare", "{tmp}/no-run"], "does not exist"),
+    (["--fake", "{tmp}/empty", "--metrics", "vendi", "--kid-subsets", "0", "--fid-bootstrap", "-1"],
+     "--fid_bootstrap -1 must be at least 0; --kid_subsets 0 must be at least 1"),
     (["--generate-samples", "--num-samples", "2", "--prompt", "x", "--model-path", "{tmp}/no-model"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, says):

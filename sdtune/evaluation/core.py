@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtune.config import field
+from sdtune.config import check_bounds, field
 from sdtune.data.records import DatasetError
 from sdtune.errors import UserError
 from sdtune.evaluation.cache import FeatureCache, cache_key
@@ -53,13 +53,14 @@ class EvalConfig:
                                            "study) or the path of a TorchScript module")
     fid_resize: str = field("tf1-bilinear", "how inception/TorchScript inputs are resized (it moves FID by points: "
                                             "compare only numbers made with the same)", choices=tuple(RESIZES))
-    fid_input_size: int = field(299, "input side of a TorchScript --fid_features module")
+    fid_input_size: int = field(299, "input side of a TorchScript --fid_features module", bounds=">=1")
     xrv_weights: str | None = field(None, "torchxrayvision densenet121-res224-all weights file (default: xrv's "
                                           "cache ~/.torchxrayvision, else its download)")
-    fid_bootstrap: int = field(10, "bootstrap resamples for FID's spread (std); 0: none")
-    kid_subsets: int = field(100, "KID subsets (mean and std over them)")
-    kid_subset_size: int = field(1000, "images per KID subset (capped at the smaller set)")
-    ms_ssim_pairs: int = field(1000, "random pairs of fake images for MS-SSIM diversity (all pairs when fewer)")
+    fid_bootstrap: int = field(10, "bootstrap resamples for FID's spread (std); 0: none", bounds=">=0")
+    kid_subsets: int = field(100, "KID subsets (mean and std over them)", bounds=">=1")
+    kid_subset_size: int = field(1000, "images per KID subset (capped at the smaller set)", bounds=">=1")
+    ms_ssim_pairs: int = field(1000, "random pairs of fake images for MS-SSIM diversity (all pairs when fewer)",
+                               bounds=">=1")
     clip_model: str | None = field(None, "CLIP for the CLIP score: a hub id (downloaded when not cached), a local "
                                          "CLIP folder, or open_clip's hf-hub:ID / local-dir:PATH (e.g. hf-hub:microsoft/"
                                          f"BiomedCLIP-PubMedBERT_256-vit_base_patch16_224) (default: {DEFAULT_CLIP} "
@@ -69,7 +70,7 @@ class EvalConfig:
                                       "reproduced training images", choices=("all", "held_out"))
     max_real: int | None = field(None, "use a seeded random subset of this many real images (default: all)")
     max_fake: int | None = field(None, "use a seeded random subset of this many fake images (default: all)")
-    batch_size: int = field(32, "images per network call")
+    batch_size: int = field(32, "images per network call", bounds=">=1")
     device: str = field("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     cache: bool = field(True, "cache the features of file-based sets on disk (keyed by files, sizes, mtimes, extractor)")
     cache_dir: str | None = field(None, "feature cache folder (default: $XDG_CACHE_HOME or ~/.cache, then sdtune/features)")
@@ -93,9 +94,7 @@ def check_config(cfg: EvalConfig, have_real: bool, have_fake: bool) -> list[str]
     needs = [m for m in names if m in NEEDS_REAL]
     if needs and not have_real:
         raise UserError(f"--real is required for {', '.join(needs)}: the real images to compare with")
-    for name in ("fid_bootstrap", "kid_subsets", "kid_subset_size", "ms_ssim_pairs", "batch_size", "fid_input_size"):
-        if getattr(cfg, name) < (0 if name == "fid_bootstrap" else 1):
-            raise UserError(f"--{name} must be at least {0 if name == 'fid_bootstrap' else 1}, got {getattr(cfg, name)}")
+    check_bounds(cfg)
     if cfg.per_condition and "fid" not in names:
         raise UserError("--per_condition computes FID per condition: add fid to --metrics")
     return names
