@@ -3,7 +3,8 @@
 A strategy says which of SD1.5's three components train and how: `unet` is None (frozen),
 "full", or the name of a PEFT adapter (sdtune.adapters); the text encoder and the VAE are
 either fully trained or frozen. Default learning rates are the study's. A twelfth strategy is
-one more row.
+one more row here; its shell wrappers (NAME.sh, synthesis_NAME.sh) and run_study.sh's default list
+are what a user runs, so they get one line each.
 """
 
 from __future__ import annotations
