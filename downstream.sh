@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Downstream utility: train a chest X-ray classifier on four arms — (a) all real, (b) N real per
 # class, (c) b plus synthetic, (d) synthetic only — and report per-label and mean AUROC on a
-# held-out real test set split by patient, mean ± std over seeds.
+# held-out real test set split by patient, mean ± std over seeds, with 95% intervals from resampling
+# the test patients (each arm's, and the differences between arms).
 # Every variable below can be overridden from the environment, e.g.
 #   SYNTHETIC=synthetic/lora OUTPUT_DIR=outputs/lora/downstream ./downstream.sh
 #   ARCH=efficientnet_b0 PRETRAINED_WEIGHTS=weights/efficientnet_b0_rwightman-7f5810bc.pth ./downstream.sh
@@ -23,13 +24,14 @@ synthetic_given=${SYNTHETIC+yes}
 : "${SEEDS:=0,1,2}"
 : "${TEST_FRACTION:=0.2}"                          # fraction of real patients held out for testing
 : "${UNCERTAINTY:=ignore}"                         # CheXpert -1.0: ignore (masked), ones or zeros
+: "${BOOTSTRAP:=1000}"                             # resamples of the test patients for 95% intervals (0: none)
 : "${DEVICE:=auto}"
 : "${OUTPUT_DIR:=outputs/downstream}"
 : "${PYTHON:=python}"
 
 ARGS=(--real "$REAL" --arch "$ARCH" --resolution "$RESOLUTION" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE"
       --n_per_class "$N_PER_CLASS" --arms "$ARMS" --seeds "$SEEDS" --test_fraction "$TEST_FRACTION"
-      --uncertainty "$UNCERTAINTY" --device "$DEVICE" --output_dir "$OUTPUT_DIR")
+      --uncertainty "$UNCERTAINTY" --bootstrap "$BOOTSTRAP" --device "$DEVICE" --output_dir "$OUTPUT_DIR")
 read -r -a SYNTHETIC_SETS <<< "$SYNTHETIC"
 # The default set is for arms c and d. A set you name also gives real-only arms their test set: the
 # patients its generator held out, the test set of arms c and d.

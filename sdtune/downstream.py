@@ -53,6 +53,10 @@ STUDY_LABELS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumoth
 ARMS = {"a": "all real", "b": "N real per class", "c": "N real per class + synthetic", "d": "synthetic only"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RESULTS_FILE, TABLE_FILE, CSV_FILE = "downstream.json", "downstream.md", "downstream.csv"
+PREDICTIONS_FILE = "downstream_predictions.csv"
+# The questions the arms answer, as differences of mean AUROC: does synthetic data help scarce real data,
+# can it replace real data, what does scarcity cost, does scarce + synthetic reach all of the real data.
+DIFFERENCES = (("c", "b"), ("d", "a"), ("b", "a"), ("c", "a"))
 
 
 @dataclass
@@ -94,6 +98,9 @@ class DownstreamConfig:
                                                   "patient of --real (the results then say so)")
     split_seed: int = field(0, "seed of the patient-level train/test split (the same test set for every arm and seed)",
                             bounds="seed")
+    bootstrap: int = field(1000, "resamples of the test patients for 95% intervals of each arm's mean AUROC and of "
+                                 "the differences between arms (paired: the same patients for every arm); 0: none",
+                           bounds=">=0")
     skip_bad_files: bool = field(False, "leave out unreadable images and bad rows instead of stopping")
     workers: int = field(8, "threads decoding images", bounds=">=1")
     device: str = field("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
@@ -206,6 +213,7 @@ class Bank:
     train: np.ndarray  # indices of the real training images
     test: np.ndarray  # indices of the real test images
     synthetic: np.ndarray  # indices of the synthetic images
+    names: list[str] | None = None  # each image's row or file ("train.csv line 12"), never a patient id
 
 
 def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
@@ -379,7 +387,8 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bo
     kind = np.array([0] * len(train) + [1] * len(test) + [2] * len(synthetic))[keep]
     bank = Bank(stacked, torch.from_numpy(targets[keep]).float(),
                 [ex.group for ex, k in zip(examples, keep) if k],
-                np.flatnonzero(kind == 0), np.flatnonzero(kind == 1), np.flatnonzero(kind == 2))
+                np.flatnonzero(kind == 0), np.flatnonzero(kind == 1), np.flatnonzero(kind == 2),
+                [held_out_name(ex) for ex, k in zip(examples, keep) if k])
     tested = sorted(held_out_name(ex) for ex, k in zip(test, keep[len(train):len(train) + len(test)]) if k)
     # Which images were tested, not only how many: two results are comparable only on the same ones.
     digest = hashlib.sha256("\n".join(tested).encode()).hexdigest()[:16]
@@ -505,6 +514,40 @@ def mean_auroc(per_label: dict[str, float | None]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def bootstrap_intervals(scores: dict, targets: torch.Tensor, groups: list[str | None], labels: list[str],
+                        arms: list[str], seeds: list[int], resamples: int, seed: int) -> dict:
+    """95% percentile intervals of each arm's mean AUROC (averaged over seeds) and of the differences
+    between arms, from `resamples` draws of the test patients with replacement (every image of a drawn
+    patient; images alone where there are no patient ids). Paired: every arm is scored on the same
+    draw, so a difference's interval leaves out the test set's luck that all arms share."""
+    units = [g if g is not None else f"image {i}" for i, g in enumerate(groups)]
+    names, unit_of = np.unique(units, return_inverse=True)
+    members = [np.flatnonzero(unit_of == u) for u in range(len(names))]
+    rng = np.random.default_rng(seed)
+    draws = {arm: [] for arm in arms}
+    for _ in range(resamples):
+        idx = np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
+        for arm in arms:
+            means = [mean_auroc(auroc_per_label(scores[(arm, s)][idx], targets[idx], labels)) for s in seeds]
+            draws[arm].append(np.mean(means) if None not in means else np.nan)
+
+    def interval(values) -> list[float] | None:
+        values = np.asarray(values, dtype=float)
+        values = values[~np.isnan(values)]  # a draw with one class of every label has no AUROC
+        return [float(v) for v in np.percentile(values, [2.5, 97.5])] if len(values) else None
+
+    measured = {(arm, s): mean_auroc(auroc_per_label(scores[(arm, s)], targets, labels)) for arm in arms for s in seeds}
+    differences = {}
+    for x, y in DIFFERENCES:
+        if x in draws and y in draws:
+            deltas = [None if None in (measured[(x, s)], measured[(y, s)]) else measured[(x, s)] - measured[(y, s)]
+                      for s in seeds]
+            differences[f"{x}-{y}"] = {"delta": None if None in deltas else float(np.mean(deltas)),
+                                       "ci95": interval(np.subtract(draws[x], draws[y]))}
+    return {"arms": {arm: interval(draws[arm]) for arm in arms}, "differences": differences,
+            "resamples": resamples, "unit": "patient" if any(g is not None for g in groups) else "image"}
+
+
 def _spread(values: list[float | None]) -> dict:
     """Mean and sample std (ddof=1) over seeds; std is None with one seed."""
     v = [x for x in values if x is not None]
@@ -590,7 +633,7 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
         raise UserError("the synthetic sets hold no images: arms c and d have nothing to train on")
     # The input is good: an earlier run's results go now, so that a failure below leaves none to be mistaken
     # for this run's (compare and run_study.sh read them).
-    for name in (RESULTS_FILE, TABLE_FILE, CSV_FILE):
+    for name in (RESULTS_FILE, TABLE_FILE, CSV_FILE, PREDICTIONS_FILE):
         (out_dir / name).unlink(missing_ok=True)
 
     params = sum(p.numel() for p in build_classifier(cfg.arch, len(labels)).parameters())
@@ -634,8 +677,16 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
         runs = list(r["seeds"].values())
         r["mean_auroc"] = _spread([x["mean_auroc"] for x in runs])
         r["auroc"] = {name: _spread([x["auroc"][name] for x in runs]) for name in labels}
+    intervals = None
+    if cfg.bootstrap:
+        print(f"bootstrap: {cfg.bootstrap} resamples of the test patients")
+        intervals = bootstrap_intervals(kept, test_targets, [bank.groups[i] for i in bank.test], labels, arms, seeds,
+                                        cfg.bootstrap, cfg.split_seed)
+        for arm, r in results.items():
+            r["mean_auroc"]["ci95"] = intervals["arms"][arm]
 
     summary = {"kind": "sdtune.downstream", "format": 1, "labels": labels, "arms": results, "counts": counts,
+               "bootstrap": intervals and {k: intervals[k] for k in ("differences", "resamples", "unit")},
                "settings": {**asdict(cfg), "labels": labels, "lr": lr, "arms": arms, "seeds": seeds,
                             "device": str(device)},
                "versions": versions(), "warnings": warnings}
@@ -644,7 +695,9 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
     _write(out_dir / RESULTS_FILE, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     _write(out_dir / TABLE_FILE, table + "\n")
     _write(out_dir / CSV_FILE, csv_rows(summary))
-    print(f"results: {out_dir / RESULTS_FILE}, {out_dir / TABLE_FILE}, {out_dir / CSV_FILE}")
+    _write(out_dir / PREDICTIONS_FILE, prediction_rows(kept, [bank.names[i] for i in bank.test], labels))
+    print(f"results: {out_dir / RESULTS_FILE}, {out_dir / TABLE_FILE}, {out_dir / CSV_FILE}; each test image's "
+          f"logits: {out_dir / PREDICTIONS_FILE}")
     return summary, kept
 
 
@@ -666,16 +719,23 @@ def markdown_table(summary: dict) -> str:
         images = sorted({x["train_images"] for x in r["seeds"].values()})
         shown = str(images[0]) if len(images) == 1 else f"{images[0]}–{images[-1]}"
         cells = [_fmt(r["auroc"][n]["mean"], r["auroc"][n]["std"]) for n in labels]
-        lines.append(f"| ({arm}) {r['name']} | {shown} | {_fmt(r['mean_auroc']['mean'], r['mean_auroc']['std'])} | "
-                     + " | ".join(cells) + " |")
+        ci = r["mean_auroc"].get("ci95")
+        mean = _fmt(r["mean_auroc"]["mean"], r["mean_auroc"]["std"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        lines.append(f"| ({arm}) {r['name']} | {shown} | {mean} | " + " | ".join(cells) + " |")
     settings, test = summary["settings"], summary["counts"]["test"]
     per_class = f", N = {settings['n_per_class']} per class" if set(summary["arms"]) & {"b", "c"} else ""
     held_by = (f", held out from training by {', '.join(test['generators_holding_it_out'])}"
                if test.get("generators_holding_it_out") else "")
     seen = (f" **The generator(s) {', '.join(test['generators_that_saw_it'])} trained on these test patients.**"
             if test.get("generators_that_saw_it") else "")
+    boot = summary.get("bootstrap")
+    interval = (f" [95% interval over {boot['resamples']} resamples of the test {boot['unit']}s]" if boot else "")
     lines.append(f"\nAUROC on {test['images']} held-out real test images ({test['patients']} patients{held_by}); "
-                 f"mean ± std over {len(settings['seeds'])} seed(s); {settings['arch']}{per_class}.{seen}")
+                 f"mean ± std over {len(settings['seeds'])} seed(s){interval}; {settings['arch']}{per_class}.{seen}")
+    for pair, d in (boot or {}).get("differences", {}).items():
+        if d["delta"] is not None and d["ci95"]:
+            lines.append(f"- ({pair[0]}) − ({pair[2]}): {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                         + (" (the interval excludes 0)" if d["ci95"][0] > 0 or d["ci95"][1] < 0 else ""))
     return "\n".join(lines)
 
 
@@ -688,6 +748,21 @@ def csv_rows(summary: dict) -> str:
         for seed, x in r["seeds"].items():
             writer.writerow([arm, seed, x["train_images"], _cell(x["mean_auroc"])]
                             + [_cell(x["auroc"][n]) for n in summary["labels"]])
+    return buffer.getvalue()
+
+
+def prediction_rows(kept: dict, rows: list[str], labels: list[str]) -> str:
+    """Every test image's target and logit per (arm, seed, label), one line each: for other tests
+    (DeLong, calibration) without training again. Rows are named as held_out.txt names them."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["row", "label", "target", "arm", "seed", "logit"])
+    targets = kept["targets"].numpy()
+    for (arm, seed), logits in ((k, v.numpy()) for k, v in kept.items() if k != "targets"):
+        for i, row in enumerate(rows):
+            for j, label in enumerate(labels):
+                target = "" if np.isnan(targets[i, j]) else int(targets[i, j])
+                writer.writerow([row, label, target, arm, seed, f"{logits[i, j]:.6g}"])
     return buffer.getvalue()
 
 

@@ -498,7 +498,7 @@ def test_downstream_wrapper_passes_every_header_override(tmp_path):
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "RECORDED_ARGV": str(tmp_path / "argv"),
            "SYNTHETIC": "synthetic/a synthetic/b", "TEST_FRACTION": "0.3", "UNCERTAINTY": "ones", "N_PER_CLASS": "7",
-           "EPOCHS": "2", "DEVICE": "cpu"}
+           "EPOCHS": "2", "DEVICE": "cpu", "BOOTSTRAP": "0"}
     result = subprocess.run(["bash", str(ROOT / "downstream.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     argv = (tmp_path / "argv").read_text().split("\0")[:-1]
@@ -508,7 +508,7 @@ def test_downstream_wrapper_passes_every_header_override(tmp_path):
     rest = argv[1:synthetic]
     flags = dict(zip(rest[::2], rest[1::2]))
     assert (flags["--test_fraction"], flags["--uncertainty"], flags["--n_per_class"], flags["--epochs"],
-            flags["--device"]) == ("0.3", "ones", "7", "2", "cpu")
+            flags["--device"], flags["--bootstrap"]) == ("0.3", "ones", "7", "2", "cpu", "0")
     # Real-only arms: the default set is not passed; a set you name is (its generator gives the test set).
     for synthetic, passed in ((None, False), ("synthetic/x", True)):
         env = {k: v for k, v in env.items() if k != "SYNTHETIC"} | {"ARMS": "a,b"}
@@ -526,3 +526,56 @@ def test_versions_record_the_running_code_and_leave_out_what_is_missing():
     found = package_versions("sdtune", "numpy", "no-such-package-here")
     assert found["sdtune"] == sdtune.__version__ and found["numpy"] == np.__version__
     assert "no-such-package-here" not in found and found["python"].count(".") == 2
+
+
+# ------------------------------------------------------------------------------- intervals and predictions
+
+
+def _test_set(patients=30, per_patient=2, seed=0):
+    rng = np.random.default_rng(seed)
+    groups = [f"p{p:03d}" for p in range(patients) for _ in range(per_patient)]
+    targets = torch.from_numpy(rng.integers(0, 2, (len(groups), 2)).astype(np.float32))
+    return groups, targets, rng
+
+
+def test_bootstrap_resamples_patients_and_pairs_the_arms():
+    from sdtune.downstream import bootstrap_intervals
+
+    groups, targets, rng = _test_set()
+    noisy = torch.from_numpy(rng.normal(size=targets.shape).astype(np.float32)) + targets
+    scores = {("a", 0): noisy, ("b", 0): noisy * 3 - 5,  # b ranks every image as a does: the same AUROCs
+              ("c", 0): targets * 10.0}  # c separates the classes perfectly
+    out = bootstrap_intervals(scores, targets, groups, ["x", "y"], ["a", "b", "c"], [0], resamples=200, seed=1)
+    lo, hi = out["arms"]["a"]
+    assert lo < hi and out["arms"]["b"] == [lo, hi]  # the test set's luck is real, and shared
+    assert out["differences"]["b-a"] == {"delta": 0.0, "ci95": [0.0, 0.0]}  # paired: no luck left in a difference
+    assert out["differences"]["c-a"]["ci95"][0] > 0 and out["arms"]["c"] == [1.0, 1.0]
+    assert out["unit"] == "patient" and out["resamples"] == 200
+
+    # One resample, drawn again here: every image of each drawn patient, patients in sorted order
+    one = bootstrap_intervals(scores, targets, groups, ["x", "y"], ["a"], [0], resamples=1, seed=7)
+    patients = sorted(set(groups))
+    drawn = np.random.default_rng(7).integers(0, len(patients), len(patients))
+    idx = [i for u in drawn for i, g in enumerate(groups) if g == patients[u]]
+    x, t = noisy[idx].numpy(), targets[idx].numpy()
+    expected = np.mean([mann_whitney_auroc(x[:, j], t[:, j]) for j in range(2)])
+    assert one["arms"]["a"] == pytest.approx([expected, expected], abs=1e-9)
+
+
+def test_predictions_file_holds_every_logit_and_rebuilds_the_reported_auroc(phantom_train_csv, tmp_path):
+    cfg = config(phantom_train_csv, tmp_path, resolution=16, steps=3, seeds="0,1", bootstrap=50)
+    summary, scores = run(cfg)
+    with open(tmp_path / "downstream" / "downstream_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    n_test = summary["counts"]["test"]["images"]
+    assert len(rows) == n_test * len(DRAWN) * 2  # every image, label and seed of arm a
+    assert all(re.fullmatch(r"train\.csv line \d+", r["row"]) for r in rows)  # rows, never patient paths
+    for seed in ("0", "1"):
+        for name in DRAWN:
+            mine = [r for r in rows if r["seed"] == seed and r["label"] == name and r["target"] != ""]
+            auroc = mann_whitney_auroc(np.array([float(r["logit"]) for r in mine]),
+                                       np.array([int(r["target"]) for r in mine]))
+            assert summary["arms"]["a"]["seeds"][seed]["auroc"][name] == pytest.approx(auroc, abs=1e-4)
+    ci = summary["arms"]["a"]["mean_auroc"]["ci95"]
+    assert ci[0] <= ci[1] and "[95% interval over 50 resamples of the test patients]" in (
+        tmp_path / "downstream" / "downstream.md").read_text()
