@@ -64,7 +64,8 @@ def test_identifiers_never_reach_any_output(tiny_model, tmp_path):
 def test_table_paths_name_patients_and_no_output_repeats_them(tiny_model, tmp_path, capsys):
     """CheXpert's paths carry the patient id (train/patient00001/...). A table with a missing image
     and a repeated row goes through check, export, training (held-out split, problem report,
-    tensorboard) and a held-out evaluation: no file written and no line printed names a patient."""
+    tensorboard), a held-out evaluation and the downstream classifier (its predictions file too): no
+    file written and no line printed names a patient."""
     import re
 
     import pandas as pd
@@ -95,12 +96,19 @@ def test_table_paths_name_patients_and_no_output_repeats_them(tiny_model, tmp_pa
                 "--height", "64", "--width", "64", "--output-dir", str(synthetic)])
     evaluate(["--real", str(table), "--real-patients", "held_out", "--fake", str(synthetic), "--metrics", "kid",
               "--kid-subset-size", "2", "--output", str(tmp_path / "results.json"), "--cache-dir", str(tmp_path / "cache")])
+    from sdtune.downstream import main as downstream
+    from sdtune.phantom import DRAWN
+
+    downstream(["--real", str(table), "--synthetic", str(synthetic), "--arms", "a,b", "--arch", "small_cnn",
+                "--resolution", "16", "--steps", "2", "--seeds", "0", "--n_per_class", "1", "--bootstrap", "5",
+                "--labels", ",".join(DRAWN), "--workers", "1", "--output_dir", str(tmp_path / "downstream")])
     printed = capsys.readouterr()
 
     patient = re.compile(rb"patient\d{5}")
-    written = [p for folder in (tmp_path / "export", run, synthetic, tmp_path / "cache") for p in folder.rglob("*")
-               if p.is_file()] + [tmp_path / "results.json", tmp_path / "export.problems.txt"]
-    assert {"held_out.txt", "data_problems.txt", "export.problems.txt", "metadata.jsonl"} <= {p.name for p in written}
+    written = [p for folder in (tmp_path / "export", run, synthetic, tmp_path / "cache", tmp_path / "downstream")
+               for p in folder.rglob("*") if p.is_file()] + [tmp_path / "results.json", tmp_path / "export.problems.txt"]
+    assert {"held_out.txt", "data_problems.txt", "export.problems.txt", "metadata.jsonl",
+            "downstream_predictions.csv"} <= {p.name for p in written}
     assert any("tfevents" in p.name for p in written)
     assert "line" in (run / "data_problems.txt").read_text()  # the problems are there, by row
     for path in written:
