@@ -404,6 +404,24 @@ def test_downstream_numbers_made_differently_between_runs_are_flagged(two_runs, 
     assert f"NOT COMPARABLE: the downstream AUROCs differ in {named} between runs" in text
 
 
+def test_downstream_bootstrap_intervals_show_in_the_table_and_the_csv(two_runs, tmp_path):
+    unet, lora = two_runs
+    data = downstream_results({"c": (0.8, 0.01)})
+    data["arms"]["c"]["mean_auroc"]["ci95"] = [0.7512, 0.8437]
+    for run in (unet, lora):
+        (run / "downstream").mkdir()
+        (run / "downstream" / "downstream.json").write_text(json.dumps(data if run == unet else downstream_results(
+            {"c": (0.7, 0.02)})))
+    report = run_compare(two_runs, tmp_path / "cmp")
+    table = read_markdown_table((tmp_path / "cmp" / "comparison.md").read_text())
+    assert table[0]["AUROC (c: scarce real + synthetic)"] == "0.800 ± 0.010 [0.751, 0.844]"
+    assert table[1]["AUROC (c: scarce real + synthetic)"] == "0.700 ± 0.020"  # run without a bootstrap
+    with open(tmp_path / "cmp" / "comparison.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert (float(rows["unet"]["downstream_c_ci_low"]), float(rows["unet"]["downstream_c_ci_high"])) == (0.7512, 0.8437)
+    assert rows["lora"]["downstream_c_ci_low"] == "" and report["records"][1]["downstream_c_ci_high"] is None
+
+
 def test_no_downstream_columns_without_downstream_results(two_runs, tmp_path):
     run_compare(two_runs, tmp_path / "cmp")
     assert "AUROC" not in (tmp_path / "cmp" / "comparison.md").read_text()

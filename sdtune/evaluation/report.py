@@ -272,6 +272,8 @@ def run_record(run: Run, extractors: list[str], baseline: dict | None = None) ->
         own = _get(run.downstream, "arms", arm, "mean_auroc")
         auroc = (own if own is not None or arm in "cd" else _get(baseline, "arms", arm, "mean_auroc")) or {}
         row[f"downstream_{arm}"], row[f"downstream_{arm}_std"] = _number(auroc.get("mean")), _number(auroc.get("std"))
+        low, high = auroc.get("ci95") or (None, None)  # the test patients' bootstrap, where it was run
+        row[f"downstream_{arm}_ci_low"], row[f"downstream_{arm}_ci_high"] = _number(low), _number(high)
     return row
 
 
@@ -283,6 +285,10 @@ def _pm(value, spread, spec: str) -> str:
     if value is None:
         return MISSING
     return format(value, spec) + (f" ± {format(spread, spec)}" if spread is not None else "")
+
+
+def _interval(low, high) -> str:
+    return f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
 
 
 DOWNSTREAM_ARMS = {"a": "all real", "b": "scarce real", "c": "scarce real + synthetic", "d": "synthetic only"}
@@ -310,8 +316,8 @@ def display_columns(extractors: list[str], arms: list[str] = ()) -> list[tuple[s
         ]
     columns += [("CLIP score", lambda r: _fmt(r["clip"], ".2f")),
                 ("MS-SSIM", lambda r: _fmt(r["ms_ssim"], ".4f"))]
-    columns += [(f"AUROC ({a}: {DOWNSTREAM_ARMS[a]})", lambda r, a=a: _pm(r[f"downstream_{a}"],
-                                                                          r[f"downstream_{a}_std"], ".3f"))
+    columns += [(f"AUROC ({a}: {DOWNSTREAM_ARMS[a]})", lambda r, a=a: _pm(r[f"downstream_{a}"], r[f"downstream_{a}_std"], ".3f")
+                 + _interval(r[f"downstream_{a}_ci_low"], r[f"downstream_{a}_ci_high"]))
                 for a in arms]
     return columns
 
