@@ -695,7 +695,8 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
     _write(out_dir / RESULTS_FILE, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     _write(out_dir / TABLE_FILE, table + "\n")
     _write(out_dir / CSV_FILE, csv_rows(summary))
-    _write(out_dir / PREDICTIONS_FILE, prediction_rows(kept, [bank.names[i] for i in bank.test], labels))
+    _write(out_dir / PREDICTIONS_FILE, prediction_rows(kept, [bank.names[i] for i in bank.test],
+                                                       [bank.groups[i] for i in bank.test], labels))
     print(f"results: {out_dir / RESULTS_FILE}, {out_dir / TABLE_FILE}, {out_dir / CSV_FILE}; each test image's "
           f"logits: {out_dir / PREDICTIONS_FILE}")
     return summary, kept
@@ -751,19 +752,63 @@ def csv_rows(summary: dict) -> str:
     return buffer.getvalue()
 
 
-def prediction_rows(kept: dict, rows: list[str], labels: list[str]) -> str:
+def prediction_rows(kept: dict, rows: list[str], groups: list[str | None], labels: list[str]) -> str:
     """Every test image's target and logit per (arm, seed, label), one line each: for other tests
-    (DeLong, calibration) without training again. Rows are named as held_out.txt names them."""
+    (DeLong, calibration, compare's paired intervals across runs) without training again. Rows are
+    named as held_out.txt names them; patients by pseudonyms numbered in test order (p00001, ...)."""
+    pseudonyms: dict[str, str] = {}
+    patients = ["" if g is None else pseudonyms.setdefault(g, f"p{len(pseudonyms) + 1:05d}") for g in groups]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "label", "target", "arm", "seed", "logit"])
+    writer.writerow(["row", "patient", "label", "target", "arm", "seed", "logit"])
     targets = kept["targets"].numpy()
     for (arm, seed), logits in ((k, v.numpy()) for k, v in kept.items() if k != "targets"):
-        for i, row in enumerate(rows):
+        for i, (row, patient) in enumerate(zip(rows, patients)):
             for j, label in enumerate(labels):
                 target = "" if np.isnan(targets[i, j]) else int(targets[i, j])
-                writer.writerow([row, label, target, arm, seed, f"{logits[i, j]:.6g}"])
+                writer.writerow([row, patient, label, target, arm, seed, f"{logits[i, j]:.9g}"])
     return buffer.getvalue()
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str | None], list[str], dict, torch.Tensor]:
+    """A predictions file back: (rows, patients, labels, {(arm, seed): logits (N, labels)}, targets (N, labels))."""
+    df = pd.read_csv(path, dtype={"row": str, "patient": str, "label": str, "arm": str}, keep_default_na=False)
+    rows, labels = list(dict.fromkeys(df["row"])), list(dict.fromkeys(df["label"]))
+    at, col = {r: i for i, r in enumerate(rows)}, {n: j for j, n in enumerate(labels)}
+    i, j = df["row"].map(at).to_numpy(), df["label"].map(col).to_numpy()
+    patients = [None] * len(rows)
+    for r, p in zip(i, df["patient"]):
+        patients[r] = p or None
+    targets = np.full((len(rows), len(labels)), np.nan)
+    known = df["target"].astype(str) != ""
+    targets[i[known], j[known]] = df["target"][known].astype(float)
+    scores = {}
+    for (arm, seed), part in df.groupby(["arm", "seed"], sort=False):
+        logits = np.full((len(rows), len(labels)), np.nan, dtype=np.float32)
+        logits[part["row"].map(at).to_numpy(), part["label"].map(col).to_numpy()] = part["logit"].astype(float)
+        scores[(arm, int(seed))] = torch.from_numpy(logits)
+    return rows, patients, labels, scores, torch.from_numpy(targets).float()
+
+
+def paired_differences(run: Path, baseline: Path, resamples: int, seed: int) -> dict | None:
+    """The study's differences (c − b, d − a, ...) with paired intervals between two downstream.py runs on
+    one test set: the real-only arms of `baseline`, the synthetic arms of `run` (their predictions files).
+    None when they cannot be paired (no predictions, other test rows, labels or seeds)."""
+    files = [Path(folder) / PREDICTIONS_FILE for folder in (run, baseline)]
+    if not all(f.is_file() for f in files):
+        return None
+    (rows, patients, labels, scores, targets), (rows_b, _, labels_b, scores_b, targets_b) = map(read_predictions, files)
+    seeds = sorted({s for _, s in scores})
+    if (sorted(rows) != sorted(rows_b) or labels != labels_b or seeds != sorted({s for _, s in scores_b})
+            or set(scores) & set(scores_b)):
+        return None
+    at = {r: i for i, r in enumerate(rows_b)}
+    order = [at[r] for r in rows]
+    if not torch.equal(torch.nan_to_num(targets_b[order], -9), torch.nan_to_num(targets, -9)):
+        return None
+    scores.update({key: logits[order] for key, logits in scores_b.items()})
+    arms = [a for a in ARMS if any(k[0] == a for k in scores)]
+    return bootstrap_intervals(scores, targets, patients, labels, arms, seeds, resamples, seed)["differences"]
 
 
 def _cell(value: float | None) -> str:

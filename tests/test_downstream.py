@@ -579,3 +579,34 @@ def test_predictions_file_holds_every_logit_and_rebuilds_the_reported_auroc(phan
     ci = summary["arms"]["a"]["mean_auroc"]["ci95"]
     assert ci[0] <= ci[1] and "[95% interval over 50 resamples of the test patients]" in (
         tmp_path / "downstream" / "downstream.md").read_text()
+
+
+def test_runs_of_the_real_and_the_synthetic_arms_pair_through_their_predictions(phantom_train_csv, synthetic_set,
+                                                                                 tmp_path):
+    """run_study.sh trains a, b once and c, d per strategy: their predictions files pair them afterwards,
+    with the same numbers as one run of all four arms."""
+    from sdtune.downstream import bootstrap_intervals, paired_differences, read_predictions
+
+    settings = dict(resolution=16, steps=3, seeds="0,1", bootstrap=40, synthetic=[str(synthetic_set)])
+    together, kept = run(config(phantom_train_csv, tmp_path, arms="a,b,c,d", **settings))
+    real = run(config(phantom_train_csv, tmp_path, arms="a,b", output_dir=str(tmp_path / "real"), **settings))[0]
+    run(config(phantom_train_csv, tmp_path, arms="c,d", output_dir=str(tmp_path / "synthetic"), **settings))
+    assert real["counts"]["test"]["rows_sha256"] == together["counts"]["test"]["rows_sha256"]
+
+    rows, patients, labels, scores, targets = read_predictions(tmp_path / "downstream" / "downstream_predictions.csv")
+    assert labels == list(DRAWN) and torch.equal(torch.nan_to_num(targets, -9), torch.nan_to_num(kept["targets"], -9))
+    assert torch.allclose(scores[("c", 1)], kept[("c", 1)], atol=1e-6)  # the logits, as written
+    assert len(set(patients)) == together["counts"]["test"]["patients"] and all(p.startswith("p") for p in patients)
+    paired = paired_differences(tmp_path / "synthetic", tmp_path / "real", 40, 0)
+    assert set(paired) == {"c-b", "d-a", "b-a", "c-a"}
+    # one run of all four arms, resampled the same way (the same pseudonymous patients), gives the same
+    alone = bootstrap_intervals(scores, targets, patients, labels, list("abcd"), [0, 1], 40, 0)["differences"]
+    for pair in paired:
+        assert paired[pair]["delta"] == pytest.approx(alone[pair]["delta"], abs=1e-9)
+        assert paired[pair]["ci95"] == pytest.approx(alone[pair]["ci95"], abs=1e-9)
+    assert paired["c-b"]["delta"] == pytest.approx(together["bootstrap"]["differences"]["c-b"]["delta"], abs=1e-6)
+    # other test rows do not pair
+    other = run(config(phantom_train_csv, tmp_path, arms="c,d", split_seed=5, output_dir=str(tmp_path / "other"),
+                       **settings))[0]
+    assert other["counts"]["test"]["rows_sha256"] != real["counts"]["test"]["rows_sha256"]
+    assert paired_differences(tmp_path / "other", tmp_path / "real", 40, 0) is None

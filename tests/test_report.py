@@ -2,12 +2,14 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdtune.errors import UserError
@@ -350,6 +352,40 @@ def test_the_real_only_baseline_fills_arms_a_and_b_of_every_row(two_runs, tmp_pa
     (unet / "downstream" / "downstream.json").write_text(json.dumps(downstream_results({"c": (0.8, 0.01)}, patients=11)))
     text = run_compare(two_runs, tmp_path / "cmp2", "--downstream-real", str(baseline))["markdown"]
     assert "NOT COMPARABLE: unet's downstream arms (c, d) and the real-only baseline differ in test set:" in text
+
+
+def test_the_study_differences_are_paired_across_the_baseline_and_each_run(two_runs, tmp_path):
+    """The baseline's a, b and a run's c, d, on one test set: compare lists c − b, d − a, ... with paired
+    intervals, computed from their predictions files."""
+    from sdtune.downstream import prediction_rows
+
+    unet, lora = two_runs
+    rng = np.random.default_rng(0)
+    targets = torch.from_numpy(rng.integers(0, 2, (40, 1)).astype(np.float32))
+    rows, groups = [f"train.csv line {i + 2}" for i in range(40)], [f"patient{i // 2:05d}" for i in range(40)]
+    logits = {arm: targets * strength + torch.from_numpy(rng.normal(size=(40, 1)).astype(np.float32))
+              for arm, strength in (("a", 3.0), ("b", 1.0), ("c", 2.0), ("d", 0.5))}
+    baseline = tmp_path / "downstream_real"
+    for folder, arms in ((baseline, "ab"), (unet / "downstream", "cd")):
+        folder.mkdir()
+        data = downstream_results({a: (0.8, None) for a in arms})
+        data["settings"].update(bootstrap=50, split_seed=0)
+        (folder / "downstream.json").write_text(json.dumps(data))
+        kept = {"targets": targets, **{(a, 0): logits[a] for a in arms}}
+        (folder / "downstream_predictions.csv").write_text(prediction_rows(kept, rows, groups, ["Edema"]))
+    text = run_compare(two_runs, tmp_path / "cmp", "--downstream-real", str(baseline))["markdown"]
+    line = next(x for x in text.splitlines() if "unet: downstream differences" in x)
+    c_minus_b = re.search(r"\(c\) − \(b\) ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]", line)
+    auroc = {a: roc_auc(logits[a][:, 0].numpy(), targets[:, 0].numpy()) for a in "abcd"}
+    assert float(c_minus_b.group(1)) == pytest.approx(auroc["c"] - auroc["b"], abs=5e-4)
+    assert float(c_minus_b.group(2)) <= float(c_minus_b.group(1)) <= float(c_minus_b.group(3))
+    assert "(d) − (a)" in line and "lora: downstream differences" not in text  # lora has no downstream results
+
+
+def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AUROC by comparing every positive with every negative (ties count half)."""
+    pos, neg = scores[targets == 1], scores[targets == 0]
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
 
 
 @pytest.mark.parametrize(("content", "expected"), [

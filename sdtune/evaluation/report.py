@@ -185,6 +185,16 @@ def downstream_baseline_notes(runs: list[Run], baseline: dict, file: Path) -> li
             out.append(f"NOT COMPARABLE: {run.name}'s downstream arms (c, d) and the real-only baseline differ in "
                        f"{', '.join(differ)}: run both with the same settings and synthetic sets whose generators "
                        "held out the same patients")
+        elif theirs.get("bootstrap"):  # one test set, one recipe: the study's questions, paired across the runs
+            from sdtune.downstream import paired_differences
+
+            differences = paired_differences(run.path / "downstream", file.parent, theirs["bootstrap"],
+                                             theirs.get("split_seed", 0))
+            shown = [f"({pair[0]}) − ({pair[2]}) {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                     for pair, d in (differences or {}).items() if d["delta"] is not None and d["ci95"]]
+            if shown:
+                out.append(f"{run.name}: downstream differences, 95% paired bootstrap over the test patients: "
+                           + "; ".join(shown))
     return out
 
 
