@@ -151,8 +151,12 @@ def test_run_study_smoke_on_the_tiny_model(tiny_model, phantom_chexpert, tmp_pat
             **baseline["counts"]["test"], "generators_holding_it_out": [str(out / "runs" / name)]}
         assert own["counts"]["test"]["rule"] == "held out by the generator"
         assert float(records[name]["downstream_b"]) == baseline["arms"]["b"]["mean_auroc"]["mean"]
-        assert rows[name]["AUROC (c: scarce real + synthetic)"] == f"{own['arms']['c']['mean_auroc']['mean']:.3f}"
-    assert "NOT COMPARABLE" not in (out / "comparison" / "comparison.md").read_text()
+        c = own["arms"]["c"]["mean_auroc"]  # one seed: no std; the test patients' bootstrap interval
+        assert rows[name]["AUROC (c: scarce real + synthetic)"] == f"{c['mean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+    comparison = (out / "comparison" / "comparison.md").read_text()
+    assert "NOT COMPARABLE" not in comparison
+    for name in rows:  # the study's questions, paired across the baseline's and the strategy's downstream runs
+        assert re.search(rf"^- {re.escape(name)}: downstream differences, .*\(c\) − \(b\) [+-]\d", comparison, re.M)
     # Both strategies freeze the VAE: they share one latent cache, each image encoded once for both.
     encoded = [json.loads((out / "runs" / n / "training_summary.json").read_text())["encoded_once"]["latents"] for n in rows]
     assert all("on disk" in e for e in encoded)
