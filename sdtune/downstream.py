@@ -773,6 +773,9 @@ def prediction_rows(kept: dict, rows: list[str], groups: list[str | None], label
 def read_predictions(path: Path) -> tuple[list[str], list[str | None], list[str], dict, torch.Tensor]:
     """A predictions file back: (rows, patients, labels, {(arm, seed): logits (N, labels)}, targets (N, labels))."""
     df = pd.read_csv(path, dtype={"row": str, "patient": str, "label": str, "arm": str}, keep_default_na=False)
+    missing = [c for c in ("row", "patient", "label", "target", "arm", "seed", "logit") if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} has no column(s) {', '.join(missing)}: write it again with this downstream.py")
     rows, labels = list(dict.fromkeys(df["row"])), list(dict.fromkeys(df["label"]))
     at, col = {r: i for i, r in enumerate(rows)}, {n: j for j, n in enumerate(labels)}
     i, j = df["row"].map(at).to_numpy(), df["label"].map(col).to_numpy()
@@ -795,9 +798,11 @@ def paired_differences(run: Path, baseline: Path, resamples: int, seed: int) -> 
     one test set: the real-only arms of `baseline`, the synthetic arms of `run` (their predictions files).
     None when they cannot be paired (no predictions, other test rows, labels or seeds)."""
     files = [Path(folder) / PREDICTIONS_FILE for folder in (run, baseline)]
-    if not all(f.is_file() for f in files):
+    try:
+        (rows, patients, labels, scores, targets), (rows_b, _, labels_b, scores_b, targets_b) = map(read_predictions,
+                                                                                                    files)
+    except (OSError, UserError, ValueError, pd.errors.ParserError):  # none, or not one this version wrote
         return None
-    (rows, patients, labels, scores, targets), (rows_b, _, labels_b, scores_b, targets_b) = map(read_predictions, files)
     seeds = sorted({s for _, s in scores})
     if (sorted(rows) != sorted(rows_b) or labels != labels_b or seeds != sorted({s for _, s in scores_b})
             or set(scores) & set(scores_b)):

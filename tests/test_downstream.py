@@ -610,3 +610,14 @@ def test_runs_of_the_real_and_the_synthetic_arms_pair_through_their_predictions(
                        **settings))[0]
     assert other["counts"]["test"]["rows_sha256"] != real["counts"]["test"]["rows_sha256"]
     assert paired_differences(tmp_path / "other", tmp_path / "real", 40, 0) is None
+
+
+def test_predictions_files_that_cannot_be_paired_give_no_differences(tmp_path):
+    from sdtune.downstream import paired_differences
+
+    for name in ("run", "base"):
+        (tmp_path / name).mkdir()
+    assert paired_differences(tmp_path / "run", tmp_path / "base", 10, 0) is None  # no files
+    for name in ("run", "base"):  # a file of another version, without patients
+        (tmp_path / name / "downstream_predictions.csv").write_text("row,label,target,arm,seed,logit\nr,x,1,a,0,0.5\n")
+    assert paired_differences(tmp_path / "run", tmp_path / "base", 10, 0) is None
