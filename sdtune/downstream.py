@@ -514,6 +514,19 @@ def mean_auroc(per_label: dict[str, float | None]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def weighted_auroc(weights: np.ndarray, ties: np.ndarray, targets: np.ndarray) -> float | None:
+    """AUROC of images sorted by score, each counted `weights` times (the Mann-Whitney statistic: a
+    positive above a negative counts 1, a tie 1/2); `ties` numbers the runs of equal scores. Unknown
+    targets (NaN) count for neither class. None with a single class."""
+    positive = np.bincount(ties, np.where(targets == 1, weights, 0.0))
+    negative = np.bincount(ties, np.where(targets == 0, weights, 0.0))
+    n_pos, n_neg = positive.sum(), negative.sum()
+    if n_pos == 0 or n_neg == 0:
+        return None
+    below = np.cumsum(negative) - negative  # negatives scored below each run of ties
+    return float((positive * (below + 0.5 * negative)).sum() / (n_pos * n_neg))
+
+
 def bootstrap_intervals(scores: dict, targets: torch.Tensor, groups: list[str | None], labels: list[str],
                         arms: list[str], seeds: list[int], resamples: int, seed: int) -> dict:
     """95% percentile intervals of each arm's mean AUROC (averaged over seeds) and of the differences
@@ -522,13 +535,23 @@ def bootstrap_intervals(scores: dict, targets: torch.Tensor, groups: list[str | 
     draw, so a difference's interval leaves out the test set's luck that all arms share."""
     units = [g if g is not None else f"image {i}" for i, g in enumerate(groups)]
     names, unit_of = np.unique(units, return_inverse=True)
-    members = [np.flatnonzero(unit_of == u) for u in range(len(names))]
+    # A draw repeats a patient's images as often as it draws the patient: each image is weighted by that
+    # count, and every (arm, seed, label) is sorted once, so a resample costs O(images), not a sort.
+    sorted_scores = {}
+    for key in ((arm, s) for arm in arms for s in seeds):
+        for j in range(len(labels)):
+            x = scores[key][:, j].double().numpy()
+            order = np.argsort(x, kind="stable")
+            ties = np.concatenate([[0], np.cumsum(x[order][1:] != x[order][:-1])])  # equal scores share a group
+            sorted_scores[key, j] = order, ties, targets[:, j].double().numpy()[order]
     rng = np.random.default_rng(seed)
     draws = {arm: [] for arm in arms}
     for _ in range(resamples):
-        idx = np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
+        weights = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))[unit_of].astype(float)
         for arm in arms:
-            means = [mean_auroc(auroc_per_label(scores[(arm, s)][idx], targets[idx], labels)) for s in seeds]
+            means = [mean_auroc({j: weighted_auroc(weights[order], ties, y)
+                                 for j, (order, ties, y) in ((j, sorted_scores[(arm, s), j]) for j in range(len(labels)))})
+                     for s in seeds]
             draws[arm].append(np.mean(means) if None not in means else np.nan)
 
     def interval(values) -> list[float] | None:

@@ -621,3 +621,20 @@ def test_predictions_files_that_cannot_be_paired_give_no_differences(tmp_path):
     for name in ("run", "base"):  # a file of another version, without patients
         (tmp_path / name / "downstream_predictions.csv").write_text("row,label,target,arm,seed,logit\nr,x,1,a,0,0.5\n")
     assert paired_differences(tmp_path / "run", tmp_path / "base", 10, 0) is None
+
+
+def test_weighted_auroc_equals_the_auroc_of_the_repeated_images():
+    from sdtune.downstream import weighted_auroc
+
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=60), 1)  # rounded: many ties
+    targets = rng.integers(0, 2, 60).astype(float)
+    targets[::7] = np.nan  # unknown: counted for neither class
+    weights = rng.integers(0, 4, 60).astype(float)
+    order = np.argsort(scores, kind="stable")
+    ties = np.concatenate([[0], np.cumsum(scores[order][1:] != scores[order][:-1])])
+    repeated = np.repeat(np.arange(60), weights.astype(int))
+    known = repeated[~np.isnan(targets[repeated])]
+    expected = mann_whitney_auroc(scores[known], targets[known])
+    assert weighted_auroc(weights[order], ties, targets[order]) == pytest.approx(expected, abs=1e-12)
+    assert weighted_auroc(weights[order], ties, np.where(np.isnan(targets), np.nan, 1.0)[order]) is None
