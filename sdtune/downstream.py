@@ -532,7 +532,10 @@ def bootstrap_intervals(scores: dict, targets: torch.Tensor, groups: list[str | 
     """95% percentile intervals of each arm's mean AUROC (averaged over seeds) and of the differences
     between arms, from `resamples` draws of the test patients with replacement (every image of a drawn
     patient; images alone where there are no patient ids). Paired: every arm is scored on the same
-    draw, so a difference's interval leaves out the test set's luck that all arms share."""
+    draw, so a difference's interval leaves out the test set's luck that all arms share. The trained
+    models stay fixed: the intervals cover the test set's sampling, the std over seeds the training's.
+    A label with one class in a draw is left out of that draw's mean, for every arm alike; how often,
+    per label, is returned as `single_class`."""
     units = [g if g is not None else f"image {i}" for i, g in enumerate(groups)]
     names, unit_of = np.unique(units, return_inverse=True)
     # A draw repeats a patient's images as often as it draws the patient: each image is weighted by that
@@ -546,8 +549,11 @@ def bootstrap_intervals(scores: dict, targets: torch.Tensor, groups: list[str | 
             sorted_scores[key, j] = order, ties, targets[:, j].double().numpy()[order]
     rng = np.random.default_rng(seed)
     draws = {arm: [] for arm in arms}
+    positive, negative = (targets == 1).double().numpy(), (targets == 0).double().numpy()
+    single_class = np.zeros(len(labels))
     for _ in range(resamples):
         weights = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))[unit_of].astype(float)
+        single_class += (weights @ positive == 0) | (weights @ negative == 0)
         for arm in arms:
             means = [mean_auroc({j: weighted_auroc(weights[order], ties, y)
                                  for j, (order, ties, y) in ((j, sorted_scores[(arm, s), j]) for j in range(len(labels)))})
@@ -568,7 +574,8 @@ def bootstrap_intervals(scores: dict, targets: torch.Tensor, groups: list[str | 
             differences[f"{x}-{y}"] = {"delta": None if None in deltas else float(np.mean(deltas)),
                                        "ci95": interval(np.subtract(draws[x], draws[y]))}
     return {"arms": {arm: interval(draws[arm]) for arm in arms}, "differences": differences,
-            "resamples": resamples, "unit": "patient" if any(g is not None for g in groups) else "image"}
+            "resamples": resamples, "unit": "patient" if any(g is not None for g in groups) else "image",
+            "single_class": {name: float(n / resamples) for name, n in zip(labels, single_class) if n}}
 
 
 def _spread(values: list[float | None]) -> dict:
@@ -705,11 +712,17 @@ def run(cfg: DownstreamConfig) -> tuple[dict, dict]:
         print(f"bootstrap: {cfg.bootstrap} resamples of the test patients")
         intervals = bootstrap_intervals(kept, test_targets, [bank.groups[i] for i in bank.test], labels, arms, seeds,
                                         cfg.bootstrap, cfg.split_seed)
+        for name, share in intervals["single_class"].items():
+            if share > 0.01:  # those draws average the other labels: the interval mixes two means
+                warn(f"{name} has a single class in {share:.0%} of the bootstrap's draws (few test patients with "
+                     "it): those draws leave it out of the mean AUROC; more test patients make the intervals sound")
+        if cfg.bootstrap < 200:
+            warn(f"--bootstrap {cfg.bootstrap}: the 2.5% and 97.5% percentiles of so few draws are noisy; use 1000")
         for arm, r in results.items():
             r["mean_auroc"]["ci95"] = intervals["arms"][arm]
 
     summary = {"kind": "sdtune.downstream", "format": 1, "labels": labels, "arms": results, "counts": counts,
-               "bootstrap": intervals and {k: intervals[k] for k in ("differences", "resamples", "unit")},
+               "bootstrap": intervals and {k: intervals[k] for k in ("differences", "resamples", "unit", "single_class")},
                "settings": {**asdict(cfg), "labels": labels, "lr": lr, "arms": arms, "seeds": seeds,
                             "device": str(device)},
                "versions": versions(), "warnings": warnings}
@@ -753,7 +766,8 @@ def markdown_table(summary: dict) -> str:
     seen = (f" **The generator(s) {', '.join(test['generators_that_saw_it'])} trained on these test patients.**"
             if test.get("generators_that_saw_it") else "")
     boot = summary.get("bootstrap")
-    interval = (f" [95% interval over {boot['resamples']} resamples of the test {boot['unit']}s]" if boot else "")
+    interval = (f" [95% interval over {boot['resamples']} resamples of the test {boot['unit']}s, the trained "
+                "models fixed]" if boot else "")
     lines.append(f"\nAUROC on {test['images']} held-out real test images ({test['patients']} patients{held_by}); "
                  f"mean ± std over {len(settings['seeds'])} seed(s){interval}; {settings['arch']}{per_class}.{seen}")
     for pair, d in (boot or {}).get("differences", {}).items():
@@ -812,6 +826,8 @@ def read_predictions(path: Path) -> tuple[list[str], list[str | None], list[str]
     for (arm, seed), part in df.groupby(["arm", "seed"], sort=False):
         logits = np.full((len(rows), len(labels)), np.nan, dtype=np.float32)
         logits[part["row"].map(at).to_numpy(), part["label"].map(col).to_numpy()] = part["logit"].astype(float)
+        if len(part) != logits.size or np.isnan(logits).any():  # lines lost or repeated: nothing to pair
+            raise UserError(f"{path}: arm {arm} seed {seed} lacks a logit for some image and label: run it again")
         scores[(arm, int(seed))] = torch.from_numpy(logits)
     return rows, patients, labels, scores, torch.from_numpy(targets).float()
 
@@ -827,14 +843,15 @@ def paired_differences(run: Path, baseline: Path, resamples: int, seed: int) -> 
     except (OSError, UserError, ValueError, pd.errors.ParserError):  # none, or not one this version wrote
         return None
     seeds = sorted({s for _, s in scores})
-    if (sorted(rows) != sorted(rows_b) or labels != labels_b or seeds != sorted({s for _, s in scores_b})
-            or set(scores) & set(scores_b)):
+    if (sorted(rows) != sorted(rows_b) or sorted(labels) != sorted(labels_b)
+            or seeds != sorted({s for _, s in scores_b}) or set(scores) & set(scores_b)):
         return None
-    at = {r: i for i, r in enumerate(rows_b)}
-    order = [at[r] for r in rows]
-    if not torch.equal(torch.nan_to_num(targets_b[order], -9), torch.nan_to_num(targets, -9)):
+    # the baseline's rows and labels in the run's order, matched by name
+    at, col = {r: i for i, r in enumerate(rows_b)}, {n: j for j, n in enumerate(labels_b)}
+    order, columns = [at[r] for r in rows], [col[n] for n in labels]
+    if not torch.equal(torch.nan_to_num(targets_b[order][:, columns], -9), torch.nan_to_num(targets, -9)):
         return None
-    scores.update({key: logits[order] for key, logits in scores_b.items()})
+    scores.update({key: logits[order][:, columns] for key, logits in scores_b.items()})
     arms = [a for a in ARMS if any(k[0] == a for k in scores)]
     return bootstrap_intervals(scores, targets, patients, labels, arms, seeds, resamples, seed)["differences"]
 

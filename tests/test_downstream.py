@@ -552,14 +552,20 @@ def test_bootstrap_resamples_patients_and_pairs_the_arms():
     assert out["differences"]["c-a"]["ci95"][0] > 0 and out["arms"]["c"] == [1.0, 1.0]
     assert out["unit"] == "patient" and out["resamples"] == 200
 
-    # One resample, drawn again here: every image of each drawn patient, patients in sorted order
-    one = bootstrap_intervals(scores, targets, groups, ["x", "y"], ["a"], [0], resamples=1, seed=7)
-    patients = sorted(set(groups))
-    drawn = np.random.default_rng(7).integers(0, len(patients), len(patients))
-    idx = [i for u in drawn for i, g in enumerate(groups) if g == patients[u]]
-    x, t = noisy[idx].numpy(), targets[idx].numpy()
-    expected = np.mean([mann_whitney_auroc(x[:, j], t[:, j]) for j in range(2)])
-    assert one["arms"]["a"] == pytest.approx([expected, expected], abs=1e-9)
+    # Three resamples of two seeds, drawn again here: every image of each drawn patient (patients in sorted
+    # order), the AUROC of those images per label, averaged over labels, then seeds; then the percentiles
+    other_seed = torch.from_numpy(rng.normal(size=targets.shape).astype(np.float32)) + 0.5 * targets
+    two = {("a", 0): noisy, ("a", 1): other_seed}
+    three = bootstrap_intervals(two, targets, groups, ["x", "y"], ["a"], [0, 1], resamples=3, seed=7)
+    patients, draw = sorted(set(groups)), np.random.default_rng(7)
+    values = []
+    for _ in range(3):
+        drawn = draw.integers(0, len(patients), len(patients))
+        idx = [i for u in drawn for i, g in enumerate(groups) if g == patients[u]]
+        t = targets[idx].numpy()
+        values.append(np.mean([np.mean([mann_whitney_auroc(s[idx].numpy()[:, j], t[:, j]) for j in range(2)])
+                               for s in (noisy, other_seed)]))
+    assert three["arms"]["a"] == pytest.approx(list(np.percentile(values, [2.5, 97.5])), abs=1e-9)
 
 
 def test_predictions_file_holds_every_logit_and_rebuilds_the_reported_auroc(phantom_train_csv, tmp_path):
@@ -577,7 +583,7 @@ def test_predictions_file_holds_every_logit_and_rebuilds_the_reported_auroc(phan
                                        np.array([int(r["target"]) for r in mine]))
             assert summary["arms"]["a"]["seeds"][seed]["auroc"][name] == pytest.approx(auroc, abs=1e-4)
     ci = summary["arms"]["a"]["mean_auroc"]["ci95"]
-    assert ci[0] <= ci[1] and "[95% interval over 50 resamples of the test patients]" in (
+    assert ci[0] <= ci[1] and "[95% interval over 50 resamples of the test patients, the trained models fixed]" in (
         tmp_path / "downstream" / "downstream.md").read_text()
 
 
@@ -610,6 +616,25 @@ def test_runs_of_the_real_and_the_synthetic_arms_pair_through_their_predictions(
                        **settings))[0]
     assert other["counts"]["test"]["rows_sha256"] != real["counts"]["test"]["rows_sha256"]
     assert paired_differences(tmp_path / "other", tmp_path / "real", 40, 0) is None
+    # the baseline's lines in another order pair the same; a file that lost lines does not pair
+    file = tmp_path / "real" / "downstream_predictions.csv"
+    header, *lines = file.read_text().splitlines()
+    file.write_text("\n".join([header] + lines[::-1]) + "\n")
+    assert paired_differences(tmp_path / "synthetic", tmp_path / "real", 40, 0) == paired
+    file.write_text("\n".join([header] + lines[:-3]) + "\n")
+    assert paired_differences(tmp_path / "synthetic", tmp_path / "real", 40, 0) is None
+
+
+def test_a_label_rarely_in_the_test_set_is_counted_when_draws_lose_it():
+    from sdtune.downstream import bootstrap_intervals
+
+    groups, targets, rng = _test_set(patients=40)
+    targets[:, 1] = 0.0
+    targets[:2, 1] = 1.0  # one patient is the only positive of label y
+    scores = {("a", 0): targets + torch.from_numpy(rng.normal(size=targets.shape).astype(np.float32))}
+    out = bootstrap_intervals(scores, targets, groups, ["x", "y"], ["a"], [0], resamples=400, seed=0)
+    # a patient is left out of a draw of 40 with probability (39/40)^40, about 36%
+    assert set(out["single_class"]) == {"y"} and 0.28 < out["single_class"]["y"] < 0.45
 
 
 def test_predictions_files_that_cannot_be_paired_give_no_differences(tmp_path):

@@ -380,6 +380,9 @@ def test_the_study_differences_are_paired_across_the_baseline_and_each_run(two_r
     assert float(c_minus_b.group(1)) == pytest.approx(auroc["c"] - auroc["b"], abs=5e-4)
     assert float(c_minus_b.group(2)) <= float(c_minus_b.group(1)) <= float(c_minus_b.group(3))
     assert "(d) − (a)" in line and "lora: downstream differences" not in text  # lora has no downstream results
+    (baseline / "downstream_predictions.csv").unlink()  # e.g. a baseline from before predictions were saved
+    text = run_compare(two_runs, tmp_path / "cmp2", "--downstream-real", str(baseline))["markdown"]
+    assert "unet: no downstream differences: its downstream_predictions.csv and the baseline's do not pair" in text
 
 
 def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:

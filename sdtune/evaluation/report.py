@@ -188,11 +188,16 @@ def downstream_baseline_notes(runs: list[Run], baseline: dict, file: Path) -> li
         elif theirs.get("bootstrap"):  # one test set, one recipe: the study's questions, paired across the runs
             from sdtune.downstream import paired_differences
 
+            print(f"downstream: pairing {run.name} with the real-only baseline ({theirs['bootstrap']} resamples)")
             differences = paired_differences(run.path / "downstream", file.parent, theirs["bootstrap"],
                                              theirs.get("split_seed", 0))
             shown = [f"({pair[0]}) − ({pair[2]}) {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                      for pair, d in (differences or {}).items() if d["delta"] is not None and d["ci95"]]
-            if shown:
+            if differences is None:
+                out.append(f"{run.name}: no downstream differences: its downstream_predictions.csv and the "
+                           "baseline's do not pair (one is missing or incomplete, or they differ in rows, labels, "
+                           "seeds or arms); run downstream.py again for both")
+            elif shown:
                 out.append(f"{run.name}: downstream differences, 95% paired bootstrap over the test patients: "
                            + "; ".join(shown))
     return out
