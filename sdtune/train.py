@@ -435,13 +435,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                               "split is by image and a patient may be on both sides; a table or metadata file with "
                               "a group column keeps patients together")
         examples, held_out = split_examples(examples, data.validation_fraction, data.split_seed, by=data.split)
-    if accelerator.is_main_process:
-        resumed_run = None  # the folder of the run whose checkpoint this one continues
-        if cfg.resume_from_checkpoint == "latest" and checkpoint_steps(output_dir):
-            resumed_run = output_dir
-        elif cfg.resume_from_checkpoint not in (None, "latest"):
-            resumed_run = Path(cfg.resume_from_checkpoint).parent
-        record_held_out(output_dir, held_out, resumed_run)
+    resume = resume_path(cfg, output_dir)
+    if accelerator.is_main_process:  # the held-out set of the run whose checkpoint this one continues, if any
+        record_held_out(output_dir, held_out, resume.parent if resume is not None else None)
     if not examples:
         raise UserError(f"no training images left in {data.source}")
     if cfg.validation_fid_steps:
@@ -494,20 +490,15 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     # ---------------------------------------------------------------- resume
     global_step = 0
     if cfg.resume_from_checkpoint:
-        if cfg.resume_from_checkpoint == "latest":
-            steps = checkpoint_steps(output_dir)
-            path = output_dir / f"checkpoint-{steps[-1]}" if steps else None
-        else:
-            path = Path(cfg.resume_from_checkpoint)
-        if path is None:
+        if resume is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting from scratch")
-        elif not path.is_dir():
-            raise UserError(f"checkpoint {path} does not exist: pass 'latest' or a checkpoint-STEP folder")
+        elif not resume.is_dir():
+            raise UserError(f"checkpoint {resume} does not exist: pass 'latest' or a checkpoint-STEP folder")
         else:
-            accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[-1])
+            accelerator.load_state(str(resume))
+            global_step = int(resume.name.split("-")[-1])
             paged = page_optimizer_state(optimizer)
-            accelerator.print(f"resumed from {path} at step {global_step}"
+            accelerator.print(f"resumed from {resume} at step {global_step}"
                               + (f"; {paged} optimizer state tensors back in paged memory" if paged else ""))
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
@@ -764,6 +755,14 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Non
         probe.unlink()
     except OSError as err:
         raise UserError(f"cannot write to --output_dir {output_dir}: {err.strerror}") from None
+
+
+def resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to continue from: the newest for 'latest' (None when there is none), else the one named."""
+    if cfg.resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(output_dir)
+        return output_dir / f"checkpoint-{steps[-1]}" if steps else None
+    return Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
 
 
 def record_held_out(output_dir: Path, held_out: list, resumed_run: Path | None) -> None:

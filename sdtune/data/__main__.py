@@ -39,8 +39,9 @@ def check(cfg: DataConfig) -> int:
         print(f"  {count:6d} x {caption!r}")
     trainable = len(examples)
     if cfg.validation_fraction > 0:
-        trainable = len(split_examples(examples, cfg.validation_fraction, cfg.split_seed, by=cfg.split)[0])
-        print(split_line(examples, cfg))
+        train, held = split_examples(examples, cfg.validation_fraction, cfg.split_seed, by=cfg.split)
+        trainable = len(train)
+        print(split_line(train, held, cfg))
     for p in problems:
         print(f"  {p}")
     if not trainable:  # what training would refuse, check refuses too
@@ -48,9 +49,8 @@ def check(cfg: DataConfig) -> int:
     return 1 if errors or not trainable else 0
 
 
-def split_line(examples: list[Example], cfg: DataConfig) -> str:
-    """What training's held-out split of these examples will be (the same call, the same seed)."""
-    train, held = split_examples(examples, cfg.validation_fraction, cfg.split_seed, by=cfg.split)
+def split_line(train: list[Example], held: list[Example], cfg: DataConfig) -> str:
+    """What training's held-out split will be (split_examples, called as training calls it)."""
 
     def patients(side: list[Example]) -> str:
         groups = {ex.group for ex in side if ex.group is not None}
@@ -58,7 +58,7 @@ def split_line(examples: list[Example], cfg: DataConfig) -> str:
 
     line = (f"held-out split (--split {cfg.split}, --validation_fraction {cfg.validation_fraction:g}, --split_seed "
             f"{cfg.split_seed}): {len(train)} images{patients(train)} train, {len(held)}{patients(held)} held out")
-    if cfg.split == "patient" and all(ex.group is None for ex in examples):
+    if cfg.split == "patient" and all(ex.group is None for ex in train + held):
         line += "; no patient ids here, so it is split by image"
     return line
 

@@ -25,23 +25,32 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     return text, None
 
 
+def walk_once(root: str | Path, onerror=None):
+    """os.walk that follows linked folders, each real folder once (a link loop ends), in sorted order:
+    the same files in the same order on every machine. A caller may prune the yielded subfolders."""
+    visited = set()
+    for folder, subfolders, files in os.walk(root, onerror=onerror, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a link loop, or one folder linked twice
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders.sort()
+        yield folder, subfolders, sorted(files)
+
+
 def list_images(root: Path) -> tuple[list[Path], list[Problem]]:
     """Every image file under root, sorted, and what could not be listed: an unreadable folder, a broken
     link. Linked folders are followed (once: a loop ends); hidden files and folders (macOS's ._NAME and
     __MACOSX, .ipynb_checkpoints) are not data."""
-    images, problems, visited = [], [], set()
+    images, problems = [], []
 
     def unreadable(err: OSError) -> None:
         where = os.path.relpath(err.filename, root) if err.filename else str(root)
         problems.append(Problem(where, f"cannot read this folder ({err.strerror}): check its permissions; "
                                        "its images are left out"))
 
-    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a link loop, or one folder linked twice
-            subfolders[:] = []
-            continue
-        visited.add(real)
+    for folder, subfolders, files in walk_once(root, onerror=unreadable):
         subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "__MACOSX"]
         for name in files:
             path = Path(folder) / name

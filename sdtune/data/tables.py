@@ -30,6 +30,7 @@ import pandas as pd
 
 from sdtune.data.captions import (NO_FINDING, CaptionTemplate, add_demographics, apply_uncertainty, build_caption,
                                   load_template)
+from sdtune.data.folder import walk_once
 from sdtune.data.records import DatasetError, Example, Problem
 from sdtune.errors import UserError
 
@@ -105,7 +106,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
         return "metadata"
-    columns = set(_read_csv(path, [], nrows=0).columns)
+    columns = set(read_csv(path, [], nrows=0).columns)
     if sep := _separator(columns):
         raise UserError(f"cannot tell the format of {path}: its columns look separated by {sep}, not commas: "
                         "save it comma-separated")
@@ -139,7 +140,7 @@ def read_chexpert(path: str | Path, image_root: str | Path | None = None, templa
     # Columns a setting reads are needed only with it: a table cut without Sex and Age still trains.
     positions = not (isinstance(views, str) and views.strip().lower() in ("all", "frontal", "lateral"))
     needed = [c for c in CHEXPERT_COLUMNS if (c not in ("Sex", "Age") or demographics) and (c != "AP/PA" or positions)]
-    df = _read_csv(path, needed, dtype={"Path": str})
+    df = read_csv(path, needed, dtype={"Path": str})
     df, left_out = _keep_views(df, path, views, "Frontal/Lateral", "AP/PA")
     rels = df["Path"]
     root = _chexpert_root(path, rels, image_root)
@@ -172,11 +173,11 @@ def read_mimic(path: str | Path, image_root: str | Path | None = None, template:
         raise UserError("MIMIC-CXR-JPG tables carry no age or sex: run without demographics")
     path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["mimic"])
     ids = {"subject_id": str, "study_id": str, "dicom_id": str}
-    given = "metadata" if "dicom_id" in _read_csv(path, [], nrows=0).columns else "chexpert"
+    given = "metadata" if "dicom_id" in read_csv(path, [], nrows=0).columns else "chexpert"
     other = _beside(path, given, "chexpert" if given == "metadata" else "metadata")
     labels_csv, meta_csv = (other, path) if given == "metadata" else (path, other)
-    labels = _read_csv(labels_csv, ["subject_id", "study_id"] + MIMIC_LABELS, dtype=ids)
-    meta = _read_csv(meta_csv, ["dicom_id", "subject_id", "study_id", "ViewPosition"], dtype=ids)
+    labels = read_csv(labels_csv, ["subject_id", "study_id"] + MIMIC_LABELS, dtype=ids)
+    meta = read_csv(meta_csv, ["dicom_id", "subject_id", "study_id", "ViewPosition"], dtype=ids)
     meta, left_out = _keep_views(meta, meta_csv, views, None, "ViewPosition")
 
     # Label problems are reported once per study, at its chexpert.csv line; its images are left out.
@@ -212,7 +213,7 @@ def read_ham10000(path: str | Path, image_root: str | Path | None = None, templa
     group = lesion_id (several images show one lesion). Labels: one-hot over HAM10000_DX names.
     """
     path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["ham10000"])
-    df = _read_csv(path, ["lesion_id", "image_id", "dx"] + (["age", "sex"] if demographics else []),
+    df = read_csv(path, ["lesion_id", "image_id", "dx"] + (["age", "sex"] if demographics else []),
                    dtype={"lesion_id": str, "image_id": str, "dx": str})
     names = list(HAM10000_DX.values())
     dx = df["dx"].str.strip().str.lower().map(HAM10000_DX)
@@ -236,7 +237,7 @@ def read_isic2019(path: str | Path, image_root: str | Path | None = None, templa
     """
     path, template = Path(path), load_template(template or DEFAULT_TEMPLATE["isic"])
     codes = list(ISIC2019_DX)
-    df = _read_csv(path, ["image"] + codes, dtype={"image": str})
+    df = read_csv(path, ["image"] + codes, dtype={"image": str})
     values, found = _label_values(path.name, df, codes, blank_ok=False, allowed=(0.0, 1.0))
     bad_lines = {line for _, line, _ in found}
     for line, row in zip(df.index, values):
@@ -247,7 +248,7 @@ def read_isic2019(path: str | Path, image_root: str | Path | None = None, templa
     metadata = path.with_name(path.name.replace("GroundTruth", "Metadata"))
     groups, people = [None] * len(df), None
     if metadata != path and metadata.is_file():
-        meta = _read_csv(metadata, ["image", "lesion_id"] + (["age_approx", "sex"] if demographics else []),
+        meta = read_csv(metadata, ["image", "lesion_id"] + (["age_approx", "sex"] if demographics else []),
                          dtype={"image": str, "lesion_id": str})
         meta = meta.assign(image=_image_ids(meta["image"])).drop_duplicates("image").set_index("image")
         meta = meta.reindex(_image_ids(df["image"]))
@@ -274,7 +275,7 @@ def read_metadata(path: str | Path, image_root: str | Path | None = None,
         df, found = _read_jsonl(path)
     else:
         strings = dict.fromkeys(["file_name", "text", "group", "patient_id"], str)
-        df, found = _read_csv(path, ["file_name", "text"], dtype=strings), []
+        df, found = read_csv(path, ["file_name", "text"], dtype=strings), []
     images, more = _resolve(path.name, df.index, df["file_name"], _root(image_root, path.parent), check_files)
     text = [" ".join(t.split()) if isinstance(t, str) else "" for t in df["text"]]  # one line: captions are prompts
     found += more
@@ -293,7 +294,7 @@ def read_metadata(path: str | Path, image_root: str | Path | None = None,
 # ------------------------------------------------------------------------------- helpers
 
 
-def _read_csv(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
+def read_csv(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
     """The table with index = file line number (header = 1); all-blank lines dropped."""
     try:
         df = pd.read_csv(path, skip_blank_lines=False, low_memory=False, **kwargs)
@@ -510,15 +511,8 @@ def _resolve(name: str, lines, rels, root: str, check_files: bool, start: str = 
 def _search(name: str, lines, ids: pd.Series, root: str) -> tuple[list[str | None], Found]:
     """Images named {id}.jpg/.jpeg/.png anywhere under root: one walk, then a lookup per row."""
     index, repeated = {}, 0
-    visited = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop, or a folder linked twice
-            subfolders[:] = []
-            continue
-        visited.add(real)
-        subfolders.sort()  # sorted walk: the same file wins on every machine
-        for file in sorted(files):
+    for folder, _, files in walk_once(root):  # sorted: the same file wins on every machine
+        for file in files:
             stem, suffix = os.path.splitext(file)
             if suffix.lower() in IMAGE_SUFFIXES:
                 repeated += stem in index

@@ -150,11 +150,11 @@ def _read_folder(root: Path) -> ImageSet:
 
 
 def _read_file(path: Path) -> ImageSet:
-    from sdtune.data.tables import _read_csv, detect_format, read_table
+    from sdtune.data.tables import detect_format, read_csv, read_table
 
     if path.name.lower().endswith((".csv", ".csv.gz")):  # .csv.gz: as training reads tables
         # the data layer's reader: an empty or unreadable file is a one-line DatasetError, not a traceback
-        if {"file_name", "prompt"} <= set(_read_csv(path, [], nrows=0).columns):
+        if {"file_name", "prompt"} <= set(read_csv(path, [], nrows=0).columns):
             return _read_synthesis(path)
     elif path.suffix.lower() != ".jsonl":
         raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv, .csv.gz or .jsonl)")
@@ -168,10 +168,10 @@ def _read_file(path: Path) -> ImageSet:
 
 def _read_synthesis(path: Path) -> ImageSet:
     """A synthesis metadata.csv: file_name (relative to its folder), prompt, settings, label columns."""
-    from sdtune.data.tables import _read_csv
+    from sdtune.data.tables import read_csv
 
     # Cells as written (only an empty cell is missing); index = file line, all-blank lines dropped.
-    df = _read_csv(path, ["file_name", "prompt"], dtype=str, keep_default_na=False, na_values=[""]).fillna("")
+    df = read_csv(path, ["file_name", "prompt"], dtype=str, keep_default_na=False, na_values=[""]).fillna("")
     root = path.resolve().parent
     labels = [c for c in df.columns if c not in SYNTHESIS_SETTINGS]
     items, problems = [], []
