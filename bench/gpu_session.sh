@@ -3,19 +3,24 @@
 #
 #   bash bench/gpu_session.sh [SECONDS] [TASK ...]   # default 480 s and every task, in this order:
 #
-#   task           what it measures                                                     guess, H100
-#   targets        train_speed.py: unet lora dora bitfit at batch 16 (issue 7's targets)      ~4 min
-#   synth          synth_speed.py: StableDiffusionPipeline, toolkit defaults, fast recipe     ~1.5 min
+#   task           what it measures                                                  measured, H200
+#   ablation       synth_speed.py: the defaults, channels_last forced on, all three off      (~1 min)
+#   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6 min)
+#   synth_compile  synth_speed.py: the +compile row                                          (~2.5 min)
+#   more           train_speed.py: difffit, unet+vae+text (bitfit's reference reused)        (~1.5 min)
+#   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
+#   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16             (~1 min)
+#   resume         paged_resume.py: a resumed low-profile run keeps its state paged          (~1 min)
+#   batch1         train_speed.py: unet lora dora bitfit at batch 1 (the issue's second size) (~2 min)
+#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo    (~3 min)
+#   targets        train_speed.py: unet lora dora bitfit at batch 16 (issue 7's targets)     2 min
+#   synth          synth_speed.py: StableDiffusionPipeline, toolkit defaults, fast recipe    1 min
 #   memory         train_memory.py: 11 strategies, batch 1, 512 px, --memory_profile low,
-#                  11.5 GiB left free by a ballast; heaviest first                            ~3 min
-#   more           train_speed.py: difffit, unet+vae+text (bitfit's reference reused)         ~1.5 min
-#   resume         paged_resume.py: a resumed low-profile run keeps its state paged           ~1 min
-#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo     ~3 min
-#   compiled       train_speed.py: unet lora with --torch_compile --channels_last            ~4 min
-#   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 ~1 min
-#   synth_compile  synth_speed.py: the +compile row                                           ~2.5 min
-#   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16              ~1 min
-#   batch1         train_speed.py: unet lora dora bitfit at batch 1 (the issue's second size)  ~2 min
+#                  11.5 GiB left free by a ballast; heaviest first                           3.3 min
+#   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
+#
+# Session 10 (H200) measured the last four; the others come first in the next session (a guess
+# in brackets). The last four stay, to be measured again on an H100.
 #
 # A device call is short and its end is fixed, so each task runs with the time left (timeout) and
 # one without enough left is skipped, not started. Every script rewrites its JSON after each row:
@@ -28,7 +33,7 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(targets synth memory more resume e2e compiled fp16 synth_compile dora batch1)
+all=(ablation compiled_peft synth_compile more fp16 dora resume batch1 e2e targets synth memory compiled)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
 for t in "${tasks[@]}"; do
@@ -87,6 +92,12 @@ for t in "${tasks[@]}"; do
     more) task more 60 "${speed[@]}" --strategies difffit unet+vae+text --output "$out/train_speed_more.json" ;;
     compiled) task compiled 150 "${speed[@]}" --strategies unet lora --toolkit-args "--torch_compile --channels_last" \
                 --output "$out/train_speed_compiled.json" ;;
+    compiled_peft) task compiled_peft 150 "${speed[@]}" --strategies dora bitfit \
+                     --toolkit-args "--torch_compile --channels_last" --output "$out/train_speed_compiled_peft.json" ;;
+    # which of the synthesis defaults cost speed on the GPU (channels_last without torch's NHWC GroupNorm?)
+    ablation) task ablation 60 "${synth[@]}" --fast-recipe "" --toolkit-configs defaults= \
+                "channels_last=--channels_last true" "none=--channels_last false --fuse_qkv false --cudnn_benchmark false" \
+                --output "$out/synth_speed_ablation.json" ;;
     # fp16's path (fp32 master weights, grad scaler, fused AdamW), which no CPU can run
     fp16) task fp16 40 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;
     resume) task resume 45 python3 bench/paged_resume.py --model-dir "$model" "${tiny[@]}" \

@@ -15,8 +15,8 @@ seeded with sdtune.synthesis.image_seed(seed, k), as the toolkit draws it.
   toolkit    sdtune.synthesis: resolve_model -> load_pipeline -> set_scheduler -> prepare_pipeline
              -> render, the calls synthesize() makes per batch (PNG writing not included), once per
              --toolkit-configs NAME=FLAGS entry: synthesize_images.py flags on top of the toolkit's
-             defaults (default rows: "defaults=", i.e. channels_last, fuse_qkv and cudnn_benchmark on
-             a GPU, and "+compile=--torch_compile"), plus --toolkit-args for every row.
+             defaults (default rows: "defaults=", i.e. fuse_qkv, cudnn_benchmark and, where torch's
+             GroupNorm keeps NHWC, channels_last on a GPU, and "+compile=--torch_compile"), plus --toolkit-args for every row.
   fast recipe the toolkit's defaults with --fast-recipe (default: DPM-Solver++ at 25 steps): OTHER
              images (another sampler, half the U-Net calls), so never compared with the reference
              and never counted toward the 1.5x target; its row shows what the recipe buys.

@@ -13,7 +13,9 @@ encoded as training encodes captions (padded to 77 tokens, no attention mask).
 Speed (prepare_pipeline -> speed_settings/apply_speed; none of these changes the images beyond
 float rounding, so none is part of the resume fingerprint):
   channels_last    U-Net and VAE in NHWC memory format: tensor-core convolutions without layout
-                   transposes (default on with CUDA)
+                   transposes (default on with CUDA where torch's GroupNorm keeps NHWC, or with
+                   torch_compile; torch 2.11's CUDA GroupNorm returns NCHW, and the defaults with
+                   channels_last then ran at 0.94x of StableDiffusionPipeline on an H200)
   fuse_qkv         diffusers' fuse_qkv_projections: one matmul for q, k and v of each self-attention,
                    one for k and v of each cross-attention (default on with CUDA, unless an adapter
                    stays unmerged: the fused weights would leave its q/k/v deltas out)
@@ -116,7 +118,8 @@ class SynthesisConfig:
     fuse_lora: bool = field(True, "merge a LoRA/DoRA adapter into the U-Net weights before sampling (faster; same "
                                   "images within float tolerance); a final_model/ is already merged")
     channels_last: bool | None = field(None, "U-Net and VAE in channels_last (NHWC) memory format, faster convolutions "
-                                             "on GPU tensor cores (default: on with CUDA, off on the CPU)")
+                                             "on GPU tensor cores (default: on with CUDA where torch's GroupNorm keeps "
+                                             "that layout, or with --torch_compile; off on the CPU)")
     fuse_qkv: bool | None = field(None, "one matmul for q, k and v in every U-Net and VAE attention (diffusers' "
                                         "fuse_qkv_projections); needs merged adapter weights (default: on with CUDA "
                                         "unless --fuse_lora false leaves a LoRA/DoRA unmerged; off on the CPU)")
@@ -550,6 +553,18 @@ def unfusable_attention(unet) -> str | None:
     return None
 
 
+def group_norm_keeps_channels_last(device: torch.device | str) -> bool:
+    """Whether torch's GroupNorm returns NHWC for NHWC input on `device`.
+
+    Where it does not (CUDA up to torch 2.11 at least: its kernel makes the input contiguous), each of
+    the U-Net's and VAE's GroupNorms turns channels_last activations back to NCHW and the next
+    convolution turns them again: the pipeline's defaults with channels_last ran at 0.94x of
+    StableDiffusionPipeline on an H200 (BENCHMARKS.md). Inductor chooses its own layouts.
+    """
+    x = torch.zeros(1, 4, 3, 3, device=device).to(memory_format=torch.channels_last)
+    return torch.nn.functional.group_norm(x, 2).is_contiguous(memory_format=torch.channels_last)
+
+
 def speed_settings(pipeline, cfg: SynthesisConfig, device: torch.device | str) -> dict:
     """The speed options as they apply on `device` to this pipeline: auto (None) resolved, checked."""
     cuda = torch.device(device).type == "cuda"
@@ -562,7 +577,10 @@ def speed_settings(pipeline, cfg: SynthesisConfig, device: torch.device | str) -
         if reason:
             print(f"note: fuse_qkv left off: {reason}")
             fuse_qkv = False
-    settings = {"channels_last": cuda if cfg.channels_last is None else cfg.channels_last, "fuse_qkv": fuse_qkv,
+    channels_last = cfg.channels_last
+    if channels_last is None:
+        channels_last = cuda and (cfg.torch_compile or group_norm_keeps_channels_last(device))
+    settings = {"channels_last": channels_last, "fuse_qkv": fuse_qkv,
                 "cudnn_benchmark": cuda if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark,
                 "torch_compile": None}
     if cfg.torch_compile:

@@ -268,19 +268,38 @@ def _fused(module):
     return {type(p).__name__ for p in module.attn_processors.values()} == {"FusedAttnProcessor2_0"}
 
 
-def test_speed_options_default_on_with_cuda_and_off_on_the_cpu(tiny_model):
+def test_speed_options_default_on_with_cuda_and_off_on_the_cpu(tiny_model, monkeypatch):
     pipeline = load_pipeline(resolve_model(str(tiny_model)))  # speed_settings only reads it
     auto = SynthesisConfig(model_path=str(tiny_model), prompts="a")
     off = {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
     assert speed_settings(pipeline, auto, "cpu") == off
+    probed = []
+    monkeypatch.setattr(synthesis, "group_norm_keeps_channels_last", lambda device: probed.append(device) or True)
     assert speed_settings(pipeline, auto, "cuda:1") == {**off, "channels_last": True, "fuse_qkv": True,
                                                         "cudnn_benchmark": True}
+    assert probed == ["cuda:1"]
+    # A GroupNorm that returns NCHW (CUDA in torch 2.11) would convert the layout twice around each of
+    # them: channels_last stays off, unless inductor chooses the layouts or the user asks for it.
+    monkeypatch.setattr(synthesis, "group_norm_keeps_channels_last", lambda device: False)
+    assert speed_settings(pipeline, auto, "cuda")["channels_last"] is False
+    compiled = SynthesisConfig(model_path="m", prompts="a", torch_compile=True)
+    assert speed_settings(pipeline, compiled, "cuda")["channels_last"] is True
+    asked = SynthesisConfig(model_path="m", prompts="a", channels_last=True)
+    assert speed_settings(pipeline, asked, "cuda")["channels_last"] is True
     chosen = SynthesisConfig(model_path="m", prompts="a", channels_last=True, fuse_qkv=False, torch_compile=True)
     assert speed_settings(pipeline, chosen, "cuda") == {
         "channels_last": True, "fuse_qkv": False, "cudnn_benchmark": True,
         "torch_compile": {"modules": ["unet", "vae.decoder"], "backend": "inductor", "mode": "default", "dynamic": False}}
     eager = SynthesisConfig(model_path="m", prompts="a", torch_compile=True, torch_compile_backend="eager")
     assert speed_settings(pipeline, eager, "cpu")["torch_compile"]["mode"] is None  # modes are inductor's
+
+
+def test_group_norm_probe_tells_whether_the_layout_survives(monkeypatch):
+    assert synthesis.group_norm_keeps_channels_last("cpu")  # torch's CPU GroupNorm has NHWC kernels
+    group_norm = torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm",  # as torch 2.11's CUDA kernel: NCHW out
+                        lambda x, groups, *args, **kwargs: group_norm(x.contiguous(), groups, *args, **kwargs))
+    assert not synthesis.group_norm_keeps_channels_last("cpu")
 
 
 @pytest.mark.parametrize("options", [{"channels_last": True}, {"fuse_qkv": True},
