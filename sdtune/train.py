@@ -111,7 +111,8 @@ class TrainConfig:
     cache_text_embeddings: bool = field(True, "encode each distinct caption once before training when the text encoder "
                                         "is frozen; it then leaves the GPU")
     fused_adam: bool | None = field(None, "torch's fused AdamW kernel (default: on for GPUs)")
-    channels_last: bool = field(False, "U-Net (and a trained VAE) in channels_last memory layout, faster convolutions on GPUs")
+    channels_last: bool = field(False, "U-Net (and a trained VAE) in channels_last memory layout, faster convolutions on "
+                                       "GPUs; with --torch_compile (eagerly, a GroupNorm that returns NCHW converts it)")
     cudnn_benchmark: bool | None = field(None, "let cuDNN time its convolution algorithms once per batch shape "
                                          "(torch.backends.cudnn.benchmark; default: on with CUDA)")
     torch_compile: bool = field(False, "torch.compile the U-Net with static shapes (the last partial batch of each "
