@@ -15,8 +15,10 @@ download; sdtune.models.write_sd15_random_pipeline), 512 px phantom chest X-rays
   toolkit    sdtune.train.train() in-process with the same strategy, rank, batch and images, and
              every option at the toolkit's default except those given in --toolkit-args.
 
-Timing rule, the same on both sides: the device is synchronised after every optimizer step;
-samples/s = timed steps x batch / (end of the last step - end of the last warm-up step), so
+Timing rule, the same on both sides: the device is synchronised at the end of the last warm-up
+step and of the last step only (common.StepClock; the reference still waits each step where the
+diffusers script does, reading its loss); samples/s = timed steps x batch / (end of the last
+step - end of the last warm-up step), so
 model loading, the first step's allocations and kernel selection never count, while data
 loading, tokenising, VAE/text encoding and the optimizer do. The toolkit's checkpoint and
 final-model writes are switched off for the benchmark (disk speed, not training speed; the
@@ -437,7 +439,8 @@ def main(argv=None) -> dict:
                            "timed_steps": args.steps, "strategies": args.strategies, "toolkit_mixed_precision": precisions,
                            "reference_precision": args.reference_precision, "lora_rank": args.lora_rank,
                            "lora_alpha": args.lora_rank, "images": args.images, "toolkit_args": args.toolkit_args,
-                           "timing_rule": "device synchronised after every optimizer step; samples/s = timed steps x "
+                           "timing_rule": "device synchronised at the end of the last warm-up step and of the last "
+                                          "step; samples/s = timed steps x "
                                           "batch / (end of last step - end of last warm-up step)",
                            "reference_recipe_of": REFERENCE_RECIPE, "reuse": args.reuse},
               "published_reference_h100_batch16": {k: {"samples_per_second": v[0], "peak_gib": v[1]} for k, v in PUBLISHED.items()},
