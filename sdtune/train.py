@@ -277,6 +277,17 @@ def make_dataloader(dataset, cfg: TrainConfig, workers: int = 0, pin_memory: boo
                                        drop_last=cfg.torch_compile, generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def stop_workers(loader) -> None:
+    """Shut a loader's persistent worker processes down now. Left running after train() returns, they go
+    down whenever the garbage collector reaches the loader (the Accelerator holds it in a reference cycle):
+    possibly inside a later run's forked workers, where torch's shutdown fails with tracebacks."""
+    loader = getattr(loader, "base_dataloader", loader)  # the DataLoader inside accelerate's wrapper
+    iterator = getattr(loader, "_iterator", None)  # where torch keeps persistent workers; no public call stops them
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def collate(batch: list[dict]) -> dict:
     """Images as pixels, or as cached VAE moments (see sdtune.caching)."""
     key = "latent_moments" if "latent_moments" in batch[0] else "pixel_values"
@@ -628,6 +639,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 break
         if stop.name or global_step >= max_train_steps:
             break
+    stop_workers(dataloader)  # not left to the garbage collector (see stop_workers)
     progress.close()
     stop.restore()
     for module in (models.vae, models.text_encoder):  # the cached encoders come back: callers may sample

@@ -339,6 +339,46 @@ def test_resume_across_epochs_with_random_flips_workers_and_a_short_window(tiny_
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning",
+                            "error::pytest.PytestUnraisableExceptionWarning")
+def test_a_run_stops_its_loader_workers_before_the_next_starts(tiny_model, table, tmp_path, monkeypatch, capfd):
+    """A trained VAE reads images through worker processes (persistent: no random crops or flips); the loop
+    stops mid-epoch with them running. Left to the garbage collector, they went down wherever it next ran:
+    in a later run's forked workers too (as bench/train_memory.py's in-process runs showed on a GPU machine),
+    where torch's shutdown of the inherited copy fails with tracebacks. Here every worker collects at start."""
+    import gc
+    import multiprocessing
+    import sys
+    import threading
+
+    import torch.utils.data._utils.worker as worker
+
+    loop = worker._worker_loop
+
+    def collecting_loop(*args, **kwargs):
+        # Python's own reports (a worker inherits pytest's hooks, which would keep them to themselves)
+        sys.unraisablehook, threading.excepthook = sys.__unraisablehook__, threading.__excepthook__
+        gc.collect()
+        return loop(*args, **kwargs)
+
+    if multiprocessing.get_start_method() == "fork":  # only forked workers inherit the parent's garbage
+        monkeypatch.setattr(worker, "_worker_loop", collecting_loop)
+    argv = _argv(tiny_model, table, tmp_path, "--strategy", "vae", "--dataloader_num_workers", 2,
+                 "--checkpointing_steps", 1, steps=1)
+    gc.disable()  # the run alone must stop its workers
+    try:
+        main(argv)  # 1 of 39 steps an epoch
+        assert multiprocessing.active_children() == []
+        resume = _argv(tiny_model, table, tmp_path, "--strategy", "vae", "--dataloader_num_workers", 2,
+                       "--resume_from_checkpoint", "latest", steps=2)
+        assert main(resume)["steps"] == 2  # accelerate's loader that skips the first batch has its own workers
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_bf16_does_not_round_the_trained_tensors_first(tiny_model, table, tmp_path):
     """DoRA's magnitudes start as the fp32 column norms of the base weights; the half-precision cast of the
     frozen weights must not round them (bf16 would, by up to 4e-3)."""
