@@ -115,6 +115,7 @@ def test_load_template_presets_and_file(tmp_path):
     ({"demographics": "{age} year old {sex}."}, "must contain {caption}"),
     ({"lowercase_findings": "yes"}, "'lowercase_findings' has the wrong type"),
     ({"preset": "mri"}, "unknown preset 'mri'"),
+    ({"negative": "no\u0000findings"}, r"'negative' holds a NUL character \(\\u0000\): remove it"),
 ])
 def test_bad_template_file_names_the_file_and_the_key(tmp_path, content, message):
     path = tmp_path / "mine.json"

@@ -39,19 +39,25 @@ def test_captions_from_a_parallel_folder(tmp_path):
 
 def test_every_caption_problem_is_reported_at_once(tmp_path):
     images = tmp_path / "images"
-    for name in ("ok", "missing", "empty", "latin1"):
+    for name in ("ok", "missing", "empty", "latin1", "nul", "utf16"):
         _image(images / f"{name}.png")
     (images / "ok.txt").write_text("fine")
     (images / "empty.txt").write_text(" \n\t")
     (images / "latin1.txt").write_bytes("Épanchement pleural".encode("latin-1"))
+    (images / "nul.txt").write_bytes(b"Chest x-ray\x00 of a patient")
+    # UTF-16 without a BOM (a BOM is not UTF-8) decodes as UTF-8 all the same, a NUL beside every letter
+    (images / "utf16.txt").write_bytes("Chest x-ray".encode("utf-16-le"))
 
     examples, problems = read_image_folder(images)
     assert [e.source for e in examples] == ["ok.png"]
     by_file = {p.where: p.what for p in problems}
-    assert set(by_file) == {"missing.png", "empty.png", "latin1.png"}
+    assert set(by_file) == {"missing.png", "empty.png", "latin1.png", "nul.png", "utf16.png"}
     assert "no caption file missing.txt" in by_file["missing.png"]
     assert "empty" in by_file["empty.png"]
     assert "not UTF-8" in by_file["latin1.png"] and "re-save it as UTF-8" in by_file["latin1.png"]
+    assert by_file["nul.png"] == "caption nul.txt holds NUL bytes (first at byte 11): re-save it as UTF-8, not UTF-16"
+    assert by_file["utf16.png"] == "caption utf16.txt holds NUL bytes (first at byte 1): re-save it as UTF-8, not UTF-16"
+    assert all(p.image == str(images / p.where) for p in problems)  # still decoded, for a one-round report
 
 
 def test_a_folder_without_any_caption_is_one_line_that_names_its_table(tmp_path):

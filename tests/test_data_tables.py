@@ -546,6 +546,21 @@ def test_metadata_values_that_are_not_text_say_what_they_are(tmp_path):
         ("metadata.jsonl line 4", "empty or missing text: write the image's caption")]
 
 
+def test_metadata_text_with_nul_characters_is_refused(tmp_path):
+    # JSON's \u0000 and a raw NUL in a CSV cell both decode to a caption holding NUL: a row problem, not a prompt
+    touch(tmp_path / "a.png", tmp_path / "b.png")
+    path = tmp_path / "metadata.jsonl"
+    path.write_text("\n".join(map(json.dumps, [{"file_name": "a.png", "text": "Chest x-ray\x00"},
+                                              {"file_name": "b.png", "text": "fine"}])) + "\n")
+    table = tmp_path / "metadata.csv"
+    table.write_bytes(b"file_name,text\na.png,fine\nb.png,Che\x00st x-ray\n")
+    nul = "text holds NUL characters (\\x00): remove them from the caption"
+    for file, good, bad in ((path, "b.png", "metadata.jsonl line 1"), (table, "a.png", "metadata.csv line 3")):
+        examples, problems = read_table(file)
+        assert [ex.image.name for ex in examples] == [good]
+        assert [(p.where, p.what) for p in problems] == [(bad, nul)]
+
+
 def test_metadata_csv_and_missing_text_column(tmp_path):
     touch(tmp_path / "img/a.png")
     path = write_csv(tmp_path / "metadata.csv", ["file_name", "text", "patient_id"],

@@ -166,6 +166,9 @@ def load_template(name_or_path: str | Path | CaptionTemplate | None) -> CaptionT
 
 def _check_formats(template: CaptionTemplate, path: Path) -> None:
     """Fail at load, not mid-dataset, on a format field other than those a template may use."""
+    for key in ("positive", "negative", "joiner", "demographics"):
+        if "\x00" in getattr(template, key):  # JSON's \u0000: it would reach every caption
+            raise UserError(f"caption template {path}: {key!r} holds a NUL character (\\u0000): remove it")
     try:
         template.positive.format(findings="x")
         template.demographics.format(age="50", sex="female", caption="x")

@@ -14,11 +14,14 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     if not path.is_file():
         return None, f"no caption file {path.name}: write the image's caption into it"
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # tolerate a BOM, as Windows editors write one
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")  # tolerate a BOM, as Windows editors write one
     except UnicodeDecodeError as err:
         return None, f"caption {path.name} is not UTF-8 (byte {err.start}): re-save it as UTF-8"
     except OSError as err:
         return None, f"cannot read caption {path.name} ({err.strerror}): check its permissions"
+    if "\x00" in text:  # valid UTF-8 all the same: UTF-16 without a BOM reads so, a NUL beside every letter
+        return None, f"caption {path.name} holds NUL bytes (first at byte {data.index(0)}): re-save it as UTF-8, not UTF-16"
     text = " ".join(text.split())  # one line, single spaces: captions are prompts
     if not text:
         return None, f"caption {path.name} is empty: write the image's caption into it"

@@ -284,6 +284,8 @@ def read_metadata(path: str | Path, image_root: str | Path | None = None,
             kind = "blank" if isinstance(raw, str) else _not_text(raw)
             found.append(_row(path.name, line, "empty or missing text: write the image's caption" if kind == "blank"
                               else f"text is {kind}, not a caption: write the image's caption as a string"))
+        elif "\x00" in t:  # a raw NUL in a CSV cell, \u0000 in JSON: garbage a prompt cannot carry
+            found.append(_row(path.name, line, "text holds NUL characters (\\x00): remove them from the caption"))
     key = next((c for c in ("group", "patient_id") if c in df.columns), None)
     groups = [None if pd.isna(g) else str(g) for g in df[key]] if key else [None] * len(df)
     names = [c for c in df.columns if c not in ("file_name", "text", key) and pd.api.types.is_numeric_dtype(df[c])]
