@@ -212,9 +212,10 @@ def test_evaluate_launched_as_two_processes_reports_once_what_one_process_report
     assert two["samples"] == one["samples"] == {"real": 10, "fake": 90}
 
 
-def test_unreadable_images_of_every_process_are_reported_together(phantom_chexpert, tmp_path):
+@pytest.mark.parametrize("metric", ["fid", "ms_ssim"])  # ms_ssim alone: decoded whole without a feature pass
+def test_unreadable_images_of_every_process_are_reported_together(phantom_chexpert, tmp_path, metric):
     # Each process decodes every other image: both must stop with the same list, not one hang at the gather.
-    args = _evaluate_args(phantom_chexpert, tmp_path, "fid")
+    args = _evaluate_args(phantom_chexpert, tmp_path, metric)
     fake = tmp_path / "fake"
     shutil.copytree(phantom_chexpert / "CheXpert-v1.0-small" / "valid", fake)
     first, second = sorted(p for p in fake.rglob("*.jpg"))[:2]  # items 0 and 1: one per process

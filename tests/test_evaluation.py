@@ -677,6 +677,29 @@ def test_every_unreadable_image_of_both_sets_is_named_in_one_run(tmp_path, capsy
     assert not out.exists() and not list((tmp_path / "cache").glob("*.npy"))  # no results, no partial features
 
 
+@pytest.mark.parametrize("metric", ["ms_ssim", "clip"])
+def test_every_unreadable_image_is_named_without_a_feature_pass(tmp_path, capsys, metric):
+    # MS-SSIM reads only its pairs (seed 0's one pair, 3 and 5, misses both bad files) and CLIP only captioned
+    # images (004 has no caption): the set is decoded whole first, and both bad files are named in one report.
+    from sdtune.errors import run_cli
+
+    fake = write_folder(tmp_path / "fake", noise_images(6, 1), captions=["Chest x-ray"] * 6)
+    (fake / "001.png").write_bytes(b"not an image")
+    (fake / "004.png").write_bytes(b"")
+    (fake / "004.txt").unlink()
+    out = tmp_path / "results.json"
+    argv = ["--fake", str(fake), "--metrics", metric, "--ms_ssim_pairs", "1", "--seed", "0", "--batch_size", "2",
+            "--output", str(out)]
+    if metric == "clip":
+        argv += ["--clip_model", str(write_tiny_clip(tmp_path / "clip", 0))]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: 2 problem(s) in fake {fake} "), err
+    assert [line.split(":")[0].strip() for line in err.splitlines()[1:]] == ["fake 001.png", "fake 004.png"], err
+    assert not out.exists()
+
+
 def test_evaluate_script_runs_as_a_program(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--real", str(tmp_path / "x"), "--fake",
                            str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, check=False)

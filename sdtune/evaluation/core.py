@@ -24,7 +24,7 @@ from sdtune.data.records import DatasetError
 from sdtune.errors import UserError
 from sdtune.evaluation.cache import FeatureCache, cache_key
 from sdtune.evaluation.clip_score import DEFAULT_CLIP, ClipUnavailable, clip_score
-from sdtune.evaluation.features import RESIZES, Extractor, extract_features, get_extractor
+from sdtune.evaluation.features import RESIZES, Extractor, check_readable, extract_features, get_extractor
 from sdtune.evaluation.images import ImageItem, ImageSet, as_image_set, pixels
 from sdtune.evaluation.metrics import fid_with_spread, kernel_inception_distance, ms_ssim_diversity, vendi_score
 from sdtune.processes import process_state
@@ -32,6 +32,7 @@ from sdtune.provenance import package_versions
 
 METRICS = ("fid", "kid", "vendi", "ms_ssim", "clip")
 NEEDS_REAL = ("fid", "kid")
+UNREADABLE_HINT = "fix or remove them, then rerun"
 # The study's per-condition FID (Pixels Under Pressure).
 STUDY_CONDITIONS = ["Cardiomegaly", "Lung Opacity", "Edema", "No Finding", "Pneumothorax", "Pleural Effusion"]
 
@@ -149,8 +150,16 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
                     continue
                 results["features"]["cache"][label] = how
         if unreadable:
-            raise DatasetError(unreadable, context=" and ".join(bad_sets), hint="fix or remove them, then rerun")
+            raise DatasetError(unreadable, context=" and ".join(bad_sets), hint=UNREADABLE_HINT)
         results["metrics"].update(_feature_metrics(names, feats, real_set, fake_set, extractor.dim, cfg, warn))
+    elif ("ms_ssim" in names and len(fake_set) >= 2) or ("clip" in names and any(i.caption for i in fake_set.items)):
+        # No feature pass decoded the fake set: MS-SSIM reads only its pairs and CLIP only captioned images, and
+        # either stopped at the first bad file. Decode it whole once, so every unreadable file is in one report.
+        try:
+            check_readable(fake_set.items, cfg.batch_size, "fake images", all_processes)
+        except DatasetError as err:
+            raise DatasetError([dataclasses.replace(p, where=f"fake {p.where}") for p in err.problems],
+                               context=f"fake {fake_set.source}", hint=UNREADABLE_HINT) from None
 
     if "ms_ssim" in names:
         if len(fake_set) < 2:

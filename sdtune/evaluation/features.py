@@ -239,10 +239,62 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
     during training): it encodes everything.
     """
     from accelerate.utils import gather_object
+
+    from sdtune.data.records import Problem
+
+    mine, processes = _share(len(items), all_processes)
+    extractor.to(device)
+    out, problems = [], []
+    for batch, images in _decode_batches(items, mine, batch_size, progress):
+        problems += [(i, p) for i, p in zip(batch, images) if isinstance(p, Problem)]
+        if not problems:  # after the first unreadable file the features are lost anyway: only decode
+            out.append(extractor(images).cpu())
+    feats = torch.cat(out) if out else torch.empty(0, extractor.dim, dtype=torch.float64)
+    parts = [(mine, feats, problems)] if processes == 1 else gather_object([(mine, feats, problems)])
+    _raise_unreadable([found for _, _, part in parts for found in part], len(items))
+    if processes == 1:
+        return feats
+    merged = torch.empty(len(items), feats.shape[1], dtype=feats.dtype)
+    for indices, part, _ in parts:
+        merged[indices] = part
+    return merged
+
+
+def check_readable(items, batch_size: int = 32, progress: str | None = None, all_processes: bool = True) -> None:
+    """Decode every file among the items once; one DatasetError naming every unreadable one, as
+    extract_features raises it. For metrics that read a set without a feature pass: MS-SSIM reads
+    only its random pairs and CLIP only the captioned images, so either alone would stop at the
+    first bad file, or measure a set with bad files in it whenever its seed drew none of them.
+    Under `accelerate launch` each process decodes every num_processes-th item (all raise alike).
+    In-memory images have nothing to check."""
+    from accelerate.utils import gather_object
+
+    from sdtune.data.records import Problem
+
+    mine, processes = _share(len(items), all_processes)
+    mine = [i for i in mine if isinstance(items[i].image, Path)]
+    problems = []
+    for batch, images in _decode_batches(items, mine, batch_size, progress):
+        problems += [(i, p) for i, p in zip(batch, images) if isinstance(p, Problem)]
+    parts = [problems] if processes == 1 else gather_object([problems])
+    _raise_unreadable([found for part in parts for found in part], len(items))
+
+
+def _share(n: int, all_processes: bool) -> tuple[list[int], int]:
+    """This process's items (every num_processes-th) and the number of processes sharing them."""
+    from sdtune.processes import process_state
+
+    state = process_state()
+    processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
+    return list(range(rank, n, processes)), processes
+
+
+def _decode_batches(items, indices: list[int], batch_size: int, progress: str | None):
+    """(batch of indices, their pixels or the Problem of an unreadable file), a batch at a time."""
     from tqdm.auto import tqdm
 
     from sdtune.data.images import ImageError
-    from sdtune.data.records import DatasetError, Problem
+    from sdtune.data.records import Problem
     from sdtune.evaluation.images import pixels
     from sdtune.processes import process_state
 
@@ -252,32 +304,21 @@ def extract_features(extractor: Extractor, items, batch_size: int = 32, device: 
         except ImageError as err:
             return Problem(err.path, err.what)
 
-    state = process_state()
-    processes, rank = (state.num_processes, state.process_index) if all_processes else (1, 0)
-    mine = list(range(rank, len(items), processes))
-    extractor.to(device)
-    out, problems = [], []
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-        starts = range(0, len(mine), batch_size)
-        shown = progress is not None and state.is_main_process  # disable= only then: it would override TQDM_DISABLE
+        starts = range(0, len(indices), batch_size)
+        shown = progress is not None and process_state().is_main_process  # disable= only then: it would override TQDM_DISABLE
         for start in tqdm(starts, desc=progress, unit="batch", **({} if shown else {"disable": True})):
-            batch = mine[start:start + batch_size]
-            images = list(pool.map(decode, batch))
-            problems += [(i, p) for i, p in zip(batch, images) if isinstance(p, Problem)]
-            if not problems:  # after the first unreadable file the features are lost anyway: only decode
-                out.append(extractor(images).cpu())
-    feats = torch.cat(out) if out else torch.empty(0, extractor.dim, dtype=torch.float64)
-    parts = [(mine, feats, problems)] if processes == 1 else gather_object([(mine, feats, problems)])
-    problems = sorted((found for _, _, part in parts for found in part), key=lambda f: f[0])  # in the items' order
+            batch = indices[start:start + batch_size]
+            yield batch, list(pool.map(decode, batch))
+
+
+def _raise_unreadable(problems: list, n: int) -> None:
+    """One DatasetError for every (index, Problem) of all processes, in the items' order."""
+    from sdtune.data.records import DatasetError
+
     if problems:
-        raise DatasetError([p for _, p in problems], context=f"{len(items)} images",
-                           hint="fix or remove the unreadable files")
-    if processes == 1:
-        return feats
-    merged = torch.empty(len(items), feats.shape[1], dtype=feats.dtype)
-    for indices, part, _ in parts:
-        merged[indices] = part
-    return merged
+        problems = sorted(problems, key=lambda found: found[0])
+        raise DatasetError([p for _, p in problems], context=f"{n} images", hint="fix or remove the unreadable files")
 
 
 # ------------------------------------------------------------------------------- helpers
