@@ -4,7 +4,7 @@
     python bench/memory_estimate.py --tiny              # the tiny model (CI)
 
 Each strategy is set up on meta-device models (SD1.5's exact architecture, no storage) with the
-toolkit's own functions (sdtune.train.select_trainable and its dtype policy: what trains is
+toolkit's own functions (sdtune.train.select_trainable and place_components: what trains is
 fp32, the rest half precision; frozen VAE and text encoder cached and moved off the GPU), and
 the bytes that live on the GPU for the whole run are added up exactly:
   weights     the U-Net (fp32 when fully trained, else bf16 with fp32 adapters/biases) and each
@@ -73,23 +73,16 @@ def optimizer_state_bytes(params: list[torch.Tensor], eight_bit: bool) -> int:
 def estimate(strategy_name: str, profile: str, lora_rank: int, tiny_model: Path | None = None) -> dict:
     """Static GPU memory of `strategy_name` under `profile`, in bytes by kind, from meta-device models."""
     from sdtune.adapters import AdapterConfig
-    from sdtune.train import MEMORY_PROFILES, select_trainable
+    from sdtune.train import MEMORY_PROFILES, TrainConfig, place_components, select_trainable
 
     strategy = resolve_strategy(strategy_name, False, False, False, None)
     eight_bit = MEMORY_PROFILES[profile].get("use_8bit_adam", False)
     with torch.device("meta"):
         models = build_models(tiny_model)
         trainable, _ = select_trainable(models, strategy, AdapterConfig(lora_rank=lora_rank, lora_alpha=lora_rank))
-        on_gpu = []
-        for c in COMPONENTS:  # the dtype policy of sdtune.train
-            model = getattr(models, c)
-            if not strategy.full[c]:
-                model.to(dtype=HALF)
-            for p in trainable[c]:
-                p.data = p.data.float()
-            # A frozen VAE or text encoder is cached before training and leaves the GPU (the default).
-            if c == "unet" or trainable[c]:
-                on_gpu.append(model)
+        place_components(models, strategy, trainable, HALF, "meta", TrainConfig())  # sdtune.train's dtype policy
+    # A frozen VAE or text encoder is cached before training and leaves the GPU (the default).
+    on_gpu = [getattr(models, c) for c in COMPONENTS if c == "unet" or trainable[c]]
     params = [p for c in COMPONENTS for p in trainable[c]]
     tensors = {id(t): t for m in on_gpu for t in (*m.parameters(), *m.buffers())}.values()
     gib = 2**30

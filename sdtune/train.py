@@ -219,6 +219,28 @@ def select_trainable(models, strategy: Strategy, adapter_cfg: AdapterConfig):
     return {c: list(params.values()) for c, params in named.items()}, adapter
 
 
+def place_components(models, strategy: Strategy, trainable: dict, weight_dtype: torch.dtype, device, cfg: TrainConfig):
+    """Each component on `device` in its precision, and in train mode, checkpointed and channels_last where it applies."""
+    for c in COMPONENTS:
+        model = getattr(models, c)
+        fp32_values = [p.data.float() for p in trainable[c]]  # before any cast: rounding would change them
+        if not strategy.full[c] and weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)  # frozen (or adapter-carrying) parts run in half precision...
+        for p, value in zip(trainable[c], fp32_values):
+            p.data = value  # ...trained tensors stay fp32 (the fp16 GradScaler unscales them), unrounded
+        model.to(device)
+        # Gradients flow back through the U-Net whenever anything trains.
+        if c == "unet" or trainable[c]:
+            model.train()
+            if cfg.gradient_checkpointing:
+                if c != "text_encoder":
+                    model.enable_gradient_checkpointing()
+                else:  # transformers renamed it in 5.x
+                    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        if cfg.channels_last and c != "text_encoder":
+            model.to(memory_format=torch.channels_last)
+
+
 def optimizer_groups(models, trainable, adapter, lrs: dict[str, float]) -> list[dict]:
     """A group per trained component, named after it; DiffFit adds "unet/difffit_gamma" for its scales'
     own rate. The names label the logged learning rates."""
@@ -403,24 +425,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     prediction_type = cfg.prediction_type or models.noise_scheduler.config.prediction_type
     models.noise_scheduler.register_to_config(prediction_type=prediction_type)
     trainable, adapter = select_trainable(models, strategy, adapter_cfg)
-    for c in COMPONENTS:
-        model = getattr(models, c)
-        fp32_values = [p.data.float() for p in trainable[c]]  # before any cast: rounding would change them
-        if not strategy.full[c] and weight_dtype != torch.float32:
-            model.to(dtype=weight_dtype)  # frozen (or adapter-carrying) parts run in half precision...
-        for p, value in zip(trainable[c], fp32_values):
-            p.data = value  # ...trained tensors stay fp32 (the fp16 GradScaler unscales them), unrounded
-        model.to(accelerator.device)
-        # Gradients flow back through the U-Net whenever anything trains.
-        if c == "unet" or trainable[c]:
-            model.train()
-            if cfg.gradient_checkpointing:
-                if c != "text_encoder":
-                    model.enable_gradient_checkpointing()
-                else:  # transformers renamed it in 5.x
-                    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        if cfg.channels_last and c != "text_encoder":
-            model.to(memory_format=torch.channels_last)
+    place_components(models, strategy, trainable, weight_dtype, accelerator.device, cfg)
     if cfg.enable_xformers_memory_efficient_attention:
         models.unet.enable_xformers_memory_efficient_attention()
         models.vae.enable_xformers_memory_efficient_attention()

@@ -55,3 +55,25 @@ def test_hub_id_offline_without_cache_says_what_to_do():
 
 def test_default_model_is_sd15():
     assert load_components.__defaults__[0] == SD15_MODEL_ID == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_the_empty_keep_in_fp32_warning_of_diffusers_is_quiet_and_a_real_one_is_not(tiny_model):
+    import logging
+
+    import sdtune  # noqa: F401  (installs the filter)
+
+    class Kept(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger, kept = logging.getLogger("diffusers.models.modeling_utils"), Kept()
+    logger.addHandler(kept)  # the logger's filters decide before any of its handlers is called
+    try:
+        load_components(str(tiny_model)).vae.to(dtype=torch.bfloat16)  # diffusers 0.42 warned "...: []" here
+        logger.warning("There are modules in UNet2DConditionModel that should be kept in float32: ['time_embedding'].")
+    finally:
+        logger.removeHandler(kept)
+    assert [m for m in kept.messages if "should be kept in float32" in m] == [
+        "There are modules in UNet2DConditionModel that should be kept in float32: ['time_embedding']."]
