@@ -20,8 +20,8 @@ STRATEGY=unet+vae+text
 : "${CHECKPOINTING_STEPS:=500}"
 : "${NUM_GPUS:=}"                      # processes to launch (one per GPU; default: ACCELERATE_CONFIG's, else 1)
 : "${ACCELERATE_CONFIG:=}"             # e.g. configs/accelerate/ddp.yaml (default: accelerate's own config)
-: "${TORCH_COMPILE:=}"                 # true on a GPU for long runs: ~2.5 min compiling, then 1.3-1.5x the steps/s
-: "${CHANNELS_LAST:=}"                 # true together with TORCH_COMPILE (as measured: BENCHMARKS.md)
+: "${TORCH_COMPILE:=}"                 # true on a GPU for long runs: minutes of compiling the U-Net, then faster steps
+: "${CHANNELS_LAST:=}"                 # true together with TORCH_COMPILE (the pair BENCHMARKS.md measured)
 : "${USE_8BIT_ADAM:=true}"
 : "${GRADIENT_CHECKPOINTING:=true}"
 

@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh [SECONDS] [TASK ...]   # default 480 s and every task, in this order:
 #
 #   task           what it measures                                                  measured, H200
-#   ablation       synth_speed.py: the defaults, channels_last forced on, all three off      (~1 min)
+#   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none      (~1.5 min)
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~2.5 min)
 #   more           train_speed.py: difffit, unet+vae+text (bitfit's reference reused)        (~1.5 min)
@@ -95,8 +95,9 @@ for t in "${tasks[@]}"; do
     compiled_peft) task compiled_peft 150 "${speed[@]}" --strategies dora bitfit \
                      --toolkit-args "--torch_compile --channels_last" --output "$out/train_speed_compiled_peft.json" ;;
     # which of the synthesis defaults cost speed on the GPU (channels_last without torch's NHWC GroupNorm?)
-    ablation) task ablation 60 "${synth[@]}" --fast-recipe "" --toolkit-configs defaults= \
-                "channels_last=--channels_last true" "none=--channels_last false --fuse_qkv false --cudnn_benchmark false" \
+    ablation) task ablation 90 "${synth[@]}" --fast-recipe "" --toolkit-configs defaults= \
+                "channels_last=--channels_last true" "fuse_qkv_only=--channels_last false --cudnn_benchmark false" \
+                "none=--channels_last false --fuse_qkv false --cudnn_benchmark false" \
                 --output "$out/synth_speed_ablation.json" ;;
     # fp16's path (fp32 master weights, grad scaler, fused AdamW), which no CPU can run
     fp16) task fp16 40 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;

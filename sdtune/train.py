@@ -551,102 +551,108 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
     last_loss, skipped_steps, nonfinite_in_a_row = None, 0, 0  # None: no step taken in this run
     stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly
-    for epoch in range(first_epoch, num_epochs):
-        dataloader.set_epoch(epoch)
-        if isinstance(dataset, ImageCaptionDataset):
-            dataset.set_epoch(epoch)  # the epoch its random crops and flips are drawn from
-        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
-        for index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
-            with accelerator.accumulate(*prepared):
-                # Every random draw of a sample comes from its own generator (see sample_seeds).
-                seeds = sample_seeds(cfg.seed, global_step, batch["indices"])
-                generators = [torch.Generator(accelerator.device).manual_seed(seed) for seed in seeds]
-                # Caption dropout is drawn on the CPU: reading a GPU draw would stall the GPU's queue.
-                captions = [c if torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
-                            >= cfg.caption_dropout_prob else "" for c, seed in zip(batch["captions"], seeds)]
-                with accelerator.autocast():
-                    # Frozen encoders ran once, before the loop (sdtune.caching); trained ones run here,
-                    # and the diffusion loss reaches them only when they train.
-                    if "latent_moments" in batch:
-                        latents = sample_latents(batch["latent_moments"].to(accelerator.device), generators, latent_scale)
-                    else:
-                        pixels = batch["pixel_values"].to(accelerator.device,
-                                                          dtype=weight_dtype if not trainable["vae"] else torch.float32)
-                        with torch.set_grad_enabled(bool(trainable["vae"])):
-                            latents, decoded = encode(pixels, generators, reconstruct=train_reconstruction)
-                    if text_cache is not None:
-                        encoder_hidden_states = text_cache(captions, accelerator.device)
-                    else:
-                        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                        truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
-                        with torch.set_grad_enabled(bool(trainable["text_encoder"])):
-                            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
-                    loss = diffusion_loss(unet, models.noise_scheduler, latents, encoder_hidden_states,
-                                          prediction_type, cfg.snr_gamma, cfg.noise_offset, generators)
-                    if train_reconstruction:
-                        loss = loss + cfg.vae_recon_weight * reconstruction_loss(decoded, pixels)
-                # accelerate divides every loss by the accumulation steps; an epoch's last window can hold
-                # fewer batches, and its step would get a fraction of the gradient
-                window = accumulation_window(index, len(dataloader), cfg.gradient_accumulation_steps)
-                accelerator.backward(loss * (cfg.gradient_accumulation_steps / window))
-                finite = True
-                if accelerator.sync_gradients:
-                    # The norm is of the synchronised gradients, so every process decides alike.
-                    grad_norm = accelerator.clip_grad_norm_(all_trainable, max_grad_norm)
-                    finite = bool(torch.isfinite(grad_norm))
-                # fp16's grad scaler skips non-finite steps itself and must see them to lower its scale.
-                if finite or cfg.mixed_precision == "fp16":
-                    optimizer.step()
-                if finite:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()  # read (a device sync) once per optimizer step, below
-            loss_count += 1
-            samples_seen += len(captions) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
+    batches = dataloader
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            dataloader.set_epoch(epoch)
+            if isinstance(dataset, ImageCaptionDataset):
+                dataset.set_epoch(epoch)  # the epoch its random crops and flips are drawn from
+            batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches else dataloader
+            for index, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
+                with accelerator.accumulate(*prepared):
+                    # Every random draw of a sample comes from its own generator (see sample_seeds).
+                    seeds = sample_seeds(cfg.seed, global_step, batch["indices"])
+                    generators = [torch.Generator(accelerator.device).manual_seed(seed) for seed in seeds]
+                    # Caption dropout is drawn on the CPU: reading a GPU draw would stall the GPU's queue.
+                    captions = [c if torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+                                >= cfg.caption_dropout_prob else "" for c, seed in zip(batch["captions"], seeds)]
+                    with accelerator.autocast():
+                        # Frozen encoders ran once, before the loop (sdtune.caching); trained ones run here,
+                        # and the diffusion loss reaches them only when they train.
+                        if "latent_moments" in batch:
+                            latents = sample_latents(batch["latent_moments"].to(accelerator.device), generators, latent_scale)
+                        else:
+                            pixels = batch["pixel_values"].to(accelerator.device,
+                                                              dtype=weight_dtype if not trainable["vae"] else torch.float32)
+                            with torch.set_grad_enabled(bool(trainable["vae"])):
+                                latents, decoded = encode(pixels, generators, reconstruct=train_reconstruction)
+                        if text_cache is not None:
+                            encoder_hidden_states = text_cache(captions, accelerator.device)
+                        else:
+                            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                            truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                            with torch.set_grad_enabled(bool(trainable["text_encoder"])):
+                                encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+                        loss = diffusion_loss(unet, models.noise_scheduler, latents, encoder_hidden_states,
+                                              prediction_type, cfg.snr_gamma, cfg.noise_offset, generators)
+                        if train_reconstruction:
+                            loss = loss + cfg.vae_recon_weight * reconstruction_loss(decoded, pixels)
+                    # accelerate divides every loss by the accumulation steps; an epoch's last window can hold
+                    # fewer batches, and its step would get a fraction of the gradient
+                    window = accumulation_window(index, len(dataloader), cfg.gradient_accumulation_steps)
+                    accelerator.backward(loss * (cfg.gradient_accumulation_steps / window))
+                    finite = True
+                    if accelerator.sync_gradients:
+                        # The norm is of the synchronised gradients, so every process decides alike.
+                        grad_norm = accelerator.clip_grad_norm_(all_trainable, max_grad_norm)
+                        finite = bool(torch.isfinite(grad_norm))
+                    # fp16's grad scaler skips non-finite steps itself and must see them to lower its scale.
+                    if finite or cfg.mixed_precision == "fp16":
+                        optimizer.step()
+                    if finite:
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()  # read (a device sync) once per optimizer step, below
+                loss_count += 1
+                samples_seen += len(captions) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
 
-            # one optimizer step done (or skipped, with non-finite gradients)
-            global_step += 1
-            skipped_steps += not finite
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise UserError(
-                    f"{nonfinite_in_a_row} steps in a row with NaN/inf gradients (up to step {global_step}), all skipped: "
-                    "lower the learning rate, use --mixed_precision bf16 instead of fp16 (an fp16 VAE can overflow), "
-                    "or check the data (python -m sdtune.data check); nothing was saved from these steps")
-            if ema is not None and finite:
-                ema.step(all_trainable)
-            last_loss, loss_sum, loss_count = float(loss_sum) / loss_count, 0.0, 0
-            rates = {g["name"]: rate for g, rate in zip(groups, lr_scheduler.get_last_lr())}  # in the groups' order
-            logs = {"loss": last_loss, "lr": next(rate for name, rate in rates.items() if "/" not in name),
-                    "grad_norm": float(grad_norm), "skipped_steps": skipped_steps,
-                    "samples_per_second": samples_seen / (time.time() - start)}
-            if len(groups) > 1:  # unet+text, DiffFit's scales: each group's rate under its own name
-                logs.update({f"lr/{name}": rate for name, rate in rates.items()})
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
-                save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
-            if cfg.validation_prompts and global_step % cfg.validation_steps == 0:
-                log_validation(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
-            if cfg.validation_fid_steps and global_step % cfg.validation_fid_steps == 0:
-                log_validation_fid(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
-            if stop.requested(accelerator):
-                if global_step % cfg.checkpointing_steps:
+                # one optimizer step done (or skipped, with non-finite gradients)
+                global_step += 1
+                skipped_steps += not finite
+                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    raise UserError(
+                        f"{nonfinite_in_a_row} steps in a row with NaN/inf gradients (up to step {global_step}), all skipped: "
+                        "lower the learning rate, use --mixed_precision bf16 instead of fp16 (an fp16 VAE can overflow), "
+                        "or check the data (python -m sdtune.data check); nothing was saved from these steps")
+                if ema is not None and finite:
+                    ema.step(all_trainable)
+                last_loss, loss_sum, loss_count = float(loss_sum) / loss_count, 0.0, 0
+                rates = {g["name"]: rate for g, rate in zip(groups, lr_scheduler.get_last_lr())}  # in the groups' order
+                logs = {"loss": last_loss, "lr": next(rate for name, rate in rates.items() if "/" not in name),
+                        "grad_norm": float(grad_norm), "skipped_steps": skipped_steps,
+                        "samples_per_second": samples_seen / (time.time() - start)}
+                if len(groups) > 1:  # unet+text, DiffFit's scales: each group's rate under its own name
+                    logs.update({f"lr/{name}": rate for name, rate in rates.items()})
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
                     save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
-                accelerator.print(f"stopped by {stop.name} after step {global_step}: checkpoint saved in "
-                                  f"{output_dir / f'checkpoint-{global_step}'}; run the same command with "
-                                  "--resume_from_checkpoint latest to continue")
+                if cfg.validation_prompts and global_step % cfg.validation_steps == 0:
+                    log_validation(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
+                if cfg.validation_fid_steps and global_step % cfg.validation_fid_steps == 0:
+                    log_validation_fid(accelerator, models, cfg, output_dir, global_step, ema, all_trainable)
+                if stop.requested(accelerator):
+                    if global_step % cfg.checkpointing_steps:
+                        save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+                    accelerator.print(f"stopped by {stop.name} after step {global_step}: checkpoint saved in "
+                                      f"{output_dir / f'checkpoint-{global_step}'}; run the same command with "
+                                      "--resume_from_checkpoint latest to continue")
+                    break
+                if global_step >= max_train_steps:
+                    break
+            if batches is not dataloader:  # a resume's first epoch: its skip-loader has workers of its own
+                stop_workers(batches)
+            if stop.name or global_step >= max_train_steps:
                 break
-            if global_step >= max_train_steps:
-                break
-        if stop.name or global_step >= max_train_steps:
-            break
-    stop_workers(dataloader)  # not left to the garbage collector (see stop_workers)
-    progress.close()
-    stop.restore()
+    finally:  # also when an error ends the loop: the signal handlers and loader workers are this run's
+        progress.close()
+        stop.restore()
+        stop_workers(batches)  # not left to the garbage collector (see stop_workers)
+        stop_workers(dataloader)
     for module in (models.vae, models.text_encoder):  # the cached encoders come back: callers may sample
         module.to(accelerator.device)
     for module in (models.unet, models.vae, models.text_encoder):

@@ -379,6 +379,30 @@ def test_a_run_stops_its_loader_workers_before_the_next_starts(tiny_model, table
     assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
+def test_an_error_in_the_loop_still_stops_its_workers_and_gives_the_signals_back(tiny_model, table, tmp_path,
+                                                                                   monkeypatch):
+    """In-process callers (the benchmarks, a notebook) go on after an error such as a CUDA out-of-memory."""
+    import gc
+    import multiprocessing
+    import signal
+
+    from sdtune import train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train_module, "diffusion_loss", out_of_memory)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    gc.disable()  # the run alone must stop its workers
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            main(_argv(tiny_model, table, tmp_path, "--strategy", "vae", "--dataloader_num_workers", 2, steps=2))
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
 def test_bf16_does_not_round_the_trained_tensors_first(tiny_model, table, tmp_path):
     """DoRA's magnitudes start as the fp32 column norms of the base weights; the half-precision cast of the
     frozen weights must not round them (bf16 would, by up to 4e-3)."""
