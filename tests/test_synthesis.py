@@ -317,7 +317,8 @@ def test_channels_last_and_fuse_qkv_give_the_same_images(options, runs):
     assert np.abs(fast - plain).max() <= 1e-5, np.abs(fast - plain).max()
 
 
-def test_fuse_qkv_refuses_an_unmerged_adapter(runs, capsys):
+def test_fuse_qkv_refuses_an_unmerged_adapter(runs, capsys, monkeypatch):
+    monkeypatch.setattr(synthesis, "group_norm_keeps_channels_last", lambda device: True)  # no CUDA to probe here
     checkpoint = str(runs("lora") / "checkpoint-2")
     pipeline = load_pipeline(resolve_model(checkpoint), fuse_lora=False)  # peft LoRA layers on to_q/k/v
     asked = SynthesisConfig(model_path=checkpoint, prompts=PROMPTS, steps=2, height=64, width=64, fuse_lora=False,
