@@ -63,7 +63,9 @@ def test_the_empty_keep_in_fp32_warning_of_diffusers_is_quiet_and_a_real_one_is_
     import sdtune  # noqa: F401  (installs the filter)
 
     class Kept(logging.Handler):
-        messages: list[str] = []
+        def __init__(self):
+            super().__init__()
+            self.messages: list[str] = []
 
         def emit(self, record):
             self.messages.append(record.getMessage())
