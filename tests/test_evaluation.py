@@ -266,7 +266,8 @@ def expected_clip_score(folder: Path, images: list, captions: list[str]) -> tupl
     model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
     with torch.no_grad():
         image = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
-        text = processor(text=captions, return_tensors="pt", padding=True)
+        # truncated as CLIP was trained: at 77 positions, the end-of-text token (where the text is pooled) kept
+        text = processor(text=captions, return_tensors="pt", padding=True, truncation=True, max_length=77)
         text = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
     image, text = (getattr(x, "pooler_output", x) for x in (image, text))
     raw = float((100 * F.cosine_similarity(image, text)).mean())
@@ -290,6 +291,22 @@ def test_clip_score_is_100_cosine_on_a_tiny_clip(tmp_path, seed):
     assert (raw > 0) == (seed == 0)
     assert results["metrics"]["clip"]["value"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
     assert results["metrics"]["clip"]["n"] == 3
+
+
+def test_clip_captions_longer_than_77_tokens_keep_their_end_of_text_token(tmp_path):
+    """torchmetrics alone slices the token ids at 77, end token included: CLIP then pools elsewhere."""
+    from transformers import CLIPTokenizer
+
+    from sdtune.evaluation.clip_score import clip_score
+
+    clip = write_tiny_clip(tmp_path / "clip", 4)  # seed 4: a positive mean, so the score is not clamped to 0
+    long = [caption + ", seen on a frontal view" * 20 for caption in CAPTIONS]
+    tokenizer = CLIPTokenizer.from_pretrained(clip)
+    assert min(len(tokenizer(caption)["input_ids"]) for caption in long) > 100
+    images = list(noise_images(3, 0, size=40))
+    ours = clip_score(images, long, str(clip))["value"]
+    expected, raw = expected_clip_score(clip, [x.permute(1, 2, 0).numpy() for x in images], long)
+    assert raw > 0 and ours == pytest.approx(expected, rel=1e-5)
 
 
 def test_open_clip_models_score_the_same_way(tmp_path):

@@ -235,7 +235,7 @@ def test_fused_adamw_and_cudnn_benchmark_follow_the_device_unless_asked(tiny_mod
     assert default["optimizer"] == "torch AdamW" and asked["optimizer"] == "torch AdamW (fused)"
 
 
-@pytest.mark.parametrize("strategy, extra", [("lora", []), ("dora", []), ("difffit", []),
+@pytest.mark.parametrize("strategy, extra", [("lora", []), ("dora", []), ("difffit", []), ("bitfit", []),
                                              ("unet", ["--gradient_checkpointing"])])
 def test_torch_compile_makes_one_graph_and_never_recompiles(strategy, extra, tiny_model, folder, tmp_path):
     import torch._dynamo

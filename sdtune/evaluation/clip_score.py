@@ -43,6 +43,21 @@ class _HFCLIP(nn.Module):
         return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
+class _HFCLIPProcessor:
+    """A CLIPProcessor that truncates captions to the text model's positions with the end-of-text
+    token kept: torchmetrics 1.9 tokenizes without truncation and slices longer ids at 77, dropping
+    that token, where CLIP pools its text embedding (every long caption would score alike)."""
+
+    def __init__(self, processor, max_length: int):
+        self.processor, self.max_length = processor, max_length
+
+    def __call__(self, images=None, text=None, **kwargs) -> dict:
+        if text is not None:
+            kwargs.update(truncation=True, max_length=self.max_length)
+        given = {name: value for name, value in (("images", images), ("text", text)) if value is not None}
+        return self.processor(**given, **kwargs)
+
+
 class _OpenCLIP(nn.Module):
     """An open_clip model behind the two methods CLIPScore calls."""
 
@@ -111,7 +126,9 @@ def load_clip(name: str | None = None):
                 return _OpenCLIP(model.eval()), _OpenCLIPProcessor(preprocess, open_clip.get_tokenizer(spec))
             from transformers import CLIPModel, CLIPProcessor
 
-            return _HFCLIP(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name)
+            model = CLIPModel.from_pretrained(name).eval()
+            positions = model.config.text_config.max_position_embeddings
+            return _HFCLIP(model), _HFCLIPProcessor(CLIPProcessor.from_pretrained(name), positions)
     except Exception as err:  # hub, file and config errors all mean the same here: no model
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
         if is_local and ("offline" in str(err).lower() or "local_files_only" in str(err)):
