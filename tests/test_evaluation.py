@@ -562,6 +562,32 @@ def test_torchscript_features_of_another_input_size_are_another_version(pool_mod
     assert get_extractor(str(pool_module), input_size=32).version != get_extractor(str(pool_module), input_size=64).version
 
 
+class _GreyConv(torch.nn.Module):  # written for 1-channel input
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _Flat(torch.nn.Module):  # one number an image: no feature dimension
+    def forward(self, x):
+        return x.mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("module, says", [(_GreyConv, r"failed on a 1x3x32x32 input \(.*channels"),
+                                          (_Flat, r"returned \(1,\) for one image")])
+def test_a_torchscript_extractor_of_the_wrong_shape_is_a_one_line_error(module, says, tmp_path):
+    path = tmp_path / "net.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(module()).save(str(path))
+    with pytest.raises(UserError, match=says) as err:
+        get_extractor(str(path), input_size=32)
+    assert str(path) in str(err.value) and "\n" not in str(err.value) and "(N, D)" in str(err.value)
+
+
 @pytest.mark.parametrize("array, says", [
     (np.full((8, 8, 3), 1000, np.uint16), "a torch.uint16 image cannot be read as 0-255"),
     (np.full((8, 8, 3), 200.0, np.float32), "spans 200 to 200: divide 0-255 values by 255"),

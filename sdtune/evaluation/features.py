@@ -165,8 +165,18 @@ class TorchScriptFeatures(Extractor):
         self.name = f"torchscript:{path.name}"
         self.resize = f"{CROP}; {how}, to {input_size}x{input_size}; values 0-255 passed to the module unscaled"
         self.version = f"sha256 {_file_hash(path, 'sha256')}; centre crop; resize {resize} to {input_size}"
-        with torch.inference_mode():
-            out = self.embed(torch.zeros(1, 3, input_size, input_size))
+        expects = (f"it must take float32 RGB (N, 3, {input_size}, {input_size}), values 0-255, and return (N, D) "
+                   "or (N, D, ...) features (--fid_input_size sets the size)")
+        try:
+            with torch.inference_mode():
+                out = self.embed(torch.zeros(1, 3, input_size, input_size))
+        except Exception as err:  # the module's own error: the shapes or dtype it was written for differ
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            raise UserError(f"--fid_features {path} failed on a 1x3x{input_size}x{input_size} input ({detail}): "
+                            f"{expects}") from None
+        if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != 1:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"--fid_features {path} returned {shape} for one image: {expects}")
         self.dim = out.shape[1]
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
