@@ -96,11 +96,13 @@ def load_components(
 
     try:
         common = dict(revision=revision)
+        # .float(): transformers 5 keeps a --variant fp16 text encoder in fp16 (dtype "auto"); diffusers
+        # already gives fp32. The cast is exact, and a no-op on fp32 weights.
         return SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **common),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **common).float(),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common).float(),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common).float(),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         )
     except OSError as err:  # huggingface_hub's not-found / offline errors are OSErrors

@@ -274,6 +274,10 @@ def make_accelerator(cfg: TrainConfig, strategy: Strategy) -> Accelerator:
         # Each epoch's order comes from (seed, epoch) alone, the same for every process count and
         # after a resume; accelerate then shards the batches once, across processes.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # The loop steps the schedule once per optimizer step, so a checkpoint's schedule position is
+        # in optimizer steps and resumes alike on any number of processes (accelerate's own stepping
+        # counts process-steps: a 2-GPU checkpoint resumed on one GPU would jump ahead).
+        step_scheduler_with_optimizer=False,
         # A VAE trained without the reconstruction term leaves its decoder out of the graph.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=strategy.vae and cfg.vae_recon_weight == 0),
                          # Validation runs on the main process while the others wait at the next collective;
@@ -388,6 +392,9 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         raise UserError("--enable_xformers_memory_efficient_attention needs the xformers package (pip install -r "
                         "requirements-gpu.txt); without the flag, PyTorch's SDPA attention is used (flash attention "
                         "on recent GPUs)")
+    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":  # diffusers' constant schedule ignores warm-up
+        raise UserError(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant: use "
+                        "--lr_scheduler constant_with_warmup (or linear, cosine, ...), or --lr_warmup_steps 0")
     if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
         raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
     output_dir = Path(cfg.output_dir)
@@ -474,15 +481,15 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     # Cached moments need no decoding: worker processes would only add start-up time.
     dataloader = make_dataloader(dataset, cfg, 0 if isinstance(dataset, CachedLatentDataset) else workers,
                                  pin_memory=accelerator.device.type == "cuda")
-    # Steps are optimizer steps; the scheduler is stepped once per process by accelerate, hence the factor.
+    # Steps are optimizer steps, the scheduler's too (make_accelerator).
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
 
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_train_steps)
     # Forward passes go through what accelerate returns (DDP wrappers on several GPUs), so that
     # gradients are synchronised; the VAE goes in as a LatentEncoder for the same reason.
     forward = {"unet": models.unet, "text_encoder": models.text_encoder, "vae": LatentEncoder(models.vae)}
@@ -599,7 +606,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                     # fp16's grad scaler skips non-finite steps itself and must see them to lower its scale.
                     if finite or cfg.mixed_precision == "fp16":
                         optimizer.step()
-                    if finite:
+                    if accelerator.sync_gradients and finite:
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()  # read (a device sync) once per optimizer step, below
@@ -847,6 +854,8 @@ def save_final_model(models, strategy: Strategy, adapter, cfg: TrainConfig, outp
         unet = adapter.merge(unet)
         components["unet"] = unet
     pipeline = build_pipeline(cfg.pretrained_model_name_or_path, cfg, prediction_type, **components)
+    for name in COMPONENTS:  # a --variant fp16 base's reloaded text encoder comes in fp16 (transformers 5)
+        getattr(pipeline, name).float()
     # Written aside and renamed, so a final_model/ folder is always complete.
     partial = output_dir / ".final_model.partial"
     if partial.exists():

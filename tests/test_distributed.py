@@ -109,12 +109,27 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     assert json.loads((tmp_path / "two" / "training_summary.json").read_text())["global_batch_size"] == 4
 
 
-def test_a_checkpoint_from_two_processes_resumes_on_one(tiny_model, phantom_chexpert, tmp_path):
+def test_a_checkpoint_from_two_processes_resumes_on_one_as_if_never_stopped(tiny_model, phantom_chexpert, tmp_path):
+    # A linear decay over 4 steps: the schedule's position must be in optimizer steps, not process-steps
+    # (2-process checkpoints resumed on one process once trained step 4 at a learning rate of 0).
+    # (--adam_epsilon as above: Adam's division would blow float noise in near-zero gradients up)
     train = ROOT / "train_text_to_image.py"
-    _launch(train, 2, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 1, 2, "--checkpointing_steps", 2))
-    assert (tmp_path / "checkpoint-2" / "unet_trained.safetensors").is_file()
-    _launch(train, 1, *_args(tiny_model, phantom_chexpert, tmp_path, "bitfit", 2, 4, "--resume_from_checkpoint", "latest"))
-    assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 4
+    schedule = ["--lr_scheduler", "linear", "--checkpointing_steps", 2, "--adam_epsilon", "1e-4"]
+    split, straight = tmp_path / "split", tmp_path / "straight"
+    _launch(train, 2, *_args(tiny_model, phantom_chexpert, split, "bitfit", 1, 4, *schedule))
+    assert (split / "checkpoint-2" / "unet_trained.safetensors").is_file()
+    for done in ("checkpoint-4", "final_model", "training_summary.json"):  # as if stopped after step 2
+        shutil.rmtree(split / done) if (split / done).is_dir() else (split / done).unlink()
+    _launch(train, 1, *_args(tiny_model, phantom_chexpert, split, "bitfit", 2, 4, *schedule,
+                             "--resume_from_checkpoint", "latest"))
+    _launch(train, 1, *_args(tiny_model, phantom_chexpert, straight, "bitfit", 2, 4, *schedule))
+    assert json.loads((split / "training_summary.json").read_text())["steps"] == 4
+    resumed, expected = (load_file(run / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+                         for run in (split, straight))
+    base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(expected[k], base[k]) for k in base)
+    for k in expected:
+        torch.testing.assert_close(resumed[k], expected[k], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -157,6 +157,34 @@ def test_numbers_made_differently_are_flagged_as_not_comparable(two_runs, tmp_pa
     assert "xrv" not in "".join(line for line in text.splitlines() if "NOT COMPARABLE" in line).lower()  # one run only
 
 
+def test_clip_models_ms_ssim_sizes_and_optimizers_that_differ_are_noted(two_runs, tmp_path):
+    unet, lora = two_runs
+
+    def set_run(run, clip_model, ms_ssim_size, optimizer):
+        results = json.loads((run / "extra.json").read_text()) if (run / "extra.json").is_file() else {}
+        results["metrics"] = {"clip": {"value": 30.0, "model": clip_model, "n": 5},
+                              "ms_ssim": {"mean": 0.3, "std": 0.1, "pairs": 10, "scales": 5 if ms_ssim_size >= 176 else 3,
+                                          "image_size": [ms_ssim_size, ms_ssim_size]}}
+        (run / "extra.json").write_text(json.dumps(results))
+        data = json.loads((run / "training_summary.json").read_text())
+        (run / "training_summary.json").write_text(json.dumps({**data, "optimizer": optimizer}))
+
+    def flagged(name):
+        text = run_compare([unet, lora], tmp_path / name, "--results", "extra.json")["markdown"]
+        return [line for line in text.splitlines() if "NOT COMPARABLE" in line or "optimizers" in line]
+
+    set_run(unet, "some/clip", 512, "bitsandbytes PagedAdamW8bit")
+    set_run(lora, "some/clip", 512, "bitsandbytes AdamW8bit")  # paged or not, fused or not: the same maths
+    assert flagged("same") == []
+    set_run(lora, "hf-hub:BiomedCLIP", 64, "torch AdamW (fused)")
+    lines = flagged("differs")
+    assert len(lines) == 3, lines
+    assert "the CLIP scores come from different models between runs (unet: some/clip; lora: hf-hub:BiomedCLIP)" in lines[0]
+    assert "MS-SSIM was measured on other image sizes or scales between runs (unet: 512x512 px, 5 scales; lora: " \
+           "64x64 px, 3 scales)" in lines[1]
+    assert "different optimizers (unet: bitsandbytes AdamW8bit; lora: torch AdamW)" in lines[2]
+
+
 def test_plots_are_valid_pngs(two_runs, tmp_path):
     report = run_compare(two_runs, tmp_path / "cmp", "--grid-images", "3")
     fid_plot, grid = Image.open(report["files"]["fid_vs_parameters"]), Image.open(report["files"]["sample_grid"])

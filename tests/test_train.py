@@ -283,6 +283,24 @@ def test_bf16_keeps_trained_weights_in_fp32(tiny_model, table, tmp_path):
     assert models.vae.dtype == models.text_encoder.dtype == torch.bfloat16
 
 
+def test_an_fp16_variant_trains_in_fp32_and_its_final_model_is_fp32(tiny_model, table, tmp_path):
+    # transformers 5 loads a --variant fp16 text encoder in fp16 unless told otherwise: the fp32 U-Net
+    # then failed on its fp16 embeddings under --mixed_precision no, and final_model/ held it in fp16.
+    base = tmp_path / "base"
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
+    for name in COMPONENTS:
+        getattr(pipeline, name).half()
+    pipeline.save_pretrained(base, variant="fp16")
+    loaded = load_components(base, variant="fp16")
+    assert {p.dtype for c in COMPONENTS for p in getattr(loaded, c).parameters()} == {torch.float32}
+    summary, _ = train(*parse_args(_argv(base, table, tmp_path / "run", "--strategy", "lora", "--variant", "fp16")))
+    assert np.isfinite(summary["final_loss"])
+    for component, name in WEIGHT_FILES.items():
+        saved = load_file(tmp_path / "run" / "final_model" / component / name)
+        assert {t.dtype for t in saved.values()} == {torch.float32}, component
+
+
 def _captioned_folder(phantom_chexpert, folder: Path, n: int) -> Path:
     """n phantom images with one caption each, in the tutorial's folder layout."""
     import shutil
@@ -425,6 +443,8 @@ def test_bf16_does_not_round_the_trained_tensors_first(tiny_model, table, tmp_pa
     (["--strategy", "lora", "--resume_from_checkpoint", "/nowhere/checkpoint-3"], "does not exist"),
     (["--strategy", "bitfit", "--mixed_precision", "bf16"], "needs a GPU"),
     (["--strategy", "unet", "--mixed_precision", "fp16"], "fp16 needs a GPU: use --mixed_precision bf16 or no"),
+    (["--strategy", "lora", "--lr_warmup_steps", "100"], "has no effect with --lr_scheduler constant: use "
+                                                           "--lr_scheduler constant_with_warmup"),
     (["--strategy", "lora", "--torch_compile", "--torch_compile_backend", "bogus"], "unknown --torch_compile_backend"),
     (["--strategy", "lora", "--torch_compile", "--torch_compile_mode", "reduce-overhead"], "uses CUDA graphs"),
     (["--strategy", "lora", "--torch_compile", "--torch_compile_backend", "eager", "--train_batch_size", "500"],

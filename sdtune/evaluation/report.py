@@ -276,9 +276,7 @@ def run_record(run: Run, extractors: list[str], baseline: dict | None = None) ->
             f"vendi_{k}": _number(_get(m, "vendi", "fake")), f"vendi_real_{k}": _number(_get(m, "vendi", "real")),
             f"n_real_{k}": _get(r, "samples", "real"), f"n_fake_{k}": _get(r, "samples", "fake"),
         })
-    clip = next((r["metrics"]["clip"] for r in run.results if _get(r, "metrics", "clip", "value") is not None), {})
-    ms_ssim = next((r["metrics"]["ms_ssim"] for r in run.results if _get(r, "metrics", "ms_ssim", "mean") is not None),
-                   {})
+    clip, ms_ssim = first_metric(run, "clip", "value"), first_metric(run, "ms_ssim", "mean")
     row.update(clip=_number(clip.get("value")), clip_model=clip.get("model"),
                ms_ssim=_number(ms_ssim.get("mean")), ms_ssim_std=_number(ms_ssim.get("std")))
     # downstream.py's mean AUROC per arm: c and d use this run's synthetic images; a and b, real only, come
@@ -290,6 +288,11 @@ def run_record(run: Run, extractors: list[str], baseline: dict | None = None) ->
         low, high = auroc.get("ci95") or (None, None)  # the test patients' bootstrap, where it was run
         row[f"downstream_{arm}_ci_low"], row[f"downstream_{arm}_ci_high"] = _number(low), _number(high)
     return row
+
+
+def first_metric(run: Run, name: str, key: str) -> dict:
+    """The run's `name` metric from the first results file that has its `key` value ({} if none has)."""
+    return next((r["metrics"][name] for r in run.results if _get(r, "metrics", name, key) is not None), {})
 
 
 def _fmt(value, spec: str) -> str:
@@ -380,17 +383,33 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
         # One column must hold numbers made alike: the same network, preprocessing and real set.
         for what, read in (("feature version and resize", lambda r: (r.get("features") or {}).get("version")),
                            ("real set", lambda r: (r.get("real") or {}).get("source"))):
-            seen = {run.name: read(run.by_features[extractor]) for run in runs if extractor in run.by_features}
-            if len(set(seen.values())) > 1:
-                groups = {}
-                for name, value in seen.items():
-                    groups.setdefault(value, []).append(name)
-                out.append(f"NOT COMPARABLE: the {feature_label(extractor)} numbers differ in {what} between runs ("
-                           + "; ".join(f"{', '.join(names)}: {value or 'not recorded'}" for value, names in groups.items())
-                           + "): evaluate them all alike")
-    models = sorted({r["clip_model"] for r in records if r["clip_model"]})
-    if models:
-        out.append(f"CLIP score model: {', '.join(models)}")
+            differ = _differing({run.name: read(run.by_features[extractor]) for run in runs
+                                 if extractor in run.by_features})
+            if differ:
+                out.append(f"NOT COMPARABLE: the {feature_label(extractor)} numbers differ in {what} between runs "
+                           f"({differ}): evaluate them all alike")
+    # A CLIP score is a number of its model, and MS-SSIM one of the image size (fewer scales below 176 px).
+    clip_models = {run.name: first_metric(run, "clip", "value").get("model") for run in runs}
+    clip_models = {name: model for name, model in clip_models.items() if model}
+    differ = _differing(clip_models)
+    if differ:
+        out.append(f"NOT COMPARABLE: the CLIP scores come from different models between runs ({differ}): score every "
+                   "run with one --clip-model")
+    elif clip_models:
+        out.append(f"CLIP score model: {next(iter(clip_models.values()))}")
+    sizes = {run.name: first_metric(run, "ms_ssim", "mean") for run in runs}
+    differ = _differing({name: f"{'x'.join(map(str, m.get('image_size') or ['?']))} px, {m.get('scales')} scales"
+                         for name, m in sizes.items() if m})
+    if differ:
+        out.append(f"NOT COMPARABLE: MS-SSIM was measured on other image sizes or scales between runs ({differ}): "
+                   "synthesize every run at one size")
+    # The study trained every arm with AdamW; the full fine-tuning scripts default to 8-bit AdamW to fit 12 GB.
+    optimizers = {run.name: run.summary["optimizer"].replace(" (fused)", "").replace("Paged", "")
+                  for run in runs if run.summary.get("optimizer")}
+    differ = _differing(optimizers)
+    if differ:
+        out.append(f"The runs trained with different optimizers ({differ}); the study used AdamW for every arm: "
+                   "set USE_8BIT_ADAM alike in every script (or MEMORY_PROFILE) for a like-for-like table")
     # the mean AUROC of different labels is a different number
     label_sets = {}
     for run in runs:
@@ -411,6 +430,16 @@ def notes(runs: list[Run], records: list[dict], extractors: list[str]) -> list[s
     for run in runs:
         out += run.notes
     return out
+
+
+def _differing(values: dict[str, object]) -> str | None:
+    """"a, b: x; c: y" for runs -> value when the runs hold more than one value, else None."""
+    groups: dict[object, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(value, []).append(name)
+    if len(groups) < 2:
+        return None
+    return "; ".join(f"{', '.join(names)}: {value or 'not recorded'}" for value, names in groups.items())
 
 
 def to_markdown(records: list[dict], extractors: list[str], cond_rows: list[dict], note_lines: list[str]) -> str:
