@@ -588,6 +588,18 @@ def test_a_torchscript_extractor_of_the_wrong_shape_is_a_one_line_error(module, 
     assert str(path) in str(err.value) and "\n" not in str(err.value) and "(N, D)" in str(err.value)
 
 
+def test_a_16_bit_pil_image_in_memory_is_rescaled_as_from_its_file_not_clipped(tmp_path):
+    from sdtune.evaluation.images import ImageItem, pixels
+
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    image = Image.fromarray(ramp)  # mode I;16
+    image.save(tmp_path / "ramp.png")
+    in_memory, from_file = pixels(ImageItem(image)), pixels(ImageItem(tmp_path / "ramp.png"))
+    expected = torch.from_numpy(np.round(ramp / 65535 * 255).astype(np.uint8)).expand(3, -1, -1)
+    assert image.mode.startswith("I;16") and torch.equal(in_memory, from_file) and torch.equal(in_memory, expected)
+    assert (in_memory == 255).float().mean() < 0.01  # Pillow's own convert("RGB") clips nearly all of it to 255
+
+
 @pytest.mark.parametrize("array, says", [
     (np.full((8, 8, 3), 1000, np.uint16), "a torch.uint16 image cannot be read as 0-255"),
     (np.full((8, 8, 3), 200.0, np.float32), "spans 200 to 200: divide 0-255 values by 255"),

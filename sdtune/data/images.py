@@ -238,13 +238,19 @@ def over_black(image: Image.Image) -> Image.Image:
 
 
 def _pillow_to_rgb(path: Path, image: Image.Image, bits: int | None) -> np.ndarray:
-    if image.mode in _HIGH_DEPTH_MODES:
-        return _grey_to_rgb(_rescale(np.asarray(image), bits))
-    image = over_black(image)
     try:
-        return np.asarray(image.convert("RGB"))
+        return to_rgb(image, bits)
     except ValueError:
         raise ImageError(path, f"unsupported colour mode {image.mode}: convert it to RGB or greyscale") from None
+
+
+def to_rgb(image: Image.Image, bits: int | None = None) -> np.ndarray:
+    """A Pillow image (a file's or one in memory) as uint8 RGB (H, W, 3), as load_image makes it: high-depth
+    grey rescaled from its `bits` (16 for I;16 modes when not given; else its min..max), never clipped as
+    Pillow's own conversion would; transparency over black. ValueError: a mode Pillow cannot convert."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        return _grey_to_rgb(_rescale(np.asarray(image), bits or (16 if image.mode.startswith("I;16") else None)))
+    return np.asarray(over_black(image).convert("RGB"))
 
 
 def _rescale(values: np.ndarray, bits: int | None) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.folder import list_images, read_caption
-from sdtune.data.images import IMAGE_SUFFIXES, ImageError, load_image, over_black
+from sdtune.data.images import IMAGE_SUFFIXES, ImageError, load_image, to_rgb
 from sdtune.data.records import DatasetError, Problem, errors_only
 from sdtune.errors import UserError
 
@@ -105,7 +105,10 @@ def pixels(item: ImageItem) -> torch.Tensor:
         except ImageError as err:  # a table's row, not its path: paths name patients
             raise ImageError(item.name or err.path, err.what) from None
     if isinstance(image, Image.Image):
-        image = np.array(over_black(image).convert("RGB"))  # a writable copy: torch refuses read-only memory
+        try:  # 16-bit grey rescaled as from a file, not clipped; a writable copy: torch refuses read-only memory
+            image = np.array(to_rgb(image))
+        except ValueError:
+            raise UserError(f"a {image.mode} image cannot be read as RGB: convert it to RGB or greyscale") from None
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
         if image.ndim == 2:
