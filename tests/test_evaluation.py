@@ -20,6 +20,7 @@ from PIL import Image
 from sdtune.errors import UserError
 from sdtune.evaluation import ImageItem, compute_metrics, extract_features, get_extractor, load_image_set
 from sdtune.evaluation.cli import main
+from sdtune.evaluation.core import STUDY_CONDITIONS
 from sdtune.evaluation.features import InceptionV3, resize_pil_bicubic, resize_tf1_bilinear
 from sdtune.evaluation.metrics import (frechet_distance, kernel_inception_distance, ms_ssim_diversity, ms_ssim_scales,
                                        random_pairs, vendi_score)
@@ -479,6 +480,32 @@ def test_per_condition_fid_uses_the_labelled_subsets(tmp_path, phantom_chexpert,
     assert per["Edema"]["value"] is None and per["Edema"]["n_fake"] == 0  # no fake image has Edema = 1
     assert any("Edema skipped" in w for w in results["warnings"])
     assert results["metrics"]["fid"]["n_real"] == len(frontal) and results["metrics"]["fid"]["n_fake"] == 24
+
+
+def test_per_condition_real_positives_follow_the_generators_uncertainty_policy(tmp_path, phantom_chexpert, pool_module):
+    # Under U-Ones a labels CSV's -1 rows are prompted, and written, as positive: the real subset must count alike.
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    frontal = pd.read_csv(table).query("`Frontal/Lateral` == 'Frontal'")
+    condition = next(c for c in STUDY_CONDITIONS if (frontal[c] == -1).any() and (frontal[c] == 1).sum() >= 2)
+    fake = write_synthesis(tmp_path / "fake", [{condition: float(i % 2)} for i in range(8)])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_summary.json").write_text(json.dumps({"arguments": {"data": {"uncertainty": "ones"}}}))
+    (fake / "synthesis_config.json").write_text(json.dumps({"settings": {"model_path": str(run)}}))
+    settings = dict(metrics="fid", per_condition=True, conditions=[condition], fid_bootstrap=0, cache=False,
+                    extractor=get_extractor(str(pool_module), input_size=32), log=lambda _: None)
+
+    def n_real(**extra):
+        results = compute_metrics(table, fake, **settings, **extra)
+        return results["metrics"]["fid_per_condition"][condition]["n_real"], results["settings"]["real_uncertainty"]
+
+    certain, uncertain = int((frontal[condition] == 1).sum()), int((frontal[condition] == -1).sum())
+    assert n_real() == (certain + uncertain, "ones")  # the run's policy, recorded
+    assert n_real(real_uncertainty="ignore") == (certain, "ignore")  # or as asked
+    (fake / "synthesis_config.json").unlink()
+    assert n_real() == (certain, "ignore")  # no known generator: -1 is not positive
+    with pytest.raises(UserError, match="unknown --real_uncertainty 'maybe'"):
+        compute_metrics(table, fake, **settings, real_uncertainty="maybe")
 
 
 def test_load_image_set_reads_every_source(tmp_path, phantom_chexpert):

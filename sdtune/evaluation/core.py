@@ -49,6 +49,9 @@ class EvalConfig:
     per_condition: bool = field(False, "also FID per condition: real images with the label = 1 against fake images "
                                        "generated with it = 1")
     conditions: list[str] = field(STUDY_CONDITIONS, "label columns for --per_condition (default: the study's six)")
+    real_uncertainty: str | None = field(None, "--per_condition: what an uncertain (-1) label of a --real table "
+                                               "counts as: ignore (not positive), ones or zeros (default: the policy "
+                                               "of the run that made --fake, whose prompts followed it; else ignore)")
     fid_features: str = field("inception", "features for FID, KID and Vendi: inception (the standard 2048-d FID "
                                            "Inception-v3, offline), xrv (torchxrayvision DenseNet-121, 1024-d, as the "
                                            "study) or the path of a TorchScript module")
@@ -98,6 +101,15 @@ def check_config(cfg: EvalConfig, have_real: bool, have_fake: bool) -> list[str]
     check_bounds(cfg)
     if cfg.per_condition and "fid" not in names:
         raise UserError("--per_condition computes FID per condition: add fid to --metrics")
+    if cfg.real_uncertainty is not None:
+        from sdtune.data.captions import UNCERTAINTY_POLICIES
+
+        if cfg.real_uncertainty not in UNCERTAINTY_POLICIES:
+            raise UserError(f"unknown --real_uncertainty {cfg.real_uncertainty!r}: use one of "
+                            f"{', '.join(UNCERTAINTY_POLICIES)}")
+        if cfg.real_patients == "held_out":
+            raise UserError("--real_uncertainty applies to --real_patients all: held_out reads --real with the "
+                            "settings of the run that made --fake, its uncertainty policy included")
     return names
 
 
@@ -117,9 +129,12 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     names = check_config(cfg, real is not None, fake is not None)
     device = _device(cfg)
     if cfg.real_patients == "held_out":
-        real_set = held_out_by_generator(real, fake)
+        real_set = held_out_by_generator(real, fake)  # read as its run read it: that run's policy
+        cfg = dataclasses.replace(cfg, real_uncertainty=real_label_policy(None, fake))
     else:
-        real_set = as_image_set(real, "--real") if real is not None else None
+        if cfg.per_condition:  # real positives counted as the fake set's prompts counted them (recorded in settings)
+            cfg = dataclasses.replace(cfg, real_uncertainty=real_label_policy(cfg.real_uncertainty, fake))
+        real_set = as_image_set(real, "--real", cfg.real_uncertainty or "ignore") if real is not None else None
     real_set = _limit(real_set, cfg.max_real, cfg.seed, 0) if real_set is not None else None
     fake_set = _limit(as_image_set(fake, "--fake"), cfg.max_fake, cfg.seed, 1)
     warnings: list[str] = []
@@ -287,6 +302,23 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
     if state.is_local_main_process or not all_processes:  # the same features everywhere: one writer per machine
         store.save(key, feats, {"source": image_set.source, "n": len(files), **extractor.describe()})
     return feats, "computed"
+
+
+def real_label_policy(given: str | None, fake) -> str:
+    """The uncertainty policy of the real table's labels for per-condition FID: `given`, else that of the
+    run that made `fake` (a labels CSV's -1 rows were prompted as it says, and written as 1 under U-Ones),
+    else ignore."""
+    from sdtune.provenance import generator_runs
+
+    if given:
+        return given
+    folder = Path(fake).expanduser() if isinstance(fake, (str, Path)) else None
+    folder = folder.parent if folder is not None and folder.is_file() else folder
+    if folder is None or not (folder / "synthesis_config.json").is_file():
+        return "ignore"
+    runs = generator_runs([str(folder)])
+    data = (runs[0][2].get("arguments") or {}).get("data") or {} if runs else {}
+    return data.get("uncertainty") or "ignore"
 
 
 def held_out_by_generator(real, fake) -> ImageSet:

@@ -64,27 +64,28 @@ class ImageSet:
         return ImageSet([self.items[i] for i in indices], self.source, self.kind)
 
 
-def load_image_set(path: str | Path) -> ImageSet:
-    """The images at `path` (see the module doc), in a fixed order; an empty set is an error."""
+def load_image_set(path: str | Path, uncertainty: str = "ignore") -> ImageSet:
+    """The images at `path` (see the module doc), in a fixed order; an empty set is an error. A clinical
+    table's uncertain (-1) labels follow `uncertainty` (sdtune.data.captions.apply_uncertainty)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"{path} does not exist: pass an image folder, a synthesis folder, a metadata file or a table")
     if path.is_dir():
         table = next((path / name for name in ("metadata.csv", "metadata.jsonl") if (path / name).is_file()), None)
-        image_set = _read_file(table) if table else _read_folder(path)
+        image_set = _read_file(table, uncertainty) if table else _read_folder(path)
     else:
-        image_set = _read_file(path)
+        image_set = _read_file(path, uncertainty)
     if not image_set.items:
         raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return image_set
 
 
-def as_image_set(images, what: str = "images") -> ImageSet:
+def as_image_set(images, what: str = "images", uncertainty: str = "ignore") -> ImageSet:
     """A path, an ImageSet, a list of ImageItems/PIL images/arrays, or a uint8 or [0, 1] float NCHW tensor."""
     if isinstance(images, ImageSet):
         return images
     if isinstance(images, (str, os.PathLike)):
-        return load_image_set(images)
+        return load_image_set(images, uncertainty)
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
             raise UserError(f"{what}: expected an (N, C, H, W) tensor, got shape {tuple(images.shape)}")
@@ -152,7 +153,7 @@ def _read_folder(root: Path) -> ImageSet:
     return ImageSet(items, str(root), "folder")
 
 
-def _read_file(path: Path) -> ImageSet:
+def _read_file(path: Path, uncertainty: str = "ignore") -> ImageSet:
     from sdtune.data.tables import detect_format, read_csv, read_table
 
     if path.name.lower().endswith((".csv", ".csv.gz")):  # .csv.gz: as training reads tables
@@ -162,7 +163,7 @@ def _read_file(path: Path) -> ImageSet:
     elif path.suffix.lower() != ".jsonl":
         raise UserError(f"{path}: not an image folder, a metadata file or a table (.csv, .csv.gz or .jsonl)")
 
-    examples, problems = read_table(path)
+    examples, problems = read_table(path, uncertainty=uncertainty)
     if errors_only(problems):
         raise DatasetError(problems, context=str(path), hint="fix them, or pass a table without those rows")
     items = [ImageItem.from_example(ex) for ex in examples]
