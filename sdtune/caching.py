@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from sdtune.data.records import file_stamp
 from sdtune.errors import UserError
 
-MEMORY_LIMIT_BYTES = 8 * 2**30  # above this, latents go to disk (OUTPUT_DIR/latent_cache) instead of RAM
+MEMORY_LIMIT_BYTES = 8 * 2**30  # above this, latents go to disk (OUTPUT_DIR/latent_cache) instead of RAM,
+# and caption embeddings (one per distinct caption, e.g. free-text reports) are encoded every step instead
 
 
 def sample_latents(moments: torch.Tensor, generators, scaling_factor: float) -> torch.Tensor:
@@ -166,6 +167,12 @@ class TextEmbeddingCache:
                 with autocast():
                     chunks.append(text_encoder(ids, return_dict=False)[0].cpu())
         self.embeddings = torch.cat(chunks)
+
+    @staticmethod
+    def estimated_bytes(captions, tokenizer, text_encoder) -> int:
+        """Host memory the cache of these captions takes: one (77, hidden) fp32 array per distinct caption
+        (the encoder's last LayerNorm runs in fp32 under autocast too)."""
+        return len(set(captions)) * tokenizer.model_max_length * text_encoder.config.hidden_size * 4
 
     def __len__(self) -> int:
         return len(self.rows)

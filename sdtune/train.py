@@ -354,10 +354,15 @@ def encode_once(cfg: TrainConfig, data: DataConfig, models, trainable, dataset, 
         record["text_embeddings"] += " (the text encoder trains)"
     else:
         captions = [ex.caption for ex in dataset.examples] + ([""] if cfg.caption_dropout_prob > 0 else [])
-        text_cache = TextEmbeddingCache(models.text_encoder, models.tokenizer, captions, accelerator.device,
-                                        accelerator.autocast)
-        models.text_encoder.to("cpu")
-        record["text_embeddings"] = f"{len(text_cache)} distinct captions"
+        size = TextEmbeddingCache.estimated_bytes(captions, models.tokenizer, models.text_encoder)
+        if size > MEMORY_LIMIT_BYTES:  # every process would hold them all: encode each batch's instead
+            record["text_embeddings"] += (f" ({len(set(captions))} distinct captions would take {size / 2**30:.1f} GiB "
+                                          "of memory per process)")
+        else:
+            text_cache = TextEmbeddingCache(models.text_encoder, models.tokenizer, captions, accelerator.device,
+                                            accelerator.autocast)
+            models.text_encoder.to("cpu")
+            record["text_embeddings"] = f"{len(text_cache)} distinct captions"
     record["seconds"] = round(time.time() - start, 2)
     accelerator.print(f"encoded once: latents {record['latents']}; text embeddings {record['text_embeddings']}")
     return dataset, text_cache, record

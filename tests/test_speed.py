@@ -4,6 +4,7 @@ Speed itself is measured by bench/train_speed.py; these tests check that each op
 what the plain loop computes and that the work it saves is really skipped.
 """
 
+import contextlib
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from sdtune.caching import sample_latents
+from sdtune.models import load_components
 from sdtune.phantom import render_chest_xray
 from sdtune.train import main, parse_args, train
 
@@ -182,6 +184,22 @@ def test_text_embeddings_are_not_cached_when_the_text_encoder_trains(tiny_model,
     summary, _ = _run(tiny_model, folder, tmp_path, "--strategy", "text", steps=1)
     assert "the text encoder trains" in summary["encoded_once"]["text_embeddings"]
     assert summary["encoded_once"]["latents"].startswith("5 images")
+
+
+def test_caption_embeddings_too_large_for_memory_are_encoded_every_step(tiny_model, folder, tmp_path, monkeypatch):
+    from sdtune.caching import TextEmbeddingCache
+
+    models = load_components(tiny_model)
+    captions = ["a", "b", "a", ""]
+    cache = TextEmbeddingCache(models.text_encoder, models.tokenizer, captions, "cpu", contextlib.nullcontext)
+    assert TextEmbeddingCache.estimated_bytes(captions, models.tokenizer, models.text_encoder) == cache.embeddings.nbytes
+    # free-text reports: one embedding per image, more than memory holds (8 GiB), for every process
+    monkeypatch.setattr(TextEmbeddingCache, "estimated_bytes", staticmethod(lambda *args: 9 * 2**30))
+    encoded = Calls(monkeypatch, CLIPTextModel, "forward")
+    summary, _ = _run(tiny_model, folder, tmp_path, "--strategy", "lora", steps=2)
+    assert summary["encoded_once"]["text_embeddings"] == ("not cached (3 distinct captions would take 9.0 GiB of "
+                                                          "memory per process)")
+    assert encoded.n == 2 and summary["encoded_once"]["latents"].startswith("5 images")  # latents still cached
 
 
 def test_cached_encoders_leave_the_device_and_come_back_for_validation(tiny_model, folder, tmp_path, monkeypatch):
