@@ -99,8 +99,10 @@ class DiffFit(Adapter):
         return [param for name, param in unet.named_parameters() if name.endswith(f".{GAMMA}")]
 
     def param_groups(self, unet: nn.Module, lr: float) -> list[dict]:
-        """gammas at lr x multiplier without weight decay (decay would pull them to 0, not to their
-        initial 1; DiT/DiffFit train with AdamW at weight decay 0); biases and norms at lr."""
+        """gammas, DiffFit's own new scales, at lr x multiplier without weight decay, as DiffFit trains
+        them (decay would pull them to 0, not to their initial 1); the pretrained biases and norms at lr
+        with the study's AdamW decay, as BitFit's biases and every other strategy's tensors (at 1e-2 and
+        lr 1e-4 it shrinks them by ~1e-6 a step: about 0.1% over 1000 steps)."""
         named = self.named_trainable(unet)
         scales = [param for name, param in named.items() if name.endswith(f".{GAMMA}")]
         rest = [param for name, param in named.items() if not name.endswith(f".{GAMMA}")]
