@@ -19,6 +19,19 @@ from safetensors.torch import load_file, save_file
 from sdtune.errors import UserError
 
 EMA_FILE = "ema.safetensors"
+COUNTERS_FILE = "counters.json"
+
+
+class StepCounters:
+    """Counts over the whole run that a resume carries on (saved as JSON with each checkpoint)."""
+
+    def __init__(self):
+        self.skipped_steps = 0  # optimizer steps skipped for NaN/inf gradients
+        self.nonfinite_in_a_row = 0
+
+    def count(self, finite: bool) -> None:
+        self.skipped_steps += not finite
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
 
 
 def trained_file(folder: str | Path, component: str) -> Path:
@@ -86,9 +99,9 @@ def trained_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def register_checkpoint_hooks(accelerator, models, ema=None) -> None:
+def register_checkpoint_hooks(accelerator, models, ema=None, counters: StepCounters | None = None) -> None:
     """Make accelerate's save_state/load_state write and read the trained tensors and the EMA as above,
-    instead of every model's full state dict and a pickled EMA."""
+    instead of every model's full state dict and a pickled EMA, and the step counters as JSON."""
     from sdtune.loss import LatentEncoder
     from sdtune.strategies import COMPONENTS
 
@@ -104,6 +117,8 @@ def register_checkpoint_hooks(accelerator, models, ema=None) -> None:
                 save_trained(trained_params(module), trained_file(folder, name))
             if ema is not None:
                 save_ema(ema, Path(folder) / EMA_FILE)
+            if counters is not None:
+                (Path(folder) / COUNTERS_FILE).write_text(json.dumps(vars(counters)))
         weights.clear()  # nothing else of the models is saved
 
     def load_hook(hook_models, folder):
@@ -113,6 +128,9 @@ def register_checkpoint_hooks(accelerator, models, ema=None) -> None:
                          "resume with the strategy and adapter settings it was saved with")
         if ema is not None:
             load_ema(ema, Path(folder) / EMA_FILE)
+        saved = Path(folder) / COUNTERS_FILE
+        if counters is not None and saved.is_file():  # (checkpoints from before it was saved start at 0)
+            vars(counters).update({k: int(v) for k, v in json.loads(saved.read_text()).items() if k in vars(counters)})
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sdtune import SD15_MODEL_ID
 from sdtune.adapters import ADAPTERS, AdapterConfig, get_adapter
-from sdtune.checkpoints import checkpoint_steps, register_checkpoint_hooks
+from sdtune.checkpoints import StepCounters, checkpoint_steps, register_checkpoint_hooks
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
@@ -514,7 +514,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         ema.to(accelerator.device)
 
     # Checkpoints hold only the trained tensors and the EMA (safetensors) plus optimizer/scheduler/RNG state.
-    register_checkpoint_hooks(accelerator, models, ema)
+    counters = StepCounters()
+    register_checkpoint_hooks(accelerator, models, ema, counters)
 
     # ---------------------------------------------------------------- resume
     global_step = 0
@@ -561,7 +562,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps",
                     **({} if accelerator.is_local_main_process else {"disable": True}))
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
-    last_loss, skipped_steps, nonfinite_in_a_row = None, 0, 0  # None: no step taken in this run
+    last_loss = None  # None: no step taken in this run
     stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly
     batches = dataloader
     try:
@@ -622,11 +623,10 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
 
                 # one optimizer step done (or skipped, with non-finite gradients)
                 global_step += 1
-                skipped_steps += not finite
-                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                counters.count(finite)
+                if counters.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     raise UserError(
-                        f"{nonfinite_in_a_row} steps in a row with NaN/inf gradients (up to step {global_step}), all skipped: "
+                        f"{counters.nonfinite_in_a_row} steps in a row with NaN/inf gradients (up to step {global_step}), all skipped: "
                         "lower the learning rate, use --mixed_precision bf16 instead of fp16 (an fp16 VAE can overflow), "
                         "or check the data (python -m sdtune.data check); nothing was saved from these steps")
                 if ema is not None and finite:
@@ -634,7 +634,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                 last_loss, loss_sum, loss_count = float(loss_sum) / loss_count, 0.0, 0
                 rates = {g["name"]: rate for g, rate in zip(groups, lr_scheduler.get_last_lr())}  # in the groups' order
                 logs = {"loss": last_loss, "lr": next(rate for name, rate in rates.items() if "/" not in name),
-                        "grad_norm": float(grad_norm), "skipped_steps": skipped_steps,
+                        "grad_norm": float(grad_norm), "skipped_steps": counters.skipped_steps,
                         "samples_per_second": samples_seen / (time.time() - start)}
                 if len(groups) > 1:  # unet+text, DiffFit's scales: each group's rate under its own name
                     logs.update({f"lr/{name}": rate for name, rate in rates.items()})
@@ -695,7 +695,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "learning_rates": {c: lr for c, lr in lrs.items() if trainable[c]},
             "steps": global_step,
             "final_loss": last_loss,
-            "skipped_nonfinite_steps": skipped_steps,
+            "skipped_nonfinite_steps": counters.skipped_steps,
             "samples_per_second": samples_seen / wall_time if wall_time > 0 else None,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "wall_time_seconds": wall_time,

@@ -130,6 +130,17 @@ def test_nan_steps_are_skipped_and_counted(tiny_model, phantom_chexpert, tmp_pat
     assert all(torch.isfinite(t).all() for t in _unet(tmp_path).values())
 
 
+def test_a_resumed_run_counts_the_steps_skipped_before_its_checkpoint(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
+    monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on({2}))
+    main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 2, steps=2))
+    assert json.loads((tmp_path / "checkpoint-2" / "counters.json").read_text()) == {"skipped_steps": 1,
+                                                                                      "nonfinite_in_a_row": 1}
+    monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on(set()))
+    summary = main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 2,
+                         "--resume_from_checkpoint", "latest", steps=4))
+    assert summary["steps"] == 4 and summary["skipped_nonfinite_steps"] == 1
+
+
 def test_too_many_nan_steps_stop_with_advice_and_save_nothing(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
     monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on(set(range(1, 100))))
     with pytest.raises(UserError, match=r"3 steps in a row with NaN/inf gradients.*learning rate.*bf16"):
