@@ -372,6 +372,22 @@ def library_versions() -> dict[str, str]:
     return package_versions("sdtune", "torch", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes")
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Option combinations that cannot work, refused before anything is loaded or written."""
+    if cfg.torch_compile:
+        check_compile_backend(cfg.torch_compile_backend)
+        check_compile_mode(cfg.torch_compile_mode)
+    if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise UserError("--enable_xformers_memory_efficient_attention needs the xformers package (pip install -r "
+                        "requirements-gpu.txt); without the flag, PyTorch's SDPA attention is used (flash attention "
+                        "on recent GPUs)")
+    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":  # diffusers' constant schedule ignores warm-up
+        raise UserError(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant: use "
+                        "--lr_scheduler constant_with_warmup (or linear, cosine, ...), or --lr_warmup_steps 0")
+    if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
+        raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
+
+
 def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     """Train, save final_model/ (and the adapter file) and training_summary.json.
 
@@ -390,18 +406,7 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     # A local one recorded absolute: synthesis from another folder would take "outputs/tiny-sd15" for a hub id.
     local = Path(base).expanduser()
     cfg = replace(cfg, pretrained_model_name_or_path=str(local.resolve()) if local.exists() else base)
-    if cfg.torch_compile:
-        check_compile_backend(cfg.torch_compile_backend)
-        check_compile_mode(cfg.torch_compile_mode)
-    if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise UserError("--enable_xformers_memory_efficient_attention needs the xformers package (pip install -r "
-                        "requirements-gpu.txt); without the flag, PyTorch's SDPA attention is used (flash attention "
-                        "on recent GPUs)")
-    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":  # diffusers' constant schedule ignores warm-up
-        raise UserError(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant: use "
-                        "--lr_scheduler constant_with_warmup (or linear, cosine, ...), or --lr_warmup_steps 0")
-    if cfg.validation_fid_steps and not (cfg.validation_real and cfg.validation_prompts):
-        raise UserError("--validation_fid_steps needs --validation_real (the real images) and --validation_prompts")
+    check_options(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, strategy)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
