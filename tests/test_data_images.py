@@ -80,6 +80,18 @@ def test_16bit_grey_is_rescaled_by_65535_not_clipped(tmp_path, suffix):
     assert grey[128, 128] == round(32896 * 255 / 65535) == 128
 
 
+def test_a_16bit_white_is_zero_tiff_is_inverted(tmp_path):
+    # Photometric 0 (WhiteIsZero), TIFF's MONOCHROME1: 0 is white. Pillow inverts it at 8 bits (mode L;I)
+    # but returns 16-bit data as stored.
+    values = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
+    Image.fromarray(values).save(tmp_path / "a.tif", tiffinfo={262: 0})
+    with Image.open(tmp_path / "a.tif") as raw:
+        assert raw.mode == "I;16" and raw.tag_v2[262] == 0 and np.asarray(raw)[0, 0] == 0
+    grey = assert_grey(rgb_array(tmp_path / "a.tif"))
+    assert (grey == 255 - np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)).all()
+    assert grey[0, 0] == 255 and grey[-1, -1] == 0
+
+
 def test_12bit_data_in_16bit_png_is_scaled_by_the_container_and_reported_dark(tmp_path):
     values = np.arange(4096, dtype=np.uint16).reshape(64, 64)  # 12-bit values, not scaled up
     Image.fromarray(values).save(tmp_path / "a.png")

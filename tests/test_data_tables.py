@@ -561,6 +561,29 @@ def test_metadata_text_with_nul_characters_is_refused(tmp_path):
         assert [(p.where, p.what) for p in problems] == [(bad, nul)]
 
 
+def test_a_metadata_label_column_with_a_cell_written_wrong_stays_a_label_column(tmp_path):
+    # One "yes" used to turn the whole column to text, so it was dropped as a label: every image lost it.
+    touch(*(tmp_path / f"{i}.png" for i in range(4)))
+    path = write_csv(tmp_path / "metadata.csv", ["file_name", "text", "Cardiomegaly", "view"],
+                     [{"file_name": f"{i}.png", "text": "x", "Cardiomegaly": cell, "view": "PA"}
+                      for i, cell in enumerate(["1.0", "0", "yes", ""])])
+    examples, problems = read_table(path)
+    assert [(ex.image.name, ex.labels) for ex in examples] == [("0.png", {"Cardiomegaly": 1.0}),
+                                                              ("1.png", {"Cardiomegaly": 0.0}), ("3.png", {})]
+    assert [(p.where, p.what) for p in problems] == [
+        ("metadata.csv line 4", "label(s) Cardiomegaly='yes' not a number: write 1, 0, -1 or leave blank")]
+
+
+def test_a_label_cell_that_may_name_a_patient_is_not_shown(tmp_path):
+    # a shifted or hand-edited cell holding a path or an id: the row is named by its line, the cell is not
+    rows = [chexpert_row(1, Edema="CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"),
+            chexpert_row(2, Cardiomegaly="patient00002"), chexpert_row(3, Edema="yes")]
+    path = write_csv(tmp_path / "train.csv", CHEXPERT_COLUMNS, rows)
+    _, problems = read_table(path, check_files=False)
+    text = " ".join(p.what for p in problems)
+    assert "patient0000" not in text and "<a value not shown>" in text and "Edema='yes'" in text
+
+
 def test_metadata_csv_and_missing_text_column(tmp_path):
     touch(tmp_path / "img/a.png")
     path = write_csv(tmp_path / "metadata.csv", ["file_name", "text", "patient_id"],

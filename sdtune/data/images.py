@@ -55,7 +55,8 @@ def load_image(path: str | Path) -> Image.Image:
     12-bit data written unscaled into a 16-bit PNG therefore comes out dark, and `check_image`
     reports it instead of guessing. 32-bit integer TIFF has no meaningful declared range, so it
     is scaled from its own min..max; float TIFF is taken as [0, 1] when it lies in it, else min..max.
-    Any data outside its declared range also falls back to min..max.
+    Any data outside its declared range also falls back to min..max. A TIFF stored WhiteIsZero (0 is
+    white, as DICOM's MONOCHROME1) is inverted, at every bit depth.
 
     DICOM (.dcm, or any file with the DICM prefix), through pydicom: modality LUT (rescale
     slope/intercept), then the first VOI LUT of the VOI LUT Sequence, else the first window
@@ -76,8 +77,10 @@ def load_image(path: str | Path) -> Image.Image:
     if _is_dicom(path):
         rgb = _decode_dicom(path)
     else:
-        image, bits = _open_with_pillow(path)
+        image, bits, white_is_zero = _open_with_pillow(path)
         rgb = _pillow_to_rgb(path, image, bits)
+        if white_is_zero:  # as MONOCHROME1 in DICOM: inverted after the rescale
+            rgb = 255 - rgb
     return Image.fromarray(rgb)  # a fresh image: no EXIF, ICC or DICOM element travels with it
 
 
@@ -191,8 +194,10 @@ def _require_file(path: Path) -> None:
 # --- Pillow -----------------------------------------------------------------------------------
 
 
-def _open_with_pillow(path: Path) -> tuple[Image.Image, int | None]:
-    """The fully decoded, upright image and its declared bit depth (None where it has none)."""
+def _open_with_pillow(path: Path) -> tuple[Image.Image, int | None, bool]:
+    """The fully decoded, upright image, its declared bit depth (None where it has none), and whether its
+    grey values still need inverting: a high-depth TIFF stored WhiteIsZero (Photometric 0), which
+    Pillow inverts at 8 bits (mode L;I) but returns as stored at 16 (I;16)."""
     try:
         with _FILTERS_LOCK, warnings.catch_warnings():
             # Pillow warns, naming no file, of images between its pixel limit and twice it: they are decoded
@@ -207,7 +212,8 @@ def _open_with_pillow(path: Path) -> tuple[Image.Image, int | None]:
                 raise ImageError(path, f"holds {frames} frames or pages: save the one to train on alone, or remove it")
             image.load()  # a truncated JPEG opens fine and only fails here
             bits = _declared_bits(image)  # before exif_transpose, whose copy forgets the format
-            return ImageOps.exif_transpose(image), bits
+            white_is_zero = image.format == "TIFF" and image.mode in _HIGH_DEPTH_MODES and image.tag_v2.get(262) == 0
+            return ImageOps.exif_transpose(image), bits, white_is_zero
     except UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow or pydicom can read: re-export it as PNG, JPEG, TIFF "
                          "or DICOM, or remove it") from None

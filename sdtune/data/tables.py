@@ -217,7 +217,7 @@ def read_ham10000(path: str | Path, image_root: str | Path | None = None, templa
                    dtype={"lesion_id": str, "image_id": str, "dx": str})
     names = list(HAM10000_DX.values())
     dx = df["dx"].str.strip().str.lower().map(HAM10000_DX)
-    found = [_row(path.name, line, f"{'unknown dx ' + repr(code) if isinstance(code, str) else 'dx is blank'}: "
+    found = [_row(path.name, line, f"{'unknown dx ' + _cell(code) if isinstance(code, str) else 'dx is blank'}: "
                                    f"use one of {', '.join(HAM10000_DX)}")
              for line, code in df["dx"][dx.isna()].items()]
     values = (dx.to_numpy()[:, None] == np.array(names)[None, :]).astype(float)
@@ -288,9 +288,23 @@ def read_metadata(path: str | Path, image_root: str | Path | None = None,
             found.append(_row(path.name, line, "text holds NUL characters (\\x00): remove them from the caption"))
     key = next((c for c in ("group", "patient_id") if c in df.columns), None)
     groups = [None if pd.isna(g) else str(g) for g in df[key]] if key else [None] * len(df)
-    names = [c for c in df.columns if c not in ("file_name", "text", key) and pd.api.types.is_numeric_dtype(df[c])]
-    values = df[names].to_numpy(dtype=float) if names else np.zeros((len(df), 0))
+    names = [c for c in df.columns if c not in ("file_name", "text", key) and _label_column(df[c])]
+    numbers = df[names].apply(pd.to_numeric, errors="coerce")
+    for line, row in (df[names].notna() & numbers.isna()).iterrows():  # "yes" in a label column: refused, not 0
+        if row.any():
+            cells = ", ".join(f"{c}={_cell(df.at[line, c])}" for c in names if row[c])
+            found.append(_row(path.name, line, f"label(s) {cells} not a number: write 1, 0, -1 or leave blank"))
+    values = numbers.to_numpy(dtype=float) if names else np.zeros((len(df), 0))
     return _finish(path.name, df.index, images, text, groups, names, values, found)
+
+
+def _label_column(column: pd.Series) -> bool:
+    """A metadata column of labels: numbers, or mostly numbers with some cells written wrong (a text
+    column such as a view or a note has next to none)."""
+    if pd.api.types.is_numeric_dtype(column):
+        return True
+    filled = column.dropna()
+    return len(filled) > 0 and pd.to_numeric(filled, errors="coerce").notna().mean() > 0.5
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -525,7 +539,7 @@ def _search(name: str, lines, ids: pd.Series, root: str) -> tuple[list[str | Non
         if not isinstance(image_id, str) or not image_id.strip():
             found.append(_row(name, line, "empty image id"))
         elif "/" in image_id or "\\" in image_id:
-            found.append(_row(name, line, f"image id {image_id!r} is a path, not a name: not read"))
+            found.append(_row(name, line, "image id is a path, not a name: not read"))  # (a path names a patient)
         elif image is None:
             missing.append((line, image_id))
         images.append(image)
@@ -557,9 +571,10 @@ def _image_ids(ids: pd.Series) -> pd.Series:
 
 
 def _cell(value) -> str:
-    """A table cell as a message shows it: 'yes', 2.0 or blank (not np.float64(nan))."""
+    """A table cell as a message shows it: 'yes', 2.0 or blank (not np.float64(nan)). Text that is not a
+    short word or a number is not shown: a shifted cell may hold a path or an id that names a patient."""
     if isinstance(value, str):
-        return repr(value)
+        return repr(value) if _a_word(value) or re.fullmatch(r"[-+0-9.,eE ]{1,12}", value) else "<a value not shown>"
     return "blank" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
