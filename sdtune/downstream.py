@@ -30,7 +30,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from sdtune.data.dataset import FORMATS, DataConfig, read_examples
 from sdtune.data.images import ImageError, ImageTransform, load_image
 from sdtune.data.records import DatasetError, Example, Problem, errors_only
 from sdtune.data.splits import held_out_name, split_examples
-from sdtune.data.tables import detect_format
+from sdtune.data.tables import detect_format, read_csv
 from sdtune.errors import UserError
 from sdtune.provenance import (generator_runs, held_out_rows, package_versions, synthetic_file, trained_on,
                                trained_on_real)
@@ -216,8 +216,9 @@ class Bank:
     names: list[str] | None = None  # each image's row or file ("train.csv line 12"), never a patient id
 
 
-def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
-    """(examples of --real, whether it is a metadata file); row errors stop unless skipped."""
+def read_real(cfg: DownstreamConfig) -> tuple[list[Example], bool, list[Problem]]:
+    """(examples of --real, whether it is a metadata file, its row problems): load_bank stops on them
+    with every other problem of the run, unless skipped."""
     if not cfg.real:
         raise UserError("--real is not given: pass the real data (e.g. CheXpert's train.csv)")
     source = Path(cfg.real).expanduser()
@@ -235,26 +236,42 @@ def read_real(cfg: DownstreamConfig, warn) -> tuple[list[Example], bool]:
         raise
     except UserError as err:
         raise UserError(str(err).replace("--data_format", "--real-format")) from None
-    _stop_on_errors(problems, cfg.real, cfg.skip_bad_files)
-    if problems:
-        warn(f"{len(problems)} row problem(s) in {cfg.real}, e.g. {problems[0]}")
     if source.is_dir():
         metadata = any((source / n).is_file() for n in ("metadata.jsonl", "metadata.csv"))
     else:
         metadata = (cfg.real_format if cfg.real_format != "auto" else detect_format(source)) == "metadata"
-    return examples, metadata
+    return examples, metadata, problems
 
 
-def read_synthetic(path: str, labels: list[str]) -> list[Example]:
-    """A synthetic set through the data layer's metadata reader; every label must be one of its columns."""
+def read_synthetic(path: str, labels: list[str]) -> tuple[list[Example], list[Problem]]:
+    """A synthetic set through the data layer's metadata reader, and its problems; every label must be
+    one of its columns. Rows and problems are named by the set's file ("synthetic/lora/metadata.csv
+    line 3"): several sets share the name metadata.csv."""
     file = synthetic_file(path)
-    missing = [name for name in labels if name not in pd.read_csv(file, nrows=0).columns]
+    # The data layer's reader: an empty or non-UTF-8 file is one line, not a pandas traceback.
+    cells = read_csv(file, [], dtype=str)
+    missing = [name for name in labels if name not in cells.columns]
     if missing:
         raise UserError(f"--synthetic {path} has no column(s) {', '.join(missing)}: make it with a --labels-csv "
                         "holding them, or fix --labels")
     examples, problems = read_examples(DataConfig(train_csv=str(file), data_format="metadata"))
-    _stop_on_errors(problems, str(file), skip=False)
-    return examples
+
+    def named(where: str) -> str:
+        return str(file.parent / where) if where.startswith(file.name) else where
+
+    problems = [replace(p, where=named(p.where)) for p in problems]
+    # The metadata reader keeps only all-numeric columns as labels: one "yes" would drop the column, and
+    # every image would silently be a negative of it. So the label columns are read here, cell by cell.
+    values = cells[labels].apply(pd.to_numeric, errors="coerce")
+    bad = cells[labels].apply(lambda column: column.str.strip().fillna("") != "") & values.isna()
+    for line in cells.index[bad.any(axis=1).to_numpy()]:
+        # the cell itself is not repeated: a column mix-up can put a patient's path in it
+        problems += [Problem(f"{file} line {line}", f"{name} is not a number: write 1, 0, -1 or leave it blank")
+                     for name in labels if bad.at[line, name]]
+    rows = values.to_dict("index")  # file line -> {label: value}
+    examples = [replace(ex, source=named(ex.source), labels={**ex.labels, **{
+        k: v for k, v in rows.get(int(ex.source.rpartition(" line ")[2]), {}).items() if v == v}}) for ex in examples]
+    return examples, problems
 
 
 def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, dict]], warn) -> tuple[set[str] | None, dict]:
@@ -291,12 +308,14 @@ def generator_held_out(cfg: DownstreamConfig, generators: list[tuple[str, Path, 
     return held, {"rule": rule, "generators_holding_it_out": used, "generators_that_saw_it": seen}
 
 
-def label_matrix(examples: list[Example], labels: list[str], metadata: bool, uncertainty: str) -> np.ndarray:
+def label_matrix(examples: list[Example], labels: list[str], metadata: bool, uncertainty: str,
+                 problems: list[Problem] | None = None) -> np.ndarray:
     """(N, labels) floats: 1 positive, 0 negative, NaN unknown (left out of the loss and the AUROC).
 
     Clinical tables are read under U-Ignore with blank = 0, so a missing value is an uncertain
     -1. Metadata files (synthetic sets included) keep raw cells: blank is 0. Either way -1 then
-    follows `uncertainty` through the data layer's `apply_uncertainty`.
+    follows `uncertainty` through the data layer's `apply_uncertainty`. Any other value is a
+    problem of its row: every one is added to `problems`, or raised at once without it.
     """
     values = np.array([[ex.labels.get(name, np.nan) for name in labels] for ex in examples], dtype=float)
     values = values.reshape(len(examples), len(labels))
@@ -304,9 +323,13 @@ def label_matrix(examples: list[Example], labels: list[str], metadata: bool, unc
         values = np.where(np.isnan(values), -1.0, values)
     values = apply_uncertainty(values, uncertainty)
     bad = ~np.isnan(values) & ~np.isin(values, (0.0, 1.0))
-    if bad.any():
-        i, j = map(int, np.argwhere(bad)[0])
-        raise UserError(f"{examples[i].source}: label {labels[j]} = {values[i, j]}: labels must be 1, 0, -1 or blank")
+    found = [Problem(examples[i].source or str(examples[i].image),
+                     f"label {labels[j]} = {values[i, j]:g}: labels must be 1, 0, -1 or blank")
+             for i, j in np.argwhere(bad)]
+    if problems is None and found:
+        raise DatasetError(found, context="the labels")
+    if problems is not None:
+        problems += found
     return values
 
 
@@ -335,18 +358,34 @@ def decode(examples: list[Example], resolution: int, grey: bool, workers: int) -
 def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bool) -> tuple[Bank, dict]:
     """Read, split and decode the real data, and the synthetic images if `with_synthetic`, once; checks every
     label against the data. The test set comes from --synthetic's generators whether or not their images are
-    read, so real-only arms run alone are tested on the same patients as arms c and d."""
-    real, metadata = read_real(cfg, warn)
+    read, so real-only arms run alone are tested on the same patients as arms c and d. Every problem of the
+    data (rows, label values, images) is found before any stops the run, so one run reports them all."""
+    real, metadata, problems = read_real(cfg)
+    skip = cfg.skip_bad_files
+    if not real:  # before the labels are checked: with no row left, every label would be "not in" --real
+        if not skip:
+            _stop_on_errors(problems + _refused_images(problems, cfg), cfg.real, skip)
+        errors = errors_only(problems)
+        raise UserError(f"no row of {cfg.real} is left to use" + (
+            f": --skip_bad_files left out every row ({len(errors)} problem(s), e.g. {errors[0]})" if errors
+            else f" (--views {cfg.views})"))
     absent = [name for name in labels if not any(name in ex.labels for ex in real)]
     if absent:
         found = sorted({k for ex in real for k in ex.labels})
         raise UserError(f"label(s) {', '.join(absent)} not in {cfg.real} (its labels: {', '.join(found) or 'none'}): "
                         "fix --labels")
-    synthetic, synth_targets = [], []
+    # A synthetic set's problems and bad label values stop the run even with --skip_bad_files: leaving
+    # them out would change what is measured.
+    synthetic, synth_targets, unskippable = [], [], []
     for path in (cfg.synthetic or []) if with_synthetic else []:
-        examples = read_synthetic(path, labels)
+        try:
+            examples, found = read_synthetic(path, labels)
+        except DatasetError as err:  # a set that cannot be read at all (empty, not UTF-8): reported with the rest
+            unskippable += err.problems
+            continue
         synthetic += examples
-        synth_targets.append(label_matrix(examples, labels, True, cfg.uncertainty))
+        unskippable += found
+        synth_targets.append(label_matrix(examples, labels, True, cfg.uncertainty, unskippable))
 
     held, test_rule = generator_held_out(cfg, generator_runs(cfg.synthetic or [], warn), warn)
     if held is not None:
@@ -369,15 +408,29 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bo
         train, test = split_examples(real, cfg.test_fraction, seed=cfg.split_seed, by="patient")
     examples = train + test + synthetic
     # The policy is a training choice; the test set's uncertain labels are always left out of the AUROC.
-    targets = np.concatenate([label_matrix(train, labels, metadata, cfg.uncertainty),
-                              label_matrix(test, labels, metadata, "ignore")] + synth_targets)
+    targets = np.concatenate([label_matrix(train, labels, metadata, cfg.uncertainty, unskippable),
+                              label_matrix(test, labels, metadata, "ignore", unskippable)] + synth_targets)
     print(f"decoding {len(examples)} images at {cfg.resolution} px ({len(train) + len(test)} real, "
           f"{len(synthetic)} synthetic)")
-    real_pixels, problems = decode(train + test, cfg.resolution, grey=False, workers=cfg.workers)
+    real_pixels, image_problems = decode(train + test, cfg.resolution, grey=False, workers=cfg.workers)
     # SD's RGB output has faint colour casts no radiograph has: grey real data makes synthetic grey too.
     grey = all(p is None or p.shape[0] == 1 for p in real_pixels)
     synth_pixels, synth_problems = decode(synthetic, cfg.resolution, grey=grey, workers=cfg.workers)
-    _stop_on_errors(problems + synth_problems, "the images", cfg.skip_bad_files)
+    # One report of everything: --skip_bad_files leaves out real rows and unreadable images, so only the rest stops it.
+    stopping = list(unskippable) if skip else problems + image_problems + unskippable + synth_problems
+    stopping += _refused_images(stopping, cfg)
+    first = {}  # each row's problems together, rows in the order first named
+    stopping.sort(key=lambda p: first.setdefault(p.where, len(first)))
+    context = f"{cfg.real} and the synthetic set(s)" if with_synthetic and cfg.synthetic else cfg.real
+    if errors_only(unskippable):
+        raise DatasetError(stopping, context, "fix them: --skip_bad_files leaves out real rows and unreadable "
+                                              "images only")
+    _stop_on_errors(stopping, context, skip)
+    if problems:
+        warn(f"{len(problems)} row problem(s) in {cfg.real}, e.g. {problems[0]}")
+    if all(p is None for p in real_pixels):  # --skip_bad_files left out every one: nothing to train or test on
+        raise UserError(f"no image of {cfg.real} could be read: --skip_bad_files left out all {len(real_pixels)}, "
+                        f"e.g. {image_problems[0]}")
     pixels = real_pixels + synth_pixels
     keep = np.array([p is not None for p in pixels], dtype=bool)
     if not keep.all():
@@ -396,6 +449,13 @@ def load_bank(cfg: DownstreamConfig, labels: list[str], warn, with_synthetic: bo
               "test": {**_describe(bank, bank.test, labels), "rows_sha256": digest, **test_rule},
               "synthetic": _describe(bank, bank.synthetic, labels)}
     return bank, counts
+
+
+def _refused_images(problems: list[Problem], cfg: DownstreamConfig) -> list[Problem]:
+    """The problems of the images of rows refused before decoding (a bad label or caption): decoded
+    anyway, as `python -m sdtune.data check` does, so they come in this report, not the next run's."""
+    refused = [Example(Path(p.image), "", source=p.where) for p in problems if p.image]
+    return decode(refused, cfg.resolution, grey=False, workers=cfg.workers)[1]
 
 
 def _stop_on_errors(problems: list[Problem], context: str, skip: bool) -> None:

@@ -50,8 +50,11 @@ def generator_runs(synthetic_sets: list[str], warn=None) -> list[tuple[str, Path
             continue
         try:
             model_path = json.loads(config.read_text())["settings"]["model_path"]
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"cannot read the model path from {config}: {err}") from None
+            if not isinstance(model_path, str):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError) as err:  # TypeError: e.g. {"settings": []}
+            what = "it holds no settings.model_path string" if isinstance(err, (KeyError, TypeError)) else err
+            raise UserError(f"cannot read the model path from {config}: {what}") from None
         model = Path(model_path).expanduser()
         for folder in (model, model.parent):  # a run folder; its final_model/, checkpoint-N/ or adapter file
             summary = read_summary(folder)

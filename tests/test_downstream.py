@@ -14,7 +14,7 @@ import torch
 
 from sdtune.downstream import (ARCHS, DownstreamConfig, auroc_per_label, build_classifier, label_matrix, load_bank,
                                masked_bce, mean_auroc, read_weights, run, sample_per_class)
-from sdtune.data.records import Example
+from sdtune.data.records import DatasetError, Example
 from sdtune.errors import UserError, run_cli
 from sdtune.phantom import DRAWN, render_chest_xray, write_phantom_chexpert
 from sdtune.synthesis import METADATA_COLUMNS, write_metadata
@@ -458,6 +458,124 @@ def test_bad_input_is_one_line_error(case, expected, phantom_train_csv, syntheti
     assert re.search(expected, err), err
     # Bad input loses nothing; a run that fails later leaves no earlier results to be read as its own.
     assert old_results.exists() == (case != "diverged")
+
+
+def _stops(argv: list[str], capsys) -> str:
+    """stderr of a downstream.py run that stops on bad input: exit status 2 and no traceback."""
+    from sdtune.downstream import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def _args(real, tmp_path, *extra: str) -> list[str]:
+    return ["--real", str(real), "--arch", "small_cnn", "--resolution", "16", "--epochs", "1", "--labels",
+            ",".join(DRAWN), "--seeds", "0", "--bootstrap", "0", "--workers", "2", "--output-dir",
+            str(tmp_path / "out"), *extra]
+
+
+def _edited_copy(synthetic_set: Path, folder: Path, cells: dict[tuple[int, str], str]) -> Path:
+    """A copy of the synthetic set with some label cells rewritten: {(file line, column): text}."""
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(synthetic_set, folder)
+    table = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+    for (line, column), text in cells.items():
+        table.loc[line - 2, column] = text  # header = line 1
+    table.to_csv(folder / "metadata.csv", index=False)
+    return folder / "metadata.csv"
+
+
+def test_a_synthetic_label_cell_that_is_no_number_is_named_not_read_as_0(phantom_train_csv, synthetic_set, tmp_path):
+    # The metadata reader keeps only all-numeric columns as labels: one "yes" made every image a negative.
+    file = _edited_copy(synthetic_set, tmp_path / "s", {(3, "Cardiomegaly"): "yes",
+                                                       (7, "Pneumothorax"): "patient00001"})
+    cfg = config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(file.parent)])
+    with pytest.raises(DatasetError) as caught:
+        load_bank(cfg, list(DRAWN), print, with_synthetic=True)
+    fix = "is not a number: write 1, 0, -1 or leave it blank"
+    assert [str(p) for p in caught.value.problems] == [f"{file} line 3: Cardiomegaly {fix}",
+                                                       f"{file} line 7: Pneumothorax {fix}"]
+    assert "patient00001" not in str(caught.value)  # the cell is not repeated: it may hold an identifier
+    # A cell of spaces is blank (0), and the column's other cells are still read as labels.
+    last = 2 + len(DRAWN) * N_SYNTHETIC_EACH + N_SYNTHETIC_EACH - 1  # a no-finding row
+    file = _edited_copy(synthetic_set, tmp_path / "s2", {(last, "Cardiomegaly"): " "})
+    _, counts = load_bank(config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(file.parent)]),
+                          list(DRAWN), print, with_synthetic=True)
+    assert counts["synthetic"]["positives"] == {name: N_SYNTHETIC_EACH for name in DRAWN}
+
+
+def test_synthetic_files_that_cannot_be_read_are_one_line(phantom_train_csv, synthetic_set, tmp_path, capsys):
+    import shutil
+
+    latin1 = "file_name,text,Cardiomegaly\nimages/\u00e9.png,x,1\n".encode("latin-1")
+    for name, data in (("empty", b""), ("latin1", latin1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.csv").write_bytes(data)
+        err = _stops(_args(phantom_train_csv, tmp_path, "--arms", "d", "--synthetic", str(tmp_path / name)), capsys)
+        assert f"{tmp_path / name / 'metadata.csv'}: " + ("cannot read" if name == "empty" else "not UTF-8") in err, err
+    # its synthesis_config.json holds no settings object: one line naming it
+    shutil.copytree(synthetic_set, tmp_path / "made")
+    (tmp_path / "made" / "synthesis_config.json").write_text('{"settings": []}')
+    err = _stops(_args(phantom_train_csv, tmp_path, "--arms", "d", "--synthetic", str(tmp_path / "made")), capsys)
+    assert err == (f"error: cannot read the model path from {tmp_path / 'made' / 'synthesis_config.json'}: it holds no "
+                   "settings.model_path string\n")
+
+
+@pytest.fixture
+def small_chexpert(tmp_path):
+    """A 30-image phantom CheXpert table of its own, for tests that break its files."""
+    return write_phantom_chexpert(tmp_path / "small", n=30, size=32, seed=1) / "CheXpert-v1.0-small" / "train.csv"
+
+
+def test_no_readable_image_or_no_row_left_is_said_with_its_cause(small_chexpert, tmp_path, capsys):
+    import pandas as pd
+
+    table = pd.read_csv(small_chexpert)
+    # --image_root wrong: every row is left out, and the message names --image_root, not --labels
+    err = _stops(_args(small_chexpert, tmp_path, "--arms", "a", "--image_root", str(tmp_path), "--skip_bad_files"),
+                 capsys)
+    assert "no row of" in err and "left out every row" in err and "--image_root" in err and "fix --labels" not in err
+    # every image truncated: no torch.stack of nothing, but the first problem
+    for path in table.Path:
+        image = small_chexpert.parents[1] / path
+        image.write_bytes(image.read_bytes()[:200])
+    err = _stops(_args(small_chexpert, tmp_path, "--arms", "a", "--skip_bad_files"), capsys)
+    assert err.count("\n") == 1 and "no image of" in err and "could be read" in err, err
+    assert re.search(r"e\.g\. train\.csv line \d+: truncated or corrupt image data", err), err
+    assert "patient" not in err
+
+
+def test_every_problem_of_the_data_comes_in_one_report(small_chexpert, synthetic_set, tmp_path, capsys):
+    import pandas as pd
+
+    table = pd.read_csv(small_chexpert)
+    frontal = [i for i in table.index if table.at[i, "Frontal/Lateral"] == "Frontal"]
+    refused, truncated = frontal[0], frontal[2]
+    table.loc[refused, "Cardiomegaly"] = 2.0  # a row the data layer refuses; its image is broken too
+    table.to_csv(small_chexpert, index=False)
+    for i in (refused, truncated):
+        image = small_chexpert.parents[1] / table.Path[i]
+        image.write_bytes(image.read_bytes()[:200])
+    # two synthetic sets, each with bad label values on two lines
+    sets = [_edited_copy(synthetic_set, tmp_path / name, {(3, "Cardiomegaly"): "2", (5, "Pneumothorax"): "5"})
+            for name in ("s1", "s2")]
+    err = _stops(_args(small_chexpert, tmp_path, "--arms", "a,d", "--synthetic", *(str(f.parent) for f in sets)),
+                 capsys)
+    lines = err.splitlines()
+    assert lines[0].startswith("error: 7 problem(s) in "), err
+    assert [line.split(": ")[0] for line in lines[1:]] == [
+        f"  train.csv line {refused + 2}", f"  train.csv line {refused + 2}", f"  train.csv line {truncated + 2}",
+        f"  {sets[0]} line 3", f"  {sets[0]} line 5", f"  {sets[1]} line 3", f"  {sets[1]} line 5"], err
+    assert "unknown label value(s) Cardiomegaly=2.0" in lines[1] and "truncated or corrupt" in lines[2] + lines[3]
+    assert lines[4:6] == [f"  {sets[0]} line 3: label Cardiomegaly = 2: labels must be 1, 0, -1 or blank",
+                          f"  {sets[0]} line 5: label Pneumothorax = 5: labels must be 1, 0, -1 or blank"]
 
 
 # ------------------------------------------------------------------------------- the wrapper
