@@ -112,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if "(default" not in help_text:
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: "95% intervals" broke --help
         if kind is bool:
             # `--flag` turns it on, `--flag false` turns it off: shell wrappers pass values.
             group.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=default, help=help_text)

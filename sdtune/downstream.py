@@ -44,7 +44,7 @@ from sdtune.data.dataset import FORMATS, DataConfig, read_examples
 from sdtune.data.images import ImageError, ImageTransform, load_image
 from sdtune.data.records import DatasetError, Example, Problem, errors_only
 from sdtune.data.splits import held_out_name, split_examples
-from sdtune.data.tables import detect_format, read_csv
+from sdtune.data.tables import detect_format, is_label_column, read_csv
 from sdtune.errors import UserError
 from sdtune.provenance import (generator_runs, held_out_rows, package_versions, synthetic_file, trained_on,
                                trained_on_real)
@@ -260,14 +260,14 @@ def read_synthetic(path: str, labels: list[str]) -> tuple[list[Example], list[Pr
         return str(file.parent / where) if where.startswith(file.name) else where
 
     problems = [replace(p, where=named(p.where)) for p in problems]
-    # The metadata reader keeps only all-numeric columns as labels: one "yes" would drop the column, and
-    # every image would silently be a negative of it. So the label columns are read here, cell by cell.
+    # The metadata reader keeps mostly-numeric columns as labels (and names their other cells); a label asked
+    # for that it did not keep would be NaN, so 0, for every image. So the label columns are read here too.
     values = cells[labels].apply(pd.to_numeric, errors="coerce")
     bad = cells[labels].apply(lambda column: column.str.strip().fillna("") != "") & values.isna()
     for line in cells.index[bad.any(axis=1).to_numpy()]:
         # the cell itself is not repeated: a column mix-up can put a patient's path in it
         problems += [Problem(f"{file} line {line}", f"{name} is not a number: write 1, 0, -1 or leave it blank")
-                     for name in labels if bad.at[line, name]]
+                     for name in labels if bad.at[line, name] and not is_label_column(cells[name])]
     rows = values.to_dict("index")  # file line -> {label: value}
     examples = [replace(ex, source=named(ex.source), labels={**ex.labels, **{
         k: v for k, v in rows.get(int(ex.source.rpartition(" line ")[2]), {}).items() if v == v}}) for ex in examples]

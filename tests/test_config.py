@@ -80,3 +80,17 @@ def test_a_list_flag_given_twice_keeps_the_last_and_says_so(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--lora-target-modules was given more than once" in err and "the last one is used" in err and "to_v to_out.0" in err
     assert Demo().lora_target_modules == ["to_q", "to_k"]  # the default was not changed in place
+
+
+@pytest.mark.parametrize("argv", [["train_text_to_image.py"], ["synthesize_images.py"], ["evaluate.py"],
+                                  ["evaluate.py", "compare"], ["downstream.py"], ["-m", "sdtune.data", "check"]])
+def test_every_entry_point_prints_its_help(argv):
+    # argparse formats help text with %: one "95% intervals" in a field's help once broke downstream.py --help
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, *argv, "--help"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and "Traceback" not in result.stderr

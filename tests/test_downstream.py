@@ -499,10 +499,16 @@ def test_a_synthetic_label_cell_that_is_no_number_is_named_not_read_as_0(phantom
     cfg = config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(file.parent)])
     with pytest.raises(DatasetError) as caught:
         load_bank(cfg, list(DRAWN), print, with_synthetic=True)
-    fix = "is not a number: write 1, 0, -1 or leave it blank"
-    assert [str(p) for p in caught.value.problems] == [f"{file} line 3: Cardiomegaly {fix}",
-                                                       f"{file} line 7: Pneumothorax {fix}"]
-    assert "patient00001" not in str(caught.value)  # the cell is not repeated: it may hold an identifier
+    fix = "not a number: write 1, 0, -1 or leave blank"  # the data layer's metadata reader names them
+    assert [str(p) for p in caught.value.problems] == [f"{file} line 3: label(s) Cardiomegaly='yes' {fix}",
+                                                       f"{file} line 7: label(s) Pneumothorax=<a value not shown> {fix}"]
+    assert "patient00001" not in str(caught.value)  # such a cell is not repeated: it may hold an identifier
+    # a label column the data layer does not take for one (mostly words): named here, cell by cell
+    file = _edited_copy(synthetic_set, tmp_path / "s3", {(line, "Cardiomegaly"): "no" for line in range(2, 60)})
+    with pytest.raises(DatasetError) as caught:
+        load_bank(config(phantom_train_csv, tmp_path, resolution=16, synthetic=[str(file.parent)]),
+                  list(DRAWN), print, with_synthetic=True)
+    assert str(caught.value.problems[0]) == f"{file} line 2: Cardiomegaly is not a number: write 1, 0, -1 or leave it blank"
     # A cell of spaces is blank (0), and the column's other cells are still read as labels.
     last = 2 + len(DRAWN) * N_SYNTHETIC_EACH + N_SYNTHETIC_EACH - 1  # a no-finding row
     file = _edited_copy(synthetic_set, tmp_path / "s2", {(last, "Cardiomegaly"): " "})

@@ -288,22 +288,27 @@ def read_metadata(path: str | Path, image_root: str | Path | None = None,
             found.append(_row(path.name, line, "text holds NUL characters (\\x00): remove them from the caption"))
     key = next((c for c in ("group", "patient_id") if c in df.columns), None)
     groups = [None if pd.isna(g) else str(g) for g in df[key]] if key else [None] * len(df)
-    names = [c for c in df.columns if c not in ("file_name", "text", key) and _label_column(df[c])]
-    numbers = df[names].apply(pd.to_numeric, errors="coerce")
-    for line, row in (df[names].notna() & numbers.isna()).iterrows():  # "yes" in a label column: refused, not 0
+    names = [c for c in df.columns if c not in ("file_name", "text", key) and is_label_column(df[c])]
+    cells = df[names].apply(lambda column: column.map(_blank_if_spaces))
+    numbers = cells.apply(pd.to_numeric, errors="coerce")
+    for line, row in (cells.notna() & numbers.isna()).iterrows():  # "yes" in a label column: refused, not 0
         if row.any():
-            cells = ", ".join(f"{c}={_cell(df.at[line, c])}" for c in names if row[c])
-            found.append(_row(path.name, line, f"label(s) {cells} not a number: write 1, 0, -1 or leave blank"))
+            cells_text = ", ".join(f"{c}={_cell(df.at[line, c])}" for c in names if row[c])
+            found.append(_row(path.name, line, f"label(s) {cells_text} not a number: write 1, 0, -1 or leave blank"))
     values = numbers.to_numpy(dtype=float) if names else np.zeros((len(df), 0))
     return _finish(path.name, df.index, images, text, groups, names, values, found)
 
 
-def _label_column(column: pd.Series) -> bool:
+def _blank_if_spaces(value):
+    return (value.strip() or np.nan) if isinstance(value, str) else value
+
+
+def is_label_column(column: pd.Series) -> bool:
     """A metadata column of labels: numbers, or mostly numbers with some cells written wrong (a text
     column such as a view or a note has next to none)."""
     if pd.api.types.is_numeric_dtype(column):
         return True
-    filled = column.dropna()
+    filled = column.map(_blank_if_spaces).dropna()
     return len(filled) > 0 and pd.to_numeric(filled, errors="coerce").notna().mean() > 0.5
 
 
