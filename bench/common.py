@@ -98,6 +98,15 @@ class StepClock:
         self.device = device
         self.sync_at = sync_at
         self.times: list[float] = []
+        self.started: float | None = None  # when the loop began (models loaded): start()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def first_step_seconds(self) -> float | None:
+        """The loop's start to the end of its first step: the one-off costs (compiling, cuDNN's autotuning,
+        the first allocations) that the throughput leaves out. Exact when step 1 is in sync_at."""
+        return self.times[0] - self.started if self.started is not None and self.times else None
 
     def tick(self) -> None:
         if self.sync_at is None or len(self.times) + 1 in self.sync_at:
@@ -152,6 +161,7 @@ def environment(device: torch.device) -> dict:
     import transformers
 
     env = {
+        "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -159,7 +169,10 @@ def environment(device: torch.device) -> dict:
                      "accelerate": accelerate.__version__, "peft": peft.__version__},
     }
     if device.type == "cuda":
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        properties = torch.cuda.get_device_properties(device)
+        env["gpu_memory_gib"] = round(properties.total_memory / 2**30, 1)
+        # which card, not only which model: --reuse matches on it (older torch has no uuid)
+        env["gpu_uuid"] = str(properties.uuid) if hasattr(properties, "uuid") else None
     return env
 
 
@@ -172,22 +185,44 @@ def write_json(path: str | Path, record: dict) -> None:
     partial.replace(path)
 
 
+SAME_MACHINE = ("device", "host", "gpu_uuid")  # environment()'s fields naming the card a record was measured on
+
+
 def earlier_records(paths: list[str] | None, pattern: str, record: dict, same: tuple[str, ...]) -> list[tuple[str, dict]]:
     """(path, record) of earlier JSON records (files, or folders: their `pattern` files) made on the same
-    device, in the same mode (tiny or not), with the same `same` settings: what they measured stands for
-    this run's measurement (--reuse). Others are named and skipped."""
+    host and card (device name, host name, GPU UUID), in the same mode (tiny or not), with the same `same`
+    settings: what they measured stands for this run's measurement (--reuse). Others are named and
+    skipped; a record without the host or UUID (older ones) does not match one with them."""
     files = [f for p in paths or [] for f in (sorted(Path(p).glob(pattern)) if Path(p).is_dir() else [Path(p)])]
     found = []
     for path in files:
         if not path.is_file():
             continue
         earlier = json.loads(path.read_text())
-        if earlier.get("device") != record["device"] or earlier.get("tiny") != record["tiny"] or any(
+        if any(earlier.get(k) != record.get(k) for k in SAME_MACHINE) or earlier.get("tiny") != record["tiny"] or any(
                 earlier.get("settings", {}).get(k) != record["settings"][k] for k in same):
-            print(f"--reuse {path}: another device or other settings; nothing reused from it")
+            print(f"--reuse {path}: another machine, device or other settings; nothing reused from it")
             continue
         found.append((str(path), earlier))
     return found
+
+
+def mean_se(values: list[float]) -> tuple[float, float] | None:
+    """Mean and its standard error (sample std / sqrt(n)); None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, (var / len(values)) ** 0.5
+
+
+def ratio_se(ratio: float | None, toolkit_steps: list[float], reference_steps: list[float]) -> float | None:
+    """Standard error of toolkit/reference samples/s from both sides' timed step times (the delta method:
+    se(ratio)/ratio = sqrt((se_t/mean_t)^2 + (se_r/mean_r)^2))."""
+    tk, ref = mean_se(toolkit_steps), mean_se(reference_steps)
+    if ratio is None or tk is None or ref is None or not tk[0] or not ref[0]:
+        return None
+    return ratio * ((tk[1] / tk[0]) ** 2 + (ref[1] / ref[0]) ** 2) ** 0.5
 
 
 def fmt(value, spec: str = ".1f", missing: str = "-") -> str:

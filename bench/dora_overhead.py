@@ -89,7 +89,8 @@ def with_adapter(base: nn.Module, rank: int, dora: bool, seed: int) -> nn.Module
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            param.data = param.data.float()  # fp32 adapters over a half base, as the reference recipe
+            if ".lora_" in name:  # fp32 adapters over a half base, as the reference recipe; the base keeps --dtype
+                param.data = param.data.float()
             if "lora_B" in name:
                 param.copy_(0.02 * torch.randn(param.shape, generator=g))
             if "lora_magnitude_vector" in name:

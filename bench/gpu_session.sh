@@ -7,7 +7,7 @@
 #   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none      (~1.5 min)
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~2.5 min)
-#   more           train_speed.py: difffit, unet+vae+text (bitfit's reference reused)        (~1.5 min)
+#   more           train_speed.py: difffit (vs the BitFit reference), unet+vae+text          (~1.5 min)
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16             (~1 min)
 #   resume         paged_resume.py: a resumed low-profile run keeps its state paged          (~1 min)
@@ -28,7 +28,11 @@
 # ./bench-results) gets logs, JSON and session.txt (each task's exit and seconds; 124: cut at the
 # deadline). A second call on the same warm machine can name the tasks the first did not reach: the
 # installed wheels, the 4.3 GB model folder and the JSON (/tmp/sdtune-gpu) are reused, and --reuse
-# lets train_speed and train_memory go on where a task was cut.
+# lets train_speed and train_memory go on where a task was cut (train_speed: finished rows only;
+# every train_speed task measures its references in its own process, as a verdict needs).
+# A task starts only with about one reference + one row of it left (the H200 seconds of
+# bench/results/2026-11-27-h200: a compiled row ~150 s, the U-Net reference ~15 s, start-up ~20 s),
+# and runs for the time left less 20 s: timeout's 15 s of grace after SIGINT stay inside the budget.
 # Wheels the GPU machine lacks travel in .whl/ (BENCHMARKS.md says which).
 set -uo pipefail
 budget=480
@@ -73,13 +77,15 @@ task() {  # name, seconds worth starting with, command...
   echo "=== $name (${left} s left): $*"
   begin=$SECONDS
   # SIGINT: Python stops with KeyboardInterrupt; the JSON already holds every finished row.
-  timeout --signal=INT --kill-after=15 "$left" "$@" 2>&1 | tee "$out/$name.log"
+  # left - 20: a task that ignores SIGINT is killed 15 s later, still within the budget
+  timeout --signal=INT --kill-after=15 "$(( left - 20 ))" "$@" 2>&1 | tee "$out/$name.log"
   rc=${PIPESTATUS[0]}
   echo "$name exit $rc after $(( SECONDS - begin )) s" | tee -a "$out/session.txt"
   cp "$out"/*.json "$state"/ 2>/dev/null
 }
 
-# --reuse: what an earlier call measured here (references, finished rows) is not measured again
+# --reuse: rows an earlier call finished here are not measured again; references are (no --reuse-references):
+# the issue's verdicts need both sides measured in one process
 speed=(python3 bench/train_speed.py --model-dir "$model" "${batch[@]}" --reuse "$state")
 synth=(python3 bench/synth_speed.py --model-dir "$model" "${tiny[@]}")
 for t in "${tasks[@]}"; do
@@ -89,10 +95,10 @@ for t in "${tasks[@]}"; do
     memory) task memory 60 python3 bench/train_memory.py --model-dir "$model" "${tiny[@]}" --reuse "$state" \
               --output "$out/train_memory.json" \
               --strategies unet+vae+text unet+vae unet+text unet vae+text vae text bitfit difffit dora lora ;;
-    more) task more 60 "${speed[@]}" --strategies difffit unet+vae+text --output "$out/train_speed_more.json" ;;
-    compiled) task compiled 150 "${speed[@]}" --strategies unet lora --toolkit-args "--torch_compile --channels_last" \
+    more) task more 90 "${speed[@]}" --strategies difffit unet+vae+text --output "$out/train_speed_more.json" ;;
+    compiled) task compiled 240 "${speed[@]}" --strategies unet lora --toolkit-args "--torch_compile --channels_last" \
                 --output "$out/train_speed_compiled.json" ;;
-    compiled_peft) task compiled_peft 150 "${speed[@]}" --strategies dora bitfit \
+    compiled_peft) task compiled_peft 240 "${speed[@]}" --strategies dora bitfit \
                      --toolkit-args "--torch_compile --channels_last" --output "$out/train_speed_compiled_peft.json" ;;
     # which of the synthesis defaults cost speed on the GPU (channels_last without torch's NHWC GroupNorm?)
     ablation) task ablation 90 "${synth[@]}" --fast-recipe "" --toolkit-configs defaults= \
@@ -100,7 +106,7 @@ for t in "${tasks[@]}"; do
                 "none=--channels_last false --fuse_qkv false --cudnn_benchmark false" \
                 --output "$out/synth_speed_ablation.json" ;;
     # fp16's path (fp32 master weights, grad scaler, fused AdamW), which no CPU can run
-    fp16) task fp16 40 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;
+    fp16) task fp16 75 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;
     resume) task resume 45 python3 bench/paged_resume.py --model-dir "$model" "${tiny[@]}" \
               --output "$out/paged_resume.json" ;;
     e2e) task e2e 120 "${e2e[@]}" bash bench/gpu_e2e.sh "$model" "$state/e2e" "$resolution" ;;

@@ -6,7 +6,8 @@ Reads whichever of the session's JSON files are there (train_speed*.json, synth_
 train_memory.json, paged_resume.json, dora_overhead.json) and prints one table per benchmark,
 headed by the device, versions and date the runs recorded. A run cut short (status "running")
 is marked as such; a row that failed shows its error. Nothing is computed that the JSON does
-not hold, except the gap to a target (reached / target).
+not hold, except the gap to a target (reached / target) and, for records older than the field,
+the ratio's standard error from the step times they hold. A field a record predates shows "-".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt  # noqa: E402
+from common import fmt, ratio_se  # noqa: E402
 
 NAMES = {"unet": "full U-Net", "lora": "LoRA", "dora": "DoRA", "bitfit": "BitFit", "difffit": "DiffFit",
          "unet+vae+text": "U-Net+VAE+text"}
@@ -46,15 +47,38 @@ def origin(record: dict) -> str:
     return f"{record.get('device', record.get('device_name', '?'))}; {names}; {record.get('date', 'date not recorded')}"
 
 
-def target_cell(r: dict) -> str:
-    """The target verdict, with what decided it: the speed reached and the memory against the reference's."""
+NO_VERDICT = "reference from another process: no verdict"
+
+
+def row_se(r: dict, timed_steps: int | None) -> float | None:
+    """The ratio's standard error as the row recorded it, or (older records) from both sides' timed step times."""
+    if "ratio_se" in r or not timed_steps:
+        return r.get("ratio_se")
+    steps = lambda side: (side.get("step_seconds") or [])[-timed_steps:]  # noqa: E731
+    return ratio_se(r.get("ratio"), steps(r["toolkit"]), steps(r["reference"]))
+
+
+def target_cell(r: dict, se: float | None = None) -> str:
+    """The target verdict, with what decided it: the speed reached, the peak memory (allocated and reserved)
+    against the reference's, and whether the ratio is within 2 standard errors of the target.
+    None against a reference measured in another process: the issue wants both in one."""
     if "target_ratio" not in r:
         return "-"
     ref, tk, reached = r["reference"], r["toolkit"], r["ratio"]
+    if ref.get("reused_from") or r.get("meets_target") is None:
+        return NO_VERDICT
     parts = [] if reached is None else [f"speed {reached / r['target_ratio']:.0%} of it"]
-    if tk.get("peak_gib") is not None and ref.get("peak_gib") is not None:
-        parts.append("memory " + ("within" if tk["peak_gib"] <= ref["peak_gib"] else "above") + " the reference's")
-    return f"{r['target_ratio']:.1f}x: {'met' if r['meets_target'] else 'missed'}" + (f" ({'; '.join(parts)})" if parts else "")
+    memory_above = False
+    for kind, key in (("allocated", "peak_gib"), ("reserved", "peak_reserved_gib")):
+        if tk.get(key) is None or ref.get(key) is None:
+            parts.append(f"{kind} peak not recorded")
+            continue
+        memory_above |= tk[key] > ref[key]
+        parts.append(f"{kind} peak " + ("within" if tk[key] <= ref[key] else "above") + " the reference's")
+    if se is not None and reached is not None and abs(reached - r["target_ratio"]) < 2 * se:
+        parts.append(f"within noise: {abs(reached - r['target_ratio']):.2f} from the target, se {se:.2f}")
+    met = r["meets_target"] and not memory_above  # older rows were judged on the allocated peak alone
+    return f"{r['target_ratio']:.1f}x: {'met' if met else 'missed'}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def published_cell(record: dict, r: dict, warnings: list[str]) -> str:
@@ -91,16 +115,24 @@ def train_speed_table(folder: Path) -> str | None:
                 strategy += f" (vs {NAMES.get(ref['recipe'], ref['recipe'])} reference)"
             toolkit = r["toolkit_mixed_precision"] + (f" `{flags}`" if flags else "")
             once = (tk.get("encoded_once") or {}).get("seconds")
-            measured_in = f"`{Path(ref['reused_from']).name}`" if ref.get("reused_from") else "this run"
+            measured_in = (f"`{Path(ref['reused_from']).name}` (another process)" if ref.get("reused_from")
+                           else "this run")
+            se = row_se(r, settings.get("timed_steps"))
             rows.append([strategy, r["batch_size"], toolkit, fmt(ref.get("samples_per_second")),
-                         fmt(tk.get("samples_per_second")), fmt(r.get("ratio"), ".2f"), target_cell(r),
-                         fmt(ref.get("peak_gib"), ".2f"), fmt(tk.get("peak_gib"), ".2f"), fmt(once),
+                         fmt(tk.get("samples_per_second")), fmt(r.get("ratio"), ".2f"), fmt(se, ".3f"),
+                         target_cell(r, se), fmt(ref.get("peak_gib"), ".2f"), fmt(tk.get("peak_gib"), ".2f"),
+                         fmt(ref.get("peak_reserved_gib"), ".2f"), fmt(tk.get("peak_reserved_gib"), ".2f"),
+                         fmt(ref.get("data_wait_seconds_per_step"), ".3f", "not recorded"),
+                         fmt(ref.get("first_step_seconds"), ".1f", "not recorded"),
+                         fmt(tk.get("first_step_seconds"), ".1f", "not recorded"), fmt(once),
                          published_cell(record, r, warnings), measured_in,
                          ref.get("error") or tk.get("error") or ""])
     if not rows:
         return None
     header = ["strategy", "batch", "toolkit", "reference samples/s", "toolkit samples/s", "toolkit/ref",
-              "target", "ref peak GiB", "toolkit peak GiB", "encoded once, s", "REFERENCE.md H100 (measured ref off by)",
+              "toolkit/ref se", "target", "ref peak GiB allocated", "toolkit peak GiB allocated",
+              "ref peak GiB reserved", "toolkit peak GiB reserved", "ref data wait s/step", "ref first step s",
+              "toolkit first step s", "encoded once, s", "REFERENCE.md H100 (measured ref off by)",
               "reference measured in", "error"]
     notes = "".join(f"\n\n**Warning:** {w}" for w in dict.fromkeys(warnings))
     return "### Training speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows) + notes

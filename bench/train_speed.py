@@ -20,12 +20,19 @@ step and of the last step only (common.StepClock; the reference still waits each
 diffusers script does, reading its loss); samples/s = timed steps x batch / (end of the last
 step - end of the last warm-up step), so
 model loading, the first step's allocations and kernel selection never count, while data
-loading, tokenising, VAE/text encoding and the optimizer do. The toolkit's checkpoint and
+loading, tokenising, VAE/text encoding and the optimizer do. Those one-off costs are recorded
+apart: first_step_seconds, from the loop's start (models loaded; for the toolkit, images encoded)
+to the end of the first step, compiling and cuDNN's autotuning included. The reference's
+data_wait_seconds_per_step (next(loader) + the copy to the device, timed steps) shows a
+host-bound reference. ratio_se: the ratio's standard error from both sides' timed step times
+(delta method); a verdict within 2 of them of the target is marked "within noise". The toolkit's checkpoint and
 final-model writes are switched off for the benchmark (disk speed, not training speed; the
 reference writes nothing either). The toolkit encodes the images and captions of its frozen
 encoders once, before its loop (sdtune.caching); that pass is outside the step clock, as a
 one-off cost per dataset, and its seconds are printed and recorded beside each toolkit row.
-Peak GiB: torch.cuda.max_memory_allocated over the whole run (max_memory_reserved recorded too).
+Peak GiB: torch.cuda.max_memory_allocated and max_memory_reserved over the whole run; the memory
+criterion needs the toolkit at or under the reference on both. Both sides of a judged row are
+measured in this process: a reference taken from an earlier run (--reuse-references) gives no verdict.
 DiffFit has no reference recipe: it is compared with the BitFit reference (both train the
 biases of an fp32 U-Net; DiffFit adds norms and its scales).
 """
@@ -44,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (StepClock, earlier_records, environment, fmt, free_memory, model_folder, peak_gib, peak_reserved_gib,  # noqa: E402
-                    pick_device, quiet_libraries, start_memory, table, write_image_folder, write_json)
+                    pick_device, quiet_libraries, ratio_se, start_memory, table, write_image_folder, write_json)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -159,38 +166,49 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
     scale = vae.config.scaling_factor
 
     # ---- the loop
-    clock, losses, step = StepClock(device, {warmup, steps} if warmup else None), [], 0
+    clock, losses, waits, step = StepClock(device, {1, warmup, steps} if warmup else None), [], [], 0
+    clock.start()
+    batches = iter(loader)
     while step < steps:
-        for batch in loader:
-            pixel_values = batch["pixel_values"].to(device, dtype=frozen_dtype)
-            with autocast(trains_all):  # all three trained: the whole step under autocast
-                latents = vae.encode(pixel_values).latent_dist.sample() * scale
-                noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=device).long()
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-                with autocast(True):  # accelerate runs the prepared U-Net's forward under autocast
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-                if trains_all:  # the study's VAE term
-                    decoded = vae.decode(latents / scale, return_dict=False)[0]
-                    loss = loss + F.mse_loss(decoded.float(), pixel_values.float())
-            losses.append(loss.item())  # the script's train_loss += avg_loss.item()
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # accelerator.clip_grad_norm_ unscales, then clips
-            torch.nn.utils.clip_grad_norm_(clipped, 1.0)
-            scaler.step(optimizer)  # skips the update on non-finite gradients (counted after the loop:
-            scaler.update()         # reading the scale here would wait for the GPU every step)
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            clock.tick()
-            step += 1
-            if step == steps:
-                break
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:  # the epoch ended: the script's next epoch
+            batches = iter(loader)
+            batch = next(batches)
+        # accelerate's prepared loader moves the fp32 batch to the device (blocking: the script pins no memory,
+        # dataloader_num_workers 0); the cast to weight_dtype runs there, not on the host
+        pixel_values, input_ids = batch["pixel_values"].to(device), batch["input_ids"].to(device)
+        waits.append(time.perf_counter() - waited)
+        pixel_values = pixel_values.to(frozen_dtype)
+        with autocast(trains_all):  # all three trained: the whole step under autocast
+            latents = vae.encode(pixel_values).latent_dist.sample() * scale
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=device).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            with autocast(True):  # accelerate runs the prepared U-Net's forward under autocast
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+            if trains_all:  # the study's VAE term
+                decoded = vae.decode(latents / scale, return_dict=False)[0]
+                loss = loss + F.mse_loss(decoded.float(), pixel_values.float())
+        losses.append(loss.item())  # the script's train_loss += avg_loss.item()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # accelerator.clip_grad_norm_ unscales, then clips
+        torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+        scaler.step(optimizer)  # skips the update on non-finite gradients (counted after the loop:
+        scaler.update()         # reading the scale here would wait for the GPU every step)
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        clock.tick()
+        step += 1
     taken = int(optimizer.state[params[0]].get("step", 0)) if optimizer.state.get(params[0]) else 0
+    timed_waits = waits[warmup or 0:]  # the steps inside the timed window
     return {"clock": clock, "losses": losses, "skipped_steps": steps - taken,
-            "trainable_parameters": sum(p.numel() for p in params)}
+            "trainable_parameters": sum(p.numel() for p in params),
+            # next(loader) + the copy to the device: a host-bound reference shows here
+            "data_wait_seconds_per_step": sum(timed_waits) / len(timed_waits) if timed_waits else None}
 
 
 # ------------------------------------------------------------------------------- the toolkit
@@ -202,7 +220,7 @@ class _ProgressClock:
     clock: StepClock | None = None
 
     def __init__(self, *args, **kwargs):
-        pass
+        self.clock.start()  # sdtune.train makes its bar just before the loop: models loaded, images encoded
 
     def update(self, n: int = 1) -> None:
         for _ in range(n):
@@ -254,7 +272,7 @@ def toolkit_run(model_dir: Path, strategy: str, images: Path, batch_size: int, r
             "--max_train_steps", str(steps), "--mixed_precision", precision, "--lora_rank", str(lora_rank),
             "--lora_alpha", str(lora_rank), "--seed", str(seed), "--output_dir", str(out_dir), "--report_to", "none",
             "--checkpointing_steps", str(10**9), *extra]
-    clock = StepClock(device, {warmup, steps} if warmup else None)
+    clock = StepClock(device, {1, warmup, steps} if warmup else None)
     _ProgressClock.clock = clock
     log = io.StringIO()
     noop = lambda *args, **kwargs: None  # noqa: E731
@@ -309,7 +327,8 @@ def measure(run, device: torch.device, warmup: int, batch_size: int, flags: tupl
         result["error"] = f"{len(clock.times)} of {kwargs['steps']} steps ran"  # never a figure from a cut run
     if clock is not None:
         result.update(samples_per_second=clock.samples_per_second(warmup, batch_size),
-                      step_seconds=[round(b - a, 4) for a, b in zip(clock.times, clock.times[1:])])
+                      step_seconds=[round(b - a, 4) for a, b in zip(clock.times, clock.times[1:])],
+                      first_step_seconds=clock.first_step_seconds())
     free_memory(device)  # outside the except block, so the exception's frames (and tensors) are gone
     return result
 
@@ -329,16 +348,56 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+NO_VERDICT = "reference from another process: no verdict"
+
+
+def judge(row: dict, timed_steps: int, target: float | None) -> dict:
+    """The ratio's standard error and, where a target applies, the verdict: speed, and peak memory both
+    allocated and reserved. A reference measured in another process (--reuse-references) gets none:
+    the issue wants both sides measured in one process."""
+    ref, tk, speedup = row["reference"], row["toolkit"], row["ratio"]
+    # the timed steps' times (the warm-up's come first in step_seconds)
+    steps = lambda side: (side.get("step_seconds") or [])[-timed_steps:]  # noqa: E731
+    row["ratio_se"] = ratio_se(speedup, steps(tk), steps(ref))
+    if target is None:
+        return row
+    row["target_ratio"] = target
+    if ref.get("reused_from"):
+        row.update(meets_target=None, no_verdict=NO_VERDICT)
+        return row
+    memory_missed = [kind for kind, key in (("allocated", "peak_gib"), ("reserved", "peak_reserved_gib"))
+                     if tk.get(key) is None or ref.get(key) is None or tk[key] > ref[key]]
+    row.update(meets_target=speedup is not None and speedup >= target and not memory_missed,
+               speed_met=speedup is not None and speedup >= target, memory_missed=memory_missed,
+               # one of two runs of the same code could fall on the other side of the target
+               within_noise=row["ratio_se"] is not None and speedup is not None
+               and abs(speedup - target) < 2 * row["ratio_se"])
+    return row
+
+
+def verdict(row: dict) -> str:
+    """The target column: met/missed, what missed, and whether the ratio is within noise of the target."""
+    if "target_ratio" not in row:
+        return ""
+    if row.get("meets_target") is None or row["reference"].get("reused_from"):
+        return NO_VERDICT
+    text = f"{row['target_ratio']:.1f}x {'met' if row['meets_target'] else 'missed'}"
+    missed = (["speed"] if row.get("speed_met") is False else []) + [f"{m} peak" for m in row.get("memory_missed", [])]
+    if missed and not row["meets_target"]:
+        text += f" ({', '.join(missed)})"
+    return text + (" within noise" if row.get("within_noise") else "")
+
+
 # Settings that must match for an earlier run's measurement to stand for this run's.
 SAME_SETTINGS = ("resolution", "warmup_steps", "timed_steps", "reference_precision", "lora_rank", "images")
 
 
 def earlier_measurements(paths: list[str] | None, record: dict) -> tuple[dict, dict]:
-    """What earlier train_speed JSON files measured on the same device with the same settings:
+    """What earlier train_speed JSON files measured on the same machine and card with the same settings:
     references keyed (recipe, batch), and finished toolkit rows keyed (strategy, batch, precision,
-    toolkit args). A run cut short then goes on where it stopped, and a second run (e.g. the
-    compiled toolkit) is compared with the very same reference figures instead of spending GPU
-    time re-measuring them. Failed measurements are measured again."""
+    toolkit args). A run cut short then goes on where it stopped (--reuse: rows, each with the reference
+    it was measured beside); a reference alone stands for this run's only with --reuse-references, and
+    its rows get no verdict. Failed measurements are measured again."""
     references, rows = {}, {}
     for path, earlier in earlier_records(paths, "train_speed*.json", record, SAME_SETTINGS):
         for row in earlier.get("results", []):
@@ -386,9 +445,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                       "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
     p.add_argument("--reuse", nargs="+", default=None, metavar="JSON_OR_DIR",
-                   help="earlier train_speed JSON files (a folder: its train_speed*.json): what they measured on this device with the same settings is "
-                        "not measured again (references; toolkit rows with the same strategy, batch, precision and "
-                        "--toolkit-args): a run cut short goes on where it stopped; a compiled run keeps the references")
+                   help="earlier train_speed JSON files (a folder: its train_speed*.json): their finished rows measured on "
+                        "this machine and card with the same settings (strategy, batch, precision, --toolkit-args) are "
+                        "not measured again, so a run cut short goes on where it stopped")
+    p.add_argument("--reuse-references", action="store_true",
+                   help="also take references from the --reuse files instead of measuring them: saves GPU time, but "
+                        "the rows judged against them get no target verdict (the issue wants one process)")
     p.add_argument("--output", default="train_speed.json", help="JSON record, rewritten after every run")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -442,7 +504,8 @@ def main(argv=None) -> dict:
                            "timing_rule": "device synchronised at the end of the last warm-up step and of the last "
                                           "step; samples/s = timed steps x "
                                           "batch / (end of last step - end of last warm-up step)",
-                           "reference_recipe_of": REFERENCE_RECIPE, "reuse": args.reuse},
+                           "reference_recipe_of": REFERENCE_RECIPE, "reuse": args.reuse,
+                           "reuse_references": args.reuse_references},
               "published_reference_h100_batch16": {k: {"samples_per_second": v[0], "peak_gib": v[1]} for k, v in PUBLISHED.items()},
               "results": [], "status": "running"}
     begin = time.perf_counter()
@@ -453,6 +516,8 @@ def main(argv=None) -> dict:
         common = dict(model_dir=model_dir, images=images, resolution=args.resolution, steps=total_steps,
                       lora_rank=args.lora_rank)
         references, done = earlier_measurements(args.reuse, record)
+        if not args.reuse_references:
+            references = {}  # each reference is measured beside its toolkit rows, in this process
         announced = set()
         for n, (batch, strategy) in enumerate(order, 1):
             recipe = REFERENCE_RECIPE.get(strategy, strategy)
@@ -462,6 +527,8 @@ def main(argv=None) -> dict:
                 if row is None:
                     todo.append(precision)
                     continue
+                # judged again by this version's rules (an older row may have been judged against a reused reference)
+                row = judge(dict(row), args.steps, TARGETS[strategy] if "target_ratio" in row else None)
                 record["results"].append(row)
                 print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}: "
                       f"{fmt(row['toolkit'].get('samples_per_second'))} samples/s, x{fmt(row['ratio'], '.2f')} the "
@@ -474,8 +541,8 @@ def main(argv=None) -> dict:
                               precision=args.reference_precision, **common)
                 references[(recipe, batch)] = {"recipe": recipe, **ref}
                 print(f"[{n}/{len(order)}] reference {recipe:13s} batch {batch:2d}: "
-                      f"{fmt(ref.get('samples_per_second'))} samples/s, peak {fmt(ref.get('peak_gib'), '.2f')} GiB"
-                      + note(ref), flush=True)
+                      f"{fmt(ref.get('samples_per_second'))} samples/s, peak {fmt(ref.get('peak_gib'), '.2f')} GiB, "
+                      f"data wait {fmt(ref.get('data_wait_seconds_per_step'), '.3f')} s/step" + note(ref), flush=True)
             elif (recipe, batch) not in announced:
                 ref = references[(recipe, batch)]
                 print(f"[{n}/{len(order)}] reference {recipe:13s} batch {batch:2d}: "
@@ -490,14 +557,13 @@ def main(argv=None) -> dict:
                 row = {"strategy": strategy, "batch_size": batch, "toolkit_mixed_precision": precision,
                        "reference": ref, "toolkit": tk, "ratio": speedup,
                        "memory_ratio": ratio(tk.get("peak_gib"), ref.get("peak_gib"))}
-                if batch == 16 and strategy in TARGETS and not args.tiny:
-                    row["target_ratio"] = TARGETS[strategy]
-                    row["meets_target"] = (speedup is not None and speedup >= TARGETS[strategy]
-                                           and tk["peak_gib"] is not None and tk["peak_gib"] <= ref["peak_gib"])
+                targeted = batch == 16 and strategy in TARGETS and not args.tiny
+                judge(row, args.steps, TARGETS[strategy] if targeted else None)
                 record["results"].append(row)
                 print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}: "
                       f"{fmt(tk.get('samples_per_second'))} samples/s, peak {fmt(tk.get('peak_gib'), '.2f')} GiB, "
-                      f"x{fmt(speedup, '.2f')} the reference" + encoded(tk) + note(tk), flush=True)
+                      f"x{fmt(speedup, '.2f')} (se {fmt(row['ratio_se'], '.2f')}) the reference" + encoded(tk)
+                      + (f"; {verdict(row)}" if verdict(row) else "") + note(tk), flush=True)
                 record["total_seconds"] = time.perf_counter() - begin
                 write_json(args.output, record)
     record["status"] = "complete"
@@ -513,13 +579,16 @@ def print_table(record: dict) -> None:
     for r in record["results"]:
         ref, tk = r["reference"], r["toolkit"]
         name = r["strategy"] + (f" (vs {ref['recipe']})" if ref["recipe"] != r["strategy"] else "")
-        target = f"{r['target_ratio']:.1f}x {'met' if r['meets_target'] else 'missed'}" if "target_ratio" in r else ""
+        peaks = lambda side: f"{fmt(side.get('peak_gib'), '.2f')}/{fmt(side.get('peak_reserved_gib'), '.2f')}"  # noqa: E731
         rows.append([name, r["batch_size"], r["toolkit_mixed_precision"], fmt(ref.get("samples_per_second")),
-                     fmt(tk.get("samples_per_second")), fmt(r["ratio"], ".2f"), fmt(ref.get("peak_gib"), ".2f"),
-                     fmt(tk.get("peak_gib"), ".2f"), target, ref.get("error") or tk.get("error") or ""])
+                     fmt(tk.get("samples_per_second")), fmt(r["ratio"], ".2f"), fmt(r.get("ratio_se"), ".3f"),
+                     peaks(ref), peaks(tk), fmt(ref.get("data_wait_seconds_per_step"), ".3f"),
+                     fmt(ref.get("first_step_seconds")), fmt(tk.get("first_step_seconds")), verdict(r),
+                     ref.get("error") or tk.get("error") or ""])
     print()
-    print(table(rows, ["strategy", "batch", "toolkit", "ref samples/s", "toolkit samples/s", "toolkit/ref",
-                       "ref peak GiB", "toolkit peak GiB", "target", "error"]))
+    print(table(rows, ["strategy", "batch", "toolkit", "ref samples/s", "toolkit samples/s", "toolkit/ref", "se",
+                       "ref peak GiB alloc/reserved", "toolkit peak GiB alloc/reserved", "ref data wait s/step",
+                       "ref first step s", "toolkit first step s", "target", "error"]))
     print(f"({record['device']}; reference precision {record['settings']['reference_precision']}; "
           f"{record['settings']['warmup_steps']} warm-up + {record['settings']['timed_steps']} timed steps)")
 

@@ -88,6 +88,95 @@ def test_a_cut_run_is_an_error_not_a_figure(monkeypatch):
         train_speed.toolkit_run(Path("m"), "lora", Path("i"), 2, 64, 13, "no", torch.device("cpu"), 4, Path("o"), [])
 
 
+def _row(ref_steps, tk_steps, ref_peaks=(30.0, 31.0), tk_peaks=(29.0, 30.0), **reference):
+    speed = lambda steps: 16 / (sum(steps) / len(steps))  # noqa: E731
+    ref = {"recipe": "unet", "samples_per_second": speed(ref_steps), "step_seconds": [9.0, *ref_steps],
+           "peak_gib": ref_peaks[0], "peak_reserved_gib": ref_peaks[1], **reference}
+    tk = {"samples_per_second": speed(tk_steps), "step_seconds": [9.0, *tk_steps], "peak_gib": tk_peaks[0],
+          "peak_reserved_gib": tk_peaks[1]}
+    return {"strategy": "unet", "batch_size": 16, "reference": ref, "toolkit": tk,
+            "ratio": tk["samples_per_second"] / ref["samples_per_second"]}
+
+
+def test_the_ratios_standard_error_comes_from_both_sides_step_times():
+    from common import ratio_se
+
+    # means 1.0 and 0.4, sample std 0.1 and 0.02 over 4 steps: se/mean 0.05 and 0.025
+    ref, tk = [0.9, 1.1, 0.9, 1.1], [0.38, 0.42, 0.38, 0.42]
+    std = lambda xs: (sum((x - sum(xs) / 4) ** 2 for x in xs) / 3) ** 0.5  # noqa: E731
+    expected = 2.5 * math.hypot(std(ref) / 2 / 1.0, std(tk) / 2 / 0.4)
+    assert ratio_se(2.5, tk, ref) == pytest.approx(expected)
+    assert ratio_se(2.5, tk, [1.0]) is None and ratio_se(None, tk, ref) is None
+    row = train_speed.judge(_row(ref, tk), timed_steps=4, target=None)  # the warm-up's 9 s left out
+    assert row["ratio_se"] == pytest.approx(expected) and "meets_target" not in row
+
+
+def test_a_verdict_needs_both_sides_in_one_process_both_peaks_and_says_when_it_is_within_noise():
+    steady_ref, steady_tk = [1.0, 1.001, 0.999, 1.0], [0.38, 0.381, 0.379, 0.38]  # ratio 2.63, se ~0.002
+    met = train_speed.judge(_row(steady_ref, steady_tk), 4, 2.5)
+    assert met["meets_target"] is True and not met["within_noise"] and met["memory_missed"] == []
+    assert train_speed.verdict(met) == "2.5x met"
+    # a reference measured in another process: no verdict, however fast
+    reused = train_speed.judge(_row(steady_ref, steady_tk, reused_from="earlier/train_speed.json"), 4, 2.5)
+    assert reused["meets_target"] is None and train_speed.verdict(reused) == train_speed.NO_VERDICT
+    # under the reference's allocated peak but over its reserved one (the eager U-Net on the H200): missed
+    reserved = train_speed.judge(_row(steady_ref, steady_tk, tk_peaks=(29.0, 31.5)), 4, 2.5)
+    assert reserved["meets_target"] is False and reserved["memory_missed"] == ["reserved"]
+    assert train_speed.verdict(reserved) == "2.5x missed (reserved peak)"
+    # 2.50 with a ~2.6% standard error: met, but within noise of the target
+    noisy = train_speed.judge(_row([0.9, 1.1, 0.9, 1.1], [0.38, 0.42, 0.38, 0.42]), 4, 2.5)
+    assert noisy["ratio"] == pytest.approx(2.5) and noisy["within_noise"]
+    assert train_speed.verdict(noisy) == "2.5x met within noise"
+
+
+def test_reference_moves_fp32_pixels_to_the_device_then_casts_them_there(tiny_model, tmp_path, monkeypatch):
+    """As accelerate's prepared loader and the script's .to(weight_dtype): never a host-side cast."""
+    moves = []
+
+    class HostBatch(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to:
+                moves.append((args[1:], kwargs))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+
+    collate = train_speed.reference_collate
+    monkeypatch.setattr(train_speed, "reference_collate",
+                        lambda examples: {**(b := collate(examples)), "pixel_values": b["pixel_values"].as_subclass(HostBatch)})
+    images = write_image_folder(tmp_path / "images", n=4, size=64)
+    result = train_speed.reference_run(tiny_model, "lora", images, batch_size=2, resolution=64, steps=2,
+                                       precision="fp16", device=torch.device("cpu"), lora_rank=4, warmup=1)
+    assert moves[:2] == [((torch.device("cpu"),), {}), ((torch.float16,), {})]  # device first, no dtype; then the cast
+    assert _positive(result["data_wait_seconds_per_step"]) and _positive(result["clock"].first_step_seconds())
+
+
+def test_dora_overhead_keeps_the_frozen_base_in_its_dtype_and_only_the_adapters_in_fp32():
+    import dora_overhead
+
+    base = dora_overhead.Projections(32, 24).requires_grad_(False).to(torch.bfloat16)
+    module = dora_overhead.with_adapter(base, rank=4, dora=True, seed=0)
+    dtypes = {name: p.dtype for name, p in module.named_parameters()}
+    adapters = {name for name in dtypes if ".lora_" in name}
+    assert adapters and any("lora_magnitude_vector" in name for name in adapters)
+    assert all(dtypes[name] == torch.float32 for name in adapters)
+    assert {dtypes[name] for name in dtypes if name not in adapters} == {torch.bfloat16}  # base_layer weights, bias
+
+
+def test_gpu_tables_read_the_h200_session_without_the_new_fields_and_judge_no_reused_reference():
+    import gpu_tables
+
+    text = gpu_tables.tables(Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-11-27-h200")
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| full U-Net")]
+    eager, compiled = rows  # train_speed.json, then train_speed_compiled.json (its reference from the first)
+    assert "reference from another process: no verdict" in compiled[7] and "met" not in compiled[7]
+    assert "reserved peak above the reference's" in eager[7] and eager[7].startswith("2.5x: missed")
+    assert (eager[10], eager[11]) == ("31.23", "31.32")  # peak reserved, reference and toolkit
+    assert eager[12:15] == ["not recorded"] * 3  # data wait and first steps: recorded since
+    assert float(compiled[6]) == pytest.approx(0.064, abs=0.001)  # from the step times the JSON holds
+
+
 def test_heaviest_runs_go_last_and_the_order_is_otherwise_kept():
     order = train_speed.run_order(["unet+vae+text", "unet", "lora"], [16, 1])
     assert order == [(16, "unet"), (16, "lora"), (1, "unet"), (1, "lora"), (16, "unet+vae+text"), (1, "unet+vae+text")]
@@ -151,31 +240,46 @@ def test_train_speed_reuses_earlier_measurements_only_for_the_same_device_and_se
     def no_reference(**kwargs):
         raise AssertionError("the reference was measured again")
 
-    toolkit_runs = []
-    toolkit_run = train_speed.toolkit_run
-    monkeypatch.setattr(train_speed, "reference_run", no_reference)
+    toolkit_runs, reference_runs = [], []
+    toolkit_run, reference_run = train_speed.toolkit_run, train_speed.reference_run
     monkeypatch.setattr(train_speed, "toolkit_run", lambda **kw: toolkit_runs.append(kw["strategy"]) or toolkit_run(**kw))
+    # --reuse alone: bitfit's finished row is reused, but DiffFit's reference is measured here, beside it
+    monkeypatch.setattr(train_speed, "reference_run", lambda **kw: reference_runs.append(kw["recipe"]) or reference_run(**kw))
+    rows_only = tmp_path / "rows_only.json"
+    train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "difffit",
+                      "--reuse", str(first.parent), "--output", str(rows_only)])
+    assert toolkit_runs == ["difffit"] and reference_runs == ["bitfit"]
+    bitfit, difffit = json.loads(rows_only.read_text())["results"]
+    assert bitfit["reused_from"] == str(first) and "reused_from" not in difffit["reference"]
+    toolkit_runs.clear()
+
+    monkeypatch.setattr(train_speed, "reference_run", no_reference)
     second = tmp_path / "second.json"
     # the folder: its train_speed*.json; bitfit's row is finished there, DiffFit is compared with bitfit's reference
     train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "difffit",
-                      "--reuse", str(first.parent), "--output", str(second)])
+                      "--reuse", str(first.parent), "--reuse-references", "--output", str(second)])
     assert toolkit_runs == ["difffit"]
     bitfit, difffit = json.loads(second.read_text())["results"]
     assert bitfit == {**earlier, "reused_from": str(first)}
+    for side in ("reference", "toolkit"):  # one-off costs, apart from the throughput
+        assert _positive(earlier[side]["first_step_seconds"])
+    assert _positive(earlier["reference"]["data_wait_seconds_per_step"])
     assert "error" not in difffit["toolkit"] and difffit["reference"] == {"reused_from": str(first), **earlier["reference"]}
     assert difffit["ratio"] == pytest.approx(difffit["toolkit"]["samples_per_second"]
                                              / earlier["reference"]["samples_per_second"])
     # other toolkit flags: a new toolkit row, the same reference
     third = tmp_path / "third.json"
     train_speed.main(["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "--reuse", str(first),
-                      "--toolkit-args=--channels_last", "--output", str(third)])
+                      "--reuse-references", "--toolkit-args=--channels_last", "--output", str(third)])
     assert toolkit_runs == ["difffit", "bitfit"]
     assert json.loads(third.read_text())["results"][0]["reference"]["reused_from"] == str(first)
 
     record = json.loads(first.read_text())
     references, rows = train_speed.earlier_measurements([str(first)], record)
     assert set(references) == {("bitfit", 2)} and set(rows) == {("bitfit", 2, "no", "")}
-    for changed in ({"settings": {**record["settings"], "timed_steps": 5}}, {"device": "another GPU"}):
+    # the same model of GPU on another host, or another card of the same host, is another machine
+    for changed in ({"settings": {**record["settings"], "timed_steps": 5}}, {"device": "another GPU"},
+                    {"host": "another-host"}, {"gpu_uuid": "GPU-another-card"}):
         assert train_speed.earlier_measurements([str(first)], {**record, **changed}) == ({}, {})
     assert train_speed.earlier_measurements([str(tmp_path / "absent.json")], record) == ({}, {})
 
@@ -300,13 +404,46 @@ def test_gpu_session_refuses_unknown_tasks_and_skips_what_the_budget_cannot_hold
     assert not list((tmp_path / "out").glob("*.json")) and not (tmp_path / "out" / "targets.log").exists()
 
 
+def test_gpu_session_keeps_timeouts_grace_inside_the_budget_and_measures_references_in_each_task(tmp_path):
+    import os
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "timeout").write_text('#!/bin/sh\necho "$@" >> "$TIMEOUT_LOG"\n')
+    (fake / "timeout").chmod(0o755)
+    log = tmp_path / "timeout.log"
+    os.environ["PATH"], saved = f"{fake}:{os.environ['PATH']}", os.environ["PATH"]
+    os.environ["TIMEOUT_LOG"] = str(log)
+    try:
+        done = _session(tmp_path, "1000", "targets", "more", "fp16", "batch1", "compiled", "compiled_peft")
+    finally:
+        os.environ["PATH"] = saved
+        del os.environ["TIMEOUT_LOG"]
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6
+    for call in calls:
+        limit = int(call.split()[2])  # --signal=INT --kill-after=15 SECONDS command...
+        assert limit + 15 <= 1000 - 5 and "--reuse " in call + " " and "--reuse-references" not in call
+    # a compiled task must first measure its references (~15 s) and then one compiled row (~150 s)
+    short = _session(tmp_path, "230", "compiled", "compiled_peft")
+    session = (tmp_path / "out" / "session.txt").read_text()
+    assert short.returncode == 0 and "compiled skipped" in session and "compiled_peft skipped" in session
+
+
 def test_gpu_tables_say_what_decided_a_target_and_how_far_the_reference_is_from_reference_md():
     import gpu_tables
 
     row = {"batch_size": 16, "ratio": 2.6, "target_ratio": 2.5, "meets_target": False,
            "reference": {"recipe": "unet", "samples_per_second": 40.0, "peak_gib": 30.0},
            "toolkit": {"samples_per_second": 104.0, "peak_gib": 31.0}}
-    assert gpu_tables.target_cell(row) == "2.5x: missed (speed 104% of it; memory above the reference's)"
+    assert gpu_tables.target_cell(row) == ("2.5x: missed (speed 104% of it; allocated peak above the reference's; "
+                                           "reserved peak not recorded)")
+    assert gpu_tables.target_cell(row, se=0.06) == ("2.5x: missed (speed 104% of it; allocated peak above the "
+                                                    "reference's; reserved peak not recorded; within noise: 0.10 from "
+                                                    "the target, se 0.06)")
+    reused = {**row, "meets_target": True, "reference": {**row["reference"], "reused_from": "train_speed.json"}}
+    assert gpu_tables.target_cell(reused) == "reference from another process: no verdict"
     warnings = []
     record = {"published_reference_h100_batch16": {"unet": {"samples_per_second": 48.7, "peak_gib": 30.5}}}
     assert gpu_tables.published_cell(record, row, warnings) == "48.7 (-18%)"  # 40 / 48.7 - 1
