@@ -92,6 +92,8 @@ class StepClock:
     two ticks wait for the device (`sync_at`, 1-based; None: every tick): a wait after every
     step would stop the host from queueing the next step while the GPU finishes this one, which
     the diffusers loop does not do. The other ticks are when the host got through each step.
+    train_speed also waits at the end of step 1, a warm-up step: first_step_seconds is then the
+    device's time too, and the timed window is unchanged.
     """
 
     def __init__(self, device: torch.device, sync_at: set[int] | None = None):

@@ -25,8 +25,8 @@ apart: first_step_seconds, from the loop's start (models loaded; for the toolkit
 to the end of the first step, compiling and cuDNN's autotuning included. The reference's
 data_wait_seconds_per_step (next(loader) + the copy to the device, timed steps) shows a
 host-bound reference. ratio_se: the ratio's standard error from both sides' timed step times
-(delta method); a verdict within 2 of them of the target is marked "within noise". The toolkit's checkpoint and
-final-model writes are switched off for the benchmark (disk speed, not training speed; the
+(delta method); a verdict within 2 of them of the target is marked "within noise". The
+toolkit's checkpoint and final-model writes are switched off for the benchmark (disk speed, not training speed; the
 reference writes nothing either). The toolkit encodes the images and captions of its frozen
 encoders once, before its loop (sdtune.caching); that pass is outside the step clock, as a
 one-off cost per dataset, and its seconds are printed and recorded beside each toolkit row.
