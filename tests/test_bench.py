@@ -479,3 +479,60 @@ def test_gpu_session_runs_its_tasks_keeps_their_json_for_the_next_call_and_gpu_t
     assert f"{record['at_resume']['moved']} of {record['at_resume']['moments']} moments" in text
     assert "targets exit 0" in text.split("### The session")[1]
     assert gpu_tables.tables(tmp_path / "state" / "tiny-sd15").startswith("no gpu_session.sh results")
+
+
+# ------------------------------------------------------------------------------- synth_speed: isolation, strictness
+
+
+def test_synth_speed_refuses_a_row_with_another_guidance_and_records_warm_up_seconds(tiny_model, tmp_path):
+    # guidance 7.0 for 7.5 changes the tiny model's images by only 1.3e-3 mean: the old 0.01 passed it
+    output = tmp_path / "synth_speed.json"
+    returned = synth_speed.main(["--tiny", "--model-dir", str(tiny_model), "--output", str(output), "--fast-recipe", "",
+                                 "--toolkit-configs", "defaults=", "g7=--guidance_scale 7.0"])
+    record = json.loads(output.read_text())
+    assert record["settings"]["atol_mean_abs"] == 1e-3 and record["settings"]["atol_max_abs"] == 4 / 255
+    assert record["settings"]["isolate"] is False  # the CPU's default: one process
+    reference = record["reference"]
+    assert reference["guidance_scale"] == 7.5 and reference["timesteps"] == [801, 601, 601, 401, 201, 1]
+    assert reference["timesteps_every_batch"] and len(reference["warmup_seconds"]) == 1
+    defaults, g7 = record["toolkit"]
+    assert defaults["refused"] == [] and defaults["counts_toward_target"] and defaults["same_sampling"]
+    assert defaults["timesteps"] == reference["timesteps"] and defaults["guidance_scale"] == 7.5
+    assert all(_positive(s) for row in (reference, defaults) for s in row["warmup_seconds"] + [row["load_seconds"]])
+    assert g7["guidance_scale"] == 7.0 and not g7["counts_toward_target"] and not g7["same_sampling"]
+    assert "guidance 7.0 (reference 7.5)" in g7["refused"]
+    assert g7["same_work"]  # the same U-Net calls: only the guidance check and the images' catch it
+    assert g7["image_difference"]["mean_abs"] > 1e-3 and not g7["same_images"]
+    assert not record["same_sampling"] and not synth_speed.succeeded(returned)
+    # a row is judged on each figure: the timesteps alone refuse one too
+    args = synth_speed.parse_args(["--tiny"])
+    assert synth_speed.judge({**defaults, "timesteps": [801, 601, 401, 201, 1]}, reference, args) == [
+        "other timesteps than the reference's"]
+    assert synth_speed.judge({**defaults, "image_difference": {"mean_abs": 1e-4, "max_abs": 5 / 255}}, reference,
+                             args) == ["other images (max |diff| 2.0e-02 > 1.6e-02)"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' DPM-Solver++ + numpy 2
+def test_synth_speed_isolate_measures_each_side_in_its_own_process_and_still_compares_images(tiny_model, tmp_path):
+    import os
+
+    args = synth_speed.parse_args(["--tiny"])
+    assert args.isolate is None and synth_speed.settle(args).type == "cpu" and args.isolate is False
+    assert synth_speed.parse_args(["--tiny", "--no-isolate"]).isolate is False
+    output = tmp_path / "synth_speed.json"
+    returned = synth_speed.main(["--tiny", "--isolate", "--model-dir", str(tiny_model), "--output", str(output),
+                                 "--toolkit-configs", "defaults=", "g7=--guidance_scale 7.0"])
+    record = json.loads(output.read_text())
+    assert record["status"] == "complete" and record["settings"]["isolate"] is True
+    assert "own Python process" in record["settings"]["isolation"]
+    reference, (defaults, g7), fast = record["reference"], record["toolkit"], record["fast_recipe"]
+    pids = [row["pid"] for row in (reference, defaults, g7, fast)]
+    assert len(set(pids)) == 4 and os.getpid() not in pids  # every side measured in a process of its own
+    assert all(row["process_seconds"] > row["seconds"] > 0 for row in (reference, defaults, g7, fast))
+    # the images crossed processes: the defaults' are the reference's exactly (fp32, CPU), g7's are not
+    assert defaults["image_difference"]["max_abs"] == 0.0 and defaults["counts_toward_target"]
+    assert g7["image_difference"]["mean_abs"] > 1e-3 and "guidance 7.0 (reference 7.5)" in g7["refused"]
+    assert (defaults["unet_calls"], defaults["unet_samples"]) == (reference["unet_calls"], reference["unet_samples"])
+    assert fast["scheduler_class"] == "DPMSolverMultistepScheduler" and "image_difference" not in fast
+    assert returned["toolkit"] == record["toolkit"] and not synth_speed.succeeded(returned)
