@@ -412,6 +412,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as scratch:
         model_dir = model_folder(args.model_dir, args.tiny, Path(scratch), device)
+        free_memory(device)  # writing the model leaves ~4 GB in this process's allocator, held while children run
 
         def run(flags: str | None, keep_images: bool = True):  # flags None: the reference
             if args.isolate:
