@@ -138,32 +138,47 @@ def train_speed_table(folder: Path) -> str | None:
     return "### Training speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows) + notes
 
 
+def warmup_seconds(side: dict) -> str:
+    """The warm-up batches' seconds (torch.compile compiles and cuDNN autotunes there); older JSON has none."""
+    return fmt(sum(side["warmup_seconds"]) if "warmup_seconds" in side else None, ".1f")
+
+
 def synth_speed_table(folder: Path) -> str | None:
     rows, heads = [], []
     for name in ("synth_speed.json", "synth_speed_compiled.json", "synth_speed_ablation.json"):
         record = load(folder, name)
         if record is None or record.get("reference") is None:
             continue
-        heads.append(f"`{name}`: {origin(record)}{cut_short(record)}")
+        isolation = {True: "each side in its own process", False: "all sides in one process (cuDNN's algorithm "
+                     "cache shared)"}.get(record["settings"].get("isolate"), "all sides in one process (before --isolate)")
+        heads.append(f"`{name}`: {origin(record)}{cut_short(record)}; {isolation}")
         ref = record["reference"]
         rows.append([f"StableDiffusionPipeline ({name})", fmt(ref["images_per_second"], ".2f"), "1.00",
-                     fmt(ref.get("peak_gib"), ".2f"), "-", "-"])
+                     fmt(ref.get("peak_gib"), ".2f"), warmup_seconds(ref), "-", "-"])
         for row in record["toolkit"]:
-            same = f"{'yes' if row['same_images'] else 'NO'} (mean abs. diff. {row['image_difference']['mean_abs']:.1e})"
+            difference = row["image_difference"]
+            same = f"{'yes' if row['same_images'] else 'NO'} (mean abs. diff. {difference['mean_abs']:.1e}"
+            same += f", max {difference['max_abs']:.1e})" if "same_sampling" in row else ")"
             if "same_work" in row:
                 same += f"; U-Net calls {'as the reference' if row['same_work'] else '**NOT as the reference**'}"
+            if "same_sampling" in row:
+                sampling = "as the reference" if row["same_sampling"] else "**NOT as the reference**"
+                same += f"; timesteps and guidance {sampling}"
             target = "-"
-            if "meets_target" in row:
+            if row.get("refused"):  # other images, work, timesteps or guidance: never counted
+                target = "refused"
+            elif "meets_target" in row:
                 target = f"{record['target_ratio']:.1f}x: {'met' if row['meets_target'] else 'missed'}"
             rows.append([f"sdtune {row['name']} {row['flags']}".strip(), fmt(row["images_per_second"], ".2f"),
-                         fmt(row["ratio"], ".2f"), fmt(row.get("peak_gib"), ".2f"), same, target])
+                         fmt(row["ratio"], ".2f"), fmt(row.get("peak_gib"), ".2f"), warmup_seconds(row), same, target])
         if record.get("fast_recipe"):
             fast = record["fast_recipe"]
             rows.append([f"fast recipe {fast['flags']}", fmt(fast["images_per_second"], ".2f"), fmt(fast["ratio"], ".2f"),
-                         fmt(fast.get("peak_gib"), ".2f"), "other images (not compared)", "not counted"])
+                         fmt(fast.get("peak_gib"), ".2f"), warmup_seconds(fast), "other images (not compared)",
+                         "not counted"])
     if not rows:
         return None
-    header = ["synthesis", "images/s", "ratio to its reference", "peak GiB", "same images", "target"]
+    header = ["synthesis", "images/s", "ratio to its reference", "peak GiB", "warm-up s", "same images", "target"]
     return "### Synthesis speed\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + markdown(header, rows)
 
 
