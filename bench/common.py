@@ -188,6 +188,8 @@ def write_json(path: str | Path, record: dict) -> None:
 
 
 SAME_MACHINE = ("device", "host", "gpu_uuid")  # environment()'s fields naming the card a record was measured on
+# The target verdict of a row whose reference was measured in another process: issue 7 wants both sides in one.
+NO_VERDICT = "reference from another process: no verdict"
 
 
 def earlier_records(paths: list[str] | None, pattern: str, record: dict, same: tuple[str, ...]) -> list[tuple[str, dict]]:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt, ratio_se  # noqa: E402
+from common import NO_VERDICT, fmt, ratio_se  # noqa: E402
 
 NAMES = {"unet": "full U-Net", "lora": "LoRA", "dora": "DoRA", "bitfit": "BitFit", "difffit": "DiffFit",
          "unet+vae+text": "U-Net+VAE+text"}
@@ -45,9 +45,6 @@ def origin(record: dict) -> str:
     names = ", ".join(f"{k} {versions[k]}" for k in ("torch", "cuda", "diffusers", "transformers", "accelerate", "peft")
                       if versions.get(k))
     return f"{record.get('device', record.get('device_name', '?'))}; {names}; {record.get('date', 'date not recorded')}"
-
-
-NO_VERDICT = "reference from another process: no verdict"
 
 
 def row_se(r: dict, timed_steps: int | None) -> float | None:

@@ -269,22 +269,27 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
             "max_8bit_levels": int(levels.max()), "share_of_8bit_values_differing": float((levels > 0).mean())}
 
 
-def judge(row: dict, reference: dict, args) -> list[str]:
-    """Why a compared row is refused (an empty list: it counts): other images, other U-Net work, other
-    timesteps or another guidance scale than the reference's."""
-    difference, why = row["image_difference"], []
+def refusals(row: dict, reference: dict, args) -> dict[str, list[str]]:
+    """Why a compared row is refused, by check (all empty: it counts): other images, other U-Net work,
+    other timesteps or another guidance scale than the reference's."""
+    difference = row["image_difference"]
     over = [f"{name} |diff| {difference[key]:.1e} > {limit:.1e}" for name, key, limit in (
         ("mean", "mean_abs", args.atol), ("max", "max_abs", args.max_abs)) if not difference[key] <= limit]
-    if over:  # (not <=: a NaN difference is over too)
-        why.append(f"other images ({', '.join(over)})")
+    why = {"images": [f"other images ({', '.join(over)})"] if over else [],  # (not <=: a NaN difference is over)
+           "work": [], "sampling": []}
     if (row["unet_calls"], row["unet_samples"]) != (reference["unet_calls"], reference["unet_samples"]):
-        why.append(f"other U-Net work ({row['unet_calls']} calls / {row['unet_samples']} samples; reference "
-                   f"{reference['unet_calls']} / {reference['unet_samples']})")
+        why["work"].append(f"other U-Net work ({row['unet_calls']} calls / {row['unet_samples']} samples; reference "
+                           f"{reference['unet_calls']} / {reference['unet_samples']})")
     if row["timesteps"] != reference["timesteps"] or not row["timesteps_every_batch"]:
-        why.append("other timesteps than the reference's")
+        why["sampling"].append("other timesteps than the reference's")
     if row["guidance_scale"] != reference["guidance_scale"]:
-        why.append(f"guidance {row['guidance_scale']} (reference {reference['guidance_scale']})")
+        why["sampling"].append(f"guidance {row['guidance_scale']} (reference {reference['guidance_scale']})")
     return why
+
+
+def judge(row: dict, reference: dict, args) -> list[str]:
+    """Every reason a compared row is refused (an empty list: it counts)."""
+    return [reason for reasons in refusals(row, reference, args).values() for reason in reasons]
 
 
 def toolkit_configs(entries: list[str]) -> dict[str, str]:
@@ -428,11 +433,11 @@ def main(argv=None) -> dict:
             result, images = run(flags)
             difference = compare(ref_images, images)
             row = {"name": name, "flags": flags, **result, "image_difference": difference}
-            refused = judge(row, reference, args)
-            row = with_ratio({**row, "same_images": not any(r.startswith("other images") for r in refused),
-                              "same_work": not any(r.startswith("other U-Net") for r in refused),
-                              "same_sampling": not any(r.startswith(("other timesteps", "guidance")) for r in refused),
-                              "refused": refused, "counts_toward_target": not refused}, reference)
+            why = refusals(row, reference, args)
+            refused = [reason for reasons in why.values() for reason in reasons]
+            row = with_ratio({**row, "same_images": not why["images"], "same_work": not why["work"],
+                              "same_sampling": not why["sampling"], "refused": refused,
+                              "counts_toward_target": not refused}, reference)
             record["toolkit"].append(row)
             save()
             print(f"toolkit {name}: {row['images_per_second']:.2f} images/s ({row['ratio']:.2f}x), peak "

@@ -50,8 +50,9 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (StepClock, earlier_records, environment, fmt, free_memory, model_folder, peak_gib, peak_reserved_gib,  # noqa: E402
-                    pick_device, quiet_libraries, ratio_se, start_memory, table, write_image_folder, write_json)
+from common import (NO_VERDICT, StepClock, earlier_records, environment, fmt, free_memory, model_folder,  # noqa: E402
+                    peak_gib, peak_reserved_gib, pick_device, quiet_libraries, ratio_se, start_memory, table,
+                    write_image_folder, write_json)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -346,9 +347,6 @@ def encoded(result: dict) -> str:
 
 def ratio(a, b):
     return a / b if a is not None and b else None
-
-
-NO_VERDICT = "reference from another process: no verdict"
 
 
 def judge(row: dict, timed_steps: int, target: float | None) -> dict:

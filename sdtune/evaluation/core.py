@@ -304,20 +304,27 @@ def _features(image_set: ImageSet, label: str, extractor: Extractor, cfg: EvalCo
     return feats, "computed"
 
 
+def generator_of(fake) -> tuple[Path, dict] | None:
+    """(run folder, training summary) of the model that made `fake` (a synthesize_images.py folder or its
+    metadata.csv, whose synthesis_config.json names a run of this toolkit), or None."""
+    from sdtune.provenance import generator_runs
+
+    if not isinstance(fake, (str, Path)):
+        return None
+    folder = Path(fake).expanduser()
+    folder = folder.parent if folder.is_file() else folder
+    runs = generator_runs([str(folder)]) if (folder / "synthesis_config.json").is_file() else []
+    return (runs[0][1], runs[0][2]) if runs else None
+
+
 def real_label_policy(given: str | None, fake) -> str:
     """The uncertainty policy of the real table's labels for per-condition FID: `given`, else that of the
     run that made `fake` (a labels CSV's -1 rows were prompted as it says, and written as 1 under U-Ones),
     else ignore."""
-    from sdtune.provenance import generator_runs
-
     if given:
         return given
-    folder = Path(fake).expanduser() if isinstance(fake, (str, Path)) else None
-    folder = folder.parent if folder is not None and folder.is_file() else folder
-    if folder is None or not (folder / "synthesis_config.json").is_file():
-        return "ignore"
-    runs = generator_runs([str(folder)])
-    data = (runs[0][2].get("arguments") or {}).get("data") or {} if runs else {}
+    generator = generator_of(fake)
+    data = ((generator[1].get("arguments") or {}).get("data") or {}) if generator else {}
     return data.get("uncertainty") or "ignore"
 
 
@@ -331,19 +338,17 @@ def held_out_by_generator(real, fake) -> ImageSet:
     """
     from sdtune.data.dataset import DataConfig, read_examples
     from sdtune.data.splits import held_out_name
-    from sdtune.provenance import generator_runs, held_out_rows, trained_on, trained_on_real
+    from sdtune.provenance import held_out_rows, trained_on, trained_on_real
 
     flag = "--real_patients held_out"
     if not isinstance(real, (str, Path)) or not isinstance(fake, (str, Path)):
         raise UserError(f"{flag} needs --real and --fake as paths (a table or folder, and a synthesis folder)")
-    folder = Path(fake).expanduser()
-    folder = folder.parent if folder.is_file() else folder
-    runs = generator_runs([str(folder)]) if (folder / "synthesis_config.json").is_file() else []
-    if not runs:
+    generator = generator_of(fake)
+    if generator is None:
         raise UserError(f"{flag}: cannot tell which model made --fake {fake} (it needs the synthesize_images.py "
                         "output folder, whose synthesis_config.json names a run folder of this toolkit): "
                         "pass --real_patients all")
-    _, run_dir, summary = runs[0]
+    run_dir, summary = generator
     if not trained_on_real(summary, real):
         raise UserError(f"{flag}: --fake comes from {run_dir}, which trained on {trained_on(summary)}, not on --real "
                         f"{real}: pass that as --real")
