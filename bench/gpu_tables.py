@@ -100,8 +100,11 @@ def train_speed_table(folder: Path) -> str | None:
         if record is None:
             continue
         settings = record["settings"]
+        workers = settings.get("reference_workers")
+        loading = ("images decoded on the reference's main thread (the script's default)"
+                   if not workers else f"the reference's images decoded by {workers} loader workers")
         heads.append(f"`{name}`: {settings['resolution']} px, {settings['warmup_steps']} warm-up + "
-                     f"{settings['timed_steps']} timed steps, reference {settings['reference_precision']}; "
+                     f"{settings['timed_steps']} timed steps, reference {settings['reference_precision']}, {loading}; "
                      f"{origin(record)}{cut_short(record)}")
         flags = settings.get("toolkit_args") or ""
         rank = record["settings"].get("lora_rank")

@@ -11,7 +11,10 @@ download; sdtune.models.write_sd15_random_pipeline), 512 px phantom chest X-rays
              weights under fp16 autocast with a GradScaler, frozen fp16 VAE and text encoder run
              every step, torch AdamW, epsilon MSE on uniform timesteps. LoRA/DoRA: frozen fp16
              U-Net, fp32 adapters. BitFit: only the fp32 U-Net's biases train. unet+vae+text: all
-             three fp32 and trained, under autocast, plus the study's reconstruction MSE.
+             three fp32 and trained, under autocast, plus the study's reconstruction MSE. Its images
+             are decoded by 4 loader workers on a GPU (--reference-workers: the script's
+             --dataloader_num_workers; its default 0 decodes them on the main thread, ~0.1 s a batch
+             of 16 during which the GPU idles), and one epoch holds the whole run.
   toolkit    sdtune.train.train() in-process with the same strategy, rank, batch and images, and
              every option at the toolkit's default except those given in --toolkit-args.
 
@@ -65,6 +68,7 @@ PUBLISHED = {"unet": (48.7, 30.5), "lora": (56.4, 19.5), "dora": (43.7, 23.8), "
 TARGETS = {"unet": 2.5, "lora": 2.5, "bitfit": 2.5, "dora": 2.0}
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+DISTINCT_IMAGES = {False: 32, True: 8}  # phantoms drawn (GPU run, --tiny); the rest of --images are copies
 
 
 # ------------------------------------------------------------------------------- the reference
@@ -106,8 +110,14 @@ def reference_collate(examples: list[dict]) -> dict:
 
 
 def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, resolution: int, steps: int,
-                  precision: str, device: torch.device, lora_rank: int, seed: int = 0, warmup: int | None = None) -> dict:
-    """One run of the reference loop; returns the step clock, losses and trainable-parameter count."""
+                  precision: str, device: torch.device, lora_rank: int, seed: int = 0, warmup: int | None = None,
+                  workers: int = 0) -> dict:
+    """One run of the reference loop; returns the step clock, losses and trainable-parameter count.
+
+    workers: the script's --dataloader_num_workers (its default is 0: images decoded on the main thread,
+    while the GPU, done with the step the grad scaler waited for, idles). With workers they stay up
+    across epochs (the script restarts them each epoch, every 2 steps on 32 images: a cost the reference
+    is spared)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -162,7 +172,8 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
     lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = torch.utils.data.DataLoader(ReferenceImages(images, tokenizer, resolution), batch_size=batch_size,
-                                         shuffle=True, collate_fn=reference_collate, num_workers=0)
+                                         shuffle=True, collate_fn=reference_collate, num_workers=workers,
+                                         persistent_workers=workers > 0)
     autocast = lambda on: torch.autocast(device.type, dtype=weight_dtype, enabled=amp and on)  # noqa: E731
     scale = vae.config.scaling_factor
 
@@ -176,8 +187,8 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
         if batch is None:  # the epoch ended: the script's next epoch
             batches = iter(loader)
             batch = next(batches)
-        # accelerate's prepared loader moves the fp32 batch to the device (blocking: the script pins no memory,
-        # dataloader_num_workers 0); the cast to weight_dtype runs there, not on the host
+        # accelerate's prepared loader moves the fp32 batch to the device (blocking: the script pins no
+        # memory); the cast to weight_dtype runs there, not on the host
         pixel_values, input_ids = batch["pixel_values"].to(device), batch["input_ids"].to(device)
         waits.append(time.perf_counter() - waited)
         pixel_values = pixel_values.to(frozen_dtype)
@@ -207,7 +218,7 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
     taken = int(optimizer.state[params[0]].get("step", 0)) if optimizer.state.get(params[0]) else 0
     timed_waits = waits[warmup or 0:]  # the steps inside the timed window
     return {"clock": clock, "losses": losses, "skipped_steps": steps - taken,
-            "trainable_parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params), "loader_workers": workers,
             # next(loader) + the copy to the device: a host-bound reference shows here
             "data_wait_seconds_per_step": sum(timed_waits) / len(timed_waits) if timed_waits else None}
 
@@ -387,7 +398,8 @@ def verdict(row: dict) -> str:
 
 
 # Settings that must match for an earlier run's measurement to stand for this run's.
-SAME_SETTINGS = ("resolution", "warmup_steps", "timed_steps", "reference_precision", "lora_rank", "images")
+SAME_SETTINGS = ("resolution", "warmup_steps", "timed_steps", "reference_precision", "lora_rank", "images",
+                 "reference_workers")
 
 
 def earlier_measurements(paths: list[str] | None, record: dict) -> tuple[dict, dict]:
@@ -438,7 +450,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the reference recipe's precision (default fp16, as section 9 ran it; CPU: no)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA/DoRA rank (alpha = rank on both sides)")
     p.add_argument("--images", type=int, default=None,
-                   help="phantom X-rays in the dataset (default 32, tiny: 8; at least the largest batch)")
+                   help="phantom X-rays in the dataset (default: enough for one epoch to hold every step of the "
+                        "largest batch, so no loader waits at an epoch's start; 32 distinct, the rest copies)")
+    p.add_argument("--reference-workers", type=int, default=None,
+                   help="the reference's --dataloader_num_workers (default 4 on a GPU, so that decoding images does "
+                        "not hold up its GPU; 0 is the script's default, images decoded on the main thread)")
     p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for the toolkit side, "
                                                       "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
@@ -456,10 +472,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                               ("steps", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
-    if args.images is None:  # a compiled run (static shapes) needs at least one full batch
-        args.images = max(8 if tiny else 32, *args.batch_sizes)
+    if args.images is None:  # one epoch for the whole run (a compiled run also needs at least one full batch)
+        args.images = max(8 if tiny else 32, max(args.batch_sizes) * (args.warmup + args.steps))
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the clock starts at the end of the warm-up)")
+    if args.reference_workers is not None and args.reference_workers < 0:
+        p.error("--reference-workers must be 0 or more")
     return args
 
 
@@ -481,6 +499,8 @@ def main(argv=None) -> dict:
         args.reference_precision = args.reference_precision or "no"
         torch.set_num_threads(1)
     args.reference_precision = args.reference_precision or "fp16"
+    if args.reference_workers is None:
+        args.reference_workers = 4 if device.type == "cuda" else 0
     order = run_order(args.strategies, args.batch_sizes)
     flags = _backend_flags()
     quiet_libraries()
@@ -498,7 +518,8 @@ def main(argv=None) -> dict:
               "settings": {"resolution": args.resolution, "batch_sizes": args.batch_sizes, "warmup_steps": args.warmup,
                            "timed_steps": args.steps, "strategies": args.strategies, "toolkit_mixed_precision": precisions,
                            "reference_precision": args.reference_precision, "lora_rank": args.lora_rank,
-                           "lora_alpha": args.lora_rank, "images": args.images, "toolkit_args": args.toolkit_args,
+                           "lora_alpha": args.lora_rank, "images": args.images, "distinct_images": DISTINCT_IMAGES[args.tiny],
+                           "reference_workers": args.reference_workers, "toolkit_args": args.toolkit_args,
                            "timing_rule": "device synchronised at the end of the last warm-up step and of the last "
                                           "step; samples/s = timed steps x "
                                           "batch / (end of last step - end of last warm-up step)",
@@ -510,7 +531,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as scratch:
         scratch = Path(scratch)
         model_dir = model_folder(args.model_dir, args.tiny, scratch, device)
-        images = write_image_folder(scratch / "images", args.images, args.resolution)
+        images = write_image_folder(scratch / "images", args.images, args.resolution, distinct=DISTINCT_IMAGES[args.tiny])
         common = dict(model_dir=model_dir, images=images, resolution=args.resolution, steps=total_steps,
                       lora_rank=args.lora_rank)
         references, done = earlier_measurements(args.reuse, record)
@@ -536,7 +557,7 @@ def main(argv=None) -> dict:
                 continue
             if (recipe, batch) not in references:
                 ref = measure(reference_run, device, args.warmup, batch, flags, recipe=recipe,
-                              precision=args.reference_precision, **common)
+                              precision=args.reference_precision, workers=args.reference_workers, **common)
                 references[(recipe, batch)] = {"recipe": recipe, **ref}
                 print(f"[{n}/{len(order)}] reference {recipe:13s} batch {batch:2d}: "
                       f"{fmt(ref.get('samples_per_second'))} samples/s, peak {fmt(ref.get('peak_gib'), '.2f')} GiB, "
@@ -587,7 +608,8 @@ def print_table(record: dict) -> None:
     print(table(rows, ["strategy", "batch", "toolkit", "ref samples/s", "toolkit samples/s", "toolkit/ref", "se",
                        "ref peak GiB alloc/reserved", "toolkit peak GiB alloc/reserved", "ref data wait s/step",
                        "ref first step s", "toolkit first step s", "target", "error"]))
-    print(f"({record['device']}; reference precision {record['settings']['reference_precision']}; "
+    print(f"({record['device']}; reference precision {record['settings']['reference_precision']}, "
+          f"{record['settings'].get('reference_workers', 0)} loader workers; "
           f"{record['settings']['warmup_steps']} warm-up + {record['settings']['timed_steps']} timed steps)")
 
 

@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -151,6 +152,35 @@ def test_reference_moves_fp32_pixels_to_the_device_then_casts_them_there(tiny_mo
                                        precision="fp16", device=torch.device("cpu"), lora_rank=4, warmup=1)
     assert moves[:2] == [((torch.device("cpu"),), {}), ((torch.float16,), {})]  # device first, no dtype; then the cast
     assert _positive(result["data_wait_seconds_per_step"]) and _positive(result["clock"].first_step_seconds())
+
+
+def test_reference_loader_workers_stay_up_across_epochs_and_the_main_process_decodes_nothing(tiny_model, tmp_path,
+                                                                                             monkeypatch):
+    """With --reference-workers the images are decoded in worker processes that live through the run
+    (4 images at batch 2: a new epoch every 2 steps)."""
+    decoded_in = tmp_path / "pids.txt"
+    get = train_speed.ReferenceImages.__getitem__
+
+    def recording(self, i):
+        with open(decoded_in, "a") as f:  # a worker's own memory never comes back; a file does
+            f.write(f"{os.getpid()}\n")
+        return get(self, i)
+
+    monkeypatch.setattr(train_speed.ReferenceImages, "__getitem__", recording)
+    images = write_image_folder(tmp_path / "images", n=4, size=64)
+    result = train_speed.reference_run(tiny_model, "bitfit", images, batch_size=2, resolution=64, steps=5,
+                                       precision="no", device=torch.device("cpu"), lora_rank=4, warmup=1, workers=2)
+    pids = [int(line) for line in decoded_in.read_text().split()]
+    assert len(pids) >= 10 and len(set(pids)) == 2 and os.getpid() not in pids  # 3 epochs, the same 2 workers
+    assert result["loader_workers"] == 2 and len(result["losses"]) == 5 and all(map(math.isfinite, result["losses"]))
+
+
+def test_image_folder_copies_beyond_the_distinct_phantoms_keep_each_caption_with_its_image(tmp_path):
+    folder = write_image_folder(tmp_path / "images", n=10, size=32, distinct=4)
+    first = write_image_folder(tmp_path / "four", n=4, size=32)
+    for i in range(10):
+        for suffix in (".jpg", ".txt"):
+            assert (folder / f"{i:04d}{suffix}").read_bytes() == (first / f"{i % 4:04d}{suffix}").read_bytes()
 
 
 def test_dora_overhead_keeps_the_frozen_base_in_its_dtype_and_only_the_adapters_in_fp32():
@@ -358,13 +388,15 @@ def test_synth_speed_cut_short_keeps_the_rows_it_finished(tiny_model, tmp_path, 
     assert [row["name"] for row in record["toolkit"]] == ["defaults"] and record["same_images"]
 
 
-def test_train_speed_dataset_holds_at_least_one_full_batch_of_the_largest_size():
-    # a compiled run drops partial batches, so fewer images than a batch would leave it nothing to time
-    assert train_speed.parse_args(["--tiny", "--batch-sizes", "16"]).images == 16
+def test_train_speed_dataset_holds_every_step_of_the_largest_batch_in_one_epoch():
+    # no loader starts an epoch inside the timed window (its workers would have nothing prefetched), and
+    # a compiled run, which drops partial batches, always has full ones
+    assert train_speed.parse_args(["--tiny", "--batch-sizes", "16"]).images == 16 * 3  # 1 warm-up + 2 timed
     assert train_speed.parse_args(["--tiny"]).images == 8
-    assert train_speed.parse_args([]).images == 32
-    assert train_speed.parse_args(["--batch-sizes", "64", "1"]).images == 64
+    assert train_speed.parse_args([]).images == 16 * 13
+    assert train_speed.parse_args(["--batch-sizes", "64", "1", "--steps", "5"]).images == 64 * 8
     assert train_speed.parse_args(["--tiny", "--batch-sizes", "16", "--images", "4"]).images == 4  # as asked
+    assert train_speed.parse_args([]).reference_workers is None  # decided with the device: 4 on a GPU, 0 on the CPU
 
 
 def test_paged_resume_tiny_resumes_and_records_what_page_optimizer_state_did(tiny_model, tmp_path):
