@@ -4,9 +4,11 @@
 #   bash bench/gpu_session.sh [SECONDS] [TASK ...]   # default 480 s and every task, in this order:
 #
 #   task           what it measures                                                  measured, H200
+#   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
+#   profile        profile_step.py: the eager full-U-Net step of both sides, by kernel      (~1.5 min)
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6.5 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~3 min)
-#   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
+#   profile_compiled  profile_step.py: the compiled toolkit step, by kernel                  (~3 min)
 #   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none      (~2.8 min)
 #   more           train_speed.py: difffit (vs the BitFit reference), unet+vae+text          (~1.5 min)
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
@@ -21,9 +23,11 @@
 #
 # Session 10 (H200) measured targets, synth, memory and compiled (a guess in brackets for the
 # others; synthesis tasks now run each side in a process of its own, ~15 s more a side). Its
-# compiled rows were judged against references from another process, which now gives no verdict:
-# so the compiled tasks, which issue 7's targets rest on, come first (two of them fill most of a
-# 15-minute session), then the rest; all stay, to be measured again on an H100.
+# compiled rows were judged against references from another process, which now gives no verdict,
+# and its references decoded their images on the main thread (now in loader workers): so the
+# compiled full U-Net and LoRA, which issue 7's targets rest on, come first, then the profile of
+# both sides' steps (what to speed up next), then the other compiled rows and the rest; all stay,
+# to be measured again on an H100.
 #
 # A device call is short and its end is fixed, so each task runs with the time left (timeout) and
 # one without enough left is skipped, not started. Every script rewrites its JSON after each row:
@@ -40,7 +44,8 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(compiled_peft synth_compile compiled ablation more fp16 dora resume batch1 e2e targets synth memory)
+all=(compiled profile compiled_peft synth_compile profile_compiled ablation more fp16 dora resume batch1 e2e targets synth
+     memory)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
 for t in "${tasks[@]}"; do
@@ -50,9 +55,10 @@ start=$SECONDS
 out=$(realpath -m "${OUT:-bench-results}")  # absolute: the script moves to the repository's root
 state=${SDTUNE_GPU_STATE:-/tmp/sdtune-gpu}   # survives between calls while the machine stays warm
 model=$state/sd15-random
-tiny=() quick=() batch=(--batch-sizes 16) batch1=(--batch-sizes 1) e2e=(env) resolution=512
+tiny=() quick=() batch=(--batch-sizes 16) batch1=(--batch-sizes 1) e2e=(env) resolution=512 profile_batch=()
 if [[ ${SDTUNE_GPU_TINY:-} == 1 ]]; then  # a CPU dry run of this script's logic (tests/test_bench.py): the tiny model
   tiny=(--tiny) quick=(--quick) batch=(--tiny --batch-sizes 2) batch1=(--tiny --batch-sizes 1) model=$state/tiny-sd15 resolution=64
+  profile_batch=(--tiny)
   e2e=(env MIXED_PRECISION=no DEMO_STEPS=20 DEMO_PHANTOMS=60 DEMO_IMAGES=2 DEMO_SAMPLING_STEPS=3)
 fi
 mkdir -p "$out" "$state"
@@ -117,6 +123,13 @@ for t in "${tasks[@]}"; do
                      --output "$out/synth_speed_compiled.json" ;;
     batch1) task batch1 60 python3 bench/train_speed.py --model-dir "$model" "${batch1[@]}" --reuse "$state" \
               --strategies unet lora dora bitfit --output "$out/train_speed_batch1.json" ;;
+    # where the eager step's time goes on both sides (is the reference host-bound? which kernels lead?)
+    profile) task profile 75 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" --strategy unet \
+               --output "$out/profile_step.json" ;;
+    # the compiled toolkit step (inductor's cache from the compiled task, if it ran, shortens compiling)
+    profile_compiled) task profile_compiled 200 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" \
+                        --strategy unet --sides toolkit --toolkit-args "--torch_compile --channels_last" \
+                        --output "$out/profile_step_compiled.json" ;;
     dora) task dora 40 python3 bench/dora_overhead.py --device "${SDTUNE_GPU_DEVICE:-cuda}" "${quick[@]}" \
             --output "$out/dora_overhead.json" ;;
   esac

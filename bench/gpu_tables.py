@@ -3,7 +3,7 @@
     python bench/gpu_tables.py RESULTS_DIR > tables.md
 
 Reads whichever of the session's JSON files are there (train_speed*.json, synth_speed*.json,
-train_memory.json, paged_resume.json, dora_overhead.json) and prints one table per benchmark,
+train_memory.json, paged_resume.json, dora_overhead.json, profile_step*.json) and prints one table per benchmark,
 headed by the device, versions and date the runs recorded. A run cut short (status "running")
 is marked as such; a row that failed shows its error. Nothing is computed that the JSON does
 not hold, except the gap to a target (reached / target) and, for records older than the field,
@@ -227,9 +227,36 @@ def dora_overhead_table(folder: Path) -> str | None:
             + markdown(["shape", "LoRA ms", "peft DoRA / LoRA", "toolkit DoRA / LoRA", "max rel. difference"], rows))
 
 
+PROFILE_FILES = ("profile_step.json", "profile_step_compiled.json")
+
+
+def profile_table(folder: Path) -> str | None:
+    """profile_step.py's per-step breakdown: one column a side, a row a kind of kernel, then each side's
+    costliest kernels (seconds a step, under the profiler: where the time goes, not how fast it is)."""
+    parts = []
+    for name in PROFILE_FILES:
+        record = load(folder, name)
+        if record is None or not record.get("sides"):
+            continue
+        settings, sides = record["settings"], record["sides"]
+        flags = f" `{settings['toolkit_args']}`" if settings.get("toolkit_args") else ""
+        kinds = list(dict.fromkeys(k for side in sides.values() for k in side["kinds"]))
+        header = ["s a step", *(f"{side}{flags if side == 'toolkit' else ''}" for side in sides)]
+        rows = [["wall (profiled)", *(fmt(s["wall_seconds_per_step"], ".4f") for s in sides.values())],
+                ["device busy", *(f"{fmt(s['device_seconds_per_step'], '.4f')} ({fmt(s['busy_fraction'], '.0%')})"
+                                  for s in sides.values())]]
+        rows += [[kind, *(fmt(s["kinds"].get(kind), ".4f") for s in sides.values())] for kind in kinds]
+        top = [[side, t["name"][:80], t["kind"], f"{t['seconds_per_step']:.4f}"]
+               for side, s in sides.items() for t in s["top"][:5]]
+        parts.append(f"- `{name}`: {settings['strategy']}, batch {settings['batch_size']}, {settings['resolution']} px, "
+                     f"{settings['profiled_steps']} profiled steps; {origin(record)}{cut_short(record)}\n\n"
+                     + markdown(header, rows) + "\n\n" + markdown(["side", "costliest kernels", "kind", "s a step"], top))
+    return "### Where a step's time goes (torch.profiler)\n\n" + "\n\n".join(parts) if parts else None
+
+
 def tables(folder: Path) -> str:
     parts = [f(folder) for f in (train_speed_table, synth_speed_table, train_memory_table, paged_resume_line,
-                                 dora_overhead_table)]
+                                 dora_overhead_table, profile_table)]
     parts = [p for p in parts if p]
     session = folder / "session.txt"
     if session.is_file():

@@ -17,6 +17,7 @@ from sdtune.models import (SD15_TEXT_ENCODER_PARAMS, SD15_UNET_CONFIG, SD15_UNET
 from sdtune.tiny import SD15_SCHEDULER_CONFIG
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import profile_step  # noqa: E402
 import synth_speed  # noqa: E402
 import train_speed  # noqa: E402
 from common import StepClock, write_image_folder  # noqa: E402
@@ -399,6 +400,41 @@ def test_train_speed_dataset_holds_every_step_of_the_largest_batch_in_one_epoch(
     assert train_speed.parse_args([]).reference_workers is None  # decided with the device: 4 on a GPU, 0 on the CPU
 
 
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_cudnn", "convolution"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NNN", "matmul"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<40>>", "attention"),
+    ("triton_per_fused_native_group_norm_silu_3", "fused (inductor triton)"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>", "normalisation"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer and gradient clipping"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>", "layout"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy/cast"),
+    ("aten::mkldnn_convolution", "convolution"),
+    ("ProfilerStep*", "host (outside operators)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", profile_step.OTHER),
+])
+def test_profile_kinds_read_from_kernel_names(name, kind):
+    assert profile_step.kind_of(name) == kind
+
+
+def test_profile_step_tiny_records_only_the_timed_steps_and_its_kinds_add_up(tiny_model, tmp_path):
+    output = tmp_path / "profile.json"
+    record = profile_step.main(["--tiny", "--model-dir", str(tiny_model), "--sides", "toolkit", "--steps", "3",
+                                "--top", "100000", "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(record)) and record["status"] == "complete"
+    side = record["sides"]["toolkit"]
+    assert side["error"] is None
+    top = {t["name"]: t for t in side["top"]}  # every operator: --top above their number
+    # one profiler step per optimizer step, 3 of them (the warm-up step is not recorded)
+    assert top["ProfilerStep*"]["calls_per_step"] == 1
+    # the kinds and the whole list are two sums of the same times
+    assert sum(side["kinds"].values()) == pytest.approx(side["device_seconds_per_step"])
+    assert sum(t["seconds_per_step"] for t in side["top"]) == pytest.approx(side["device_seconds_per_step"])
+    assert side["kinds"]["convolution"] > 0 and side["kinds"]["attention"] > 0
+    # one CPU thread: operator self times fill the wall time, and never exceed it by more than the profiler's rounding
+    assert 0.5 < side["busy_fraction"] < 1.05
+
+
 def test_paged_resume_tiny_resumes_and_records_what_page_optimizer_state_did(tiny_model, tmp_path):
     import paged_resume
 
@@ -490,11 +526,11 @@ def test_gpu_tables_say_what_decided_a_target_and_how_far_the_reference_is_from_
 def test_gpu_session_runs_its_tasks_keeps_their_json_for_the_next_call_and_gpu_tables_reads_them(tmp_path):
     import gpu_tables
 
-    done = _session(tmp_path, "300", "targets", "resume")
+    done = _session(tmp_path, "400", "targets", "resume", "profile")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     session = (out / "session.txt").read_text()
-    assert "targets exit 0" in session and "resume exit 0" in session
+    assert "targets exit 0" in session and "resume exit 0" in session and "profile exit 0" in session
     record = json.loads((out / "paged_resume.json").read_text())
     assert record["status"] == "complete" and record["resumed"]["steps"] == 2
     assert json.loads((tmp_path / "state" / "paged_resume.json").read_text()) == record  # for a second call
@@ -509,6 +545,10 @@ def test_gpu_session_runs_its_tasks_keeps_their_json_for_the_next_call_and_gpu_t
         assert (cells[1], cells[3], cells[4]) == ("2", f"{ref:.1f}", f"{tk:.1f}")
         assert cells[5] == f"{tk / ref:.2f}"
     assert f"{record['at_resume']['moved']} of {record['at_resume']['moments']} moments" in text
+    profile = json.loads((out / "profile_step.json").read_text())
+    assert set(profile["sides"]) == {"reference", "toolkit"}
+    busy = f"| device busy | {profile['sides']['reference']['device_seconds_per_step']:.4f} ("
+    assert "### Where a step's time goes" in text and busy in text
     assert "targets exit 0" in text.split("### The session")[1]
     assert gpu_tables.tables(tmp_path / "state" / "tiny-sd15").startswith("no gpu_session.sh results")
 
