@@ -6,10 +6,11 @@
 #   task           what it measures                                                  measured, H200
 #   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
 #   profile        profile_step.py: the eager full-U-Net step of both sides, by kernel      (~1.5 min)
+#   attention      train_speed.py: unet lora with --sdpa_backend cudnn (cuDNN's attention first) (~1.5 min)
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6.5 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~3 min)
 #   profile_compiled  profile_step.py: the compiled toolkit step, by kernel                  (~3 min)
-#   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none      (~2.8 min)
+#   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none, cuDNN attention (~3.3 min)
 #   more           train_speed.py: difffit (vs the BitFit reference), unet+vae+text          (~1.5 min)
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16             (~1 min)
@@ -44,8 +45,8 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(compiled profile compiled_peft synth_compile profile_compiled ablation more fp16 dora resume batch1 e2e targets synth
-     memory)
+all=(compiled profile attention compiled_peft synth_compile profile_compiled ablation more fp16 dora resume batch1 e2e
+     targets synth memory)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
 for t in "${tasks[@]}"; do
@@ -112,7 +113,7 @@ for t in "${tasks[@]}"; do
     # which of the synthesis defaults cost speed on the GPU (channels_last without torch's NHWC GroupNorm?)
     ablation) task ablation 165 "${synth[@]}" --fast-recipe "" --toolkit-configs defaults= \
                 "channels_last=--channels_last true" "fuse_qkv_only=--channels_last false --cudnn_benchmark false" \
-                "none=--channels_last false --fuse_qkv false --cudnn_benchmark false" \
+                "none=--channels_last false --fuse_qkv false --cudnn_benchmark false" "sdpa_cudnn=--sdpa_backend cudnn" \
                 --output "$out/synth_speed_ablation.json" ;;
     # fp16's path (fp32 master weights, grad scaler, fused AdamW), which no CPU can run
     fp16) task fp16 75 "${speed[@]}" --strategies unet --mixed-precision fp16 --output "$out/train_speed_fp16.json" ;;
@@ -126,6 +127,9 @@ for t in "${tasks[@]}"; do
     # where the eager step's time goes on both sides (is the reference host-bound? which kernels lead?)
     profile) task profile 75 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" --strategy unet \
                --output "$out/profile_step.json" ;;
+    # cuDNN's attention first (torch tries it last): the eager rows to set beside targets' (the same rows with flash)
+    attention) task attention 90 "${speed[@]}" --strategies unet lora --toolkit-args "--sdpa_backend cudnn" \
+                 --output "$out/train_speed_attention.json" ;;
     # the compiled toolkit step (inductor's cache from the compiled task, if it ran, shortens compiling)
     profile_compiled) task profile_compiled 200 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" \
                         --strategy unet --sides toolkit --toolkit-args "--torch_compile --channels_last" \

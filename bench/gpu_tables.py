@@ -23,7 +23,7 @@ from common import NO_VERDICT, fmt, ratio_se  # noqa: E402
 NAMES = {"unet": "full U-Net", "lora": "LoRA", "dora": "DoRA", "bitfit": "BitFit", "difffit": "DiffFit",
          "unet+vae+text": "U-Net+VAE+text"}
 TRAIN_FILES = ("train_speed.json", "train_speed_more.json", "train_speed_compiled.json", "train_speed_compiled_peft.json",
-               "train_speed_fp16.json", "train_speed_batch1.json")
+               "train_speed_attention.json", "train_speed_fp16.json", "train_speed_batch1.json")
 
 
 def markdown(header: list[str], rows: list[list]) -> str:

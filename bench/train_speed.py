@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import shlex
 import sys
 import tempfile
@@ -171,6 +172,8 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if workers:  # the Rust tokenizer would warn in each forked worker once the toolkit side has used its threads
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = torch.utils.data.DataLoader(ReferenceImages(images, tokenizer, resolution), batch_size=batch_size,
                                          shuffle=True, collate_fn=reference_collate, num_workers=workers,
                                          persistent_workers=workers > 0)

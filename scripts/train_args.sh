@@ -14,7 +14,7 @@ for pair in LEARNING_RATE:learning_rate UNET_LR:unet_lr TEXT_ENCODER_LR:text_enc
             CHECKPOINTING_STEPS:checkpointing_steps LORA_RANK:lora_rank LORA_ALPHA:lora_alpha \
             LORA_DROPOUT:lora_dropout USE_8BIT_ADAM:use_8bit_adam GRADIENT_CHECKPOINTING:gradient_checkpointing \
             IMAGE_ROOT:image_root LOGGING_DIR:logging_dir SEED:seed MEMORY_PROFILE:memory_profile \
-            LATENT_CACHE_DIR:latent_cache_dir TORCH_COMPILE:torch_compile CHANNELS_LAST:channels_last \
+            LATENT_CACHE_DIR:latent_cache_dir TORCH_COMPILE:torch_compile CHANNELS_LAST:channels_last SDPA_BACKEND:sdpa_backend \
             VALIDATION_FRACTION:validation_fraction SPLIT_SEED:split_seed REPORT_TO:report_to; do
   var=${pair%%:*}
   if [[ -n "${!var:-}" ]]; then TRAIN_ARGS+=("--${pair#*:}" "${!var}"); fi

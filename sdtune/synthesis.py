@@ -22,6 +22,8 @@ float rounding, so none is part of the resume fingerprint):
   cudnn_benchmark  cuDNN times its convolution algorithms once per shape (default on with CUDA)
   torch_compile    the U-Net and the VAE decoder through torch.compile, dynamic=False (off by default:
                    the first batch of each size compiles, minutes on a GPU)
+  sdpa_backend     the attention kernel torch's SDPA tries first (default auto: torch's order, flash
+                   first and cuDNN last; cudnn puts cuDNN's first, a candidate on Hopper GPUs)
 Classifier-free guidance is already one U-Net call per step: StableDiffusionPipeline.__call__
 concatenates the unconditional and conditional embeddings (`torch.cat([negative_prompt_embeds,
 prompt_embeds])`) and the latents (`torch.cat([latents] * 2)`), and splits the output with `chunk(2)`;
@@ -51,8 +53,8 @@ import torch
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.data.records import DatasetError, Problem, file_stamp
 from sdtune.errors import UserError
-from sdtune.models import (COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id,
-                           load_components)
+from sdtune.models import (COMPILE_MODES, SDPA_BACKENDS, check_compile_backend, check_compile_mode, current_model_id,
+                           load_components, sdpa_preference)
 from sdtune.strategies import STRATEGIES, Strategy, apply_strategy
 
 # Short names for diffusers schedulers: (class, extra settings). Each is configured from the
@@ -133,6 +135,9 @@ class SynthesisConfig:
                                                "GEMM/conv kernels (minutes more to compile)", choices=COMPILE_MODES)
     torch_compile_backend: str = field("inductor", "torch.compile backend (inductor; eager or aot_eager only trace, "
                                                    "for tests)")
+    sdpa_backend: str = field("auto", "attention kernel PyTorch's SDPA tries first: cudnn, flash, efficient or math "
+                                      "(the rest stay as fallbacks); auto keeps torch's order (flash first, cuDNN last)",
+                              choices=SDPA_BACKENDS)
 
 
 def check_config(cfg: SynthesisConfig) -> None:
@@ -582,7 +587,7 @@ def speed_settings(pipeline, cfg: SynthesisConfig, device: torch.device | str) -
         channels_last = cuda and (cfg.torch_compile or group_norm_keeps_channels_last(device))
     settings = {"channels_last": channels_last, "fuse_qkv": fuse_qkv,
                 "cudnn_benchmark": cuda if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark,
-                "torch_compile": None}
+                "torch_compile": None, "sdpa_backend": cfg.sdpa_backend}  # applied in render()
     if cfg.torch_compile:
         inductor = cfg.torch_compile_backend == "inductor"
         settings["torch_compile"] = {"modules": ["unet", "vae.decoder"], "backend": cfg.torch_compile_backend,
@@ -619,6 +624,8 @@ def describe_speed(settings: dict) -> str:
         parts.append(f"torch.compile ({compiled['backend']}{mode}: U-Net, VAE decoder)")
     else:
         parts.append("torch.compile off")
+    if settings.get("sdpa_backend", "auto") != "auto":
+        parts.append(f"attention: {settings['sdpa_backend']} first")
     return ", ".join(parts)
 
 
@@ -630,12 +637,13 @@ def render(pipeline, items: list[PlannedImage], cfg: SynthesisConfig) -> np.ndar
     """Images of `items` as floats in [0, 1], (n, H, W, 3); each from its own CPU generator, so
     its noise does not depend on the batch it is in (CPU: the same noise on any device)."""
     negative = [item.negative_prompt for item in items]
-    images = pipeline(
-        prompt=[item.prompt for item in items],
-        negative_prompt=negative if any(negative) else None,
-        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-        generator=[torch.Generator().manual_seed(item.seed) for item in items], output_type="np",
-    ).images
+    with sdpa_preference(cfg.sdpa_backend):  # process-wide, so for this call only
+        images = pipeline(
+            prompt=[item.prompt for item in items],
+            negative_prompt=negative if any(negative) else None,
+            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+            generator=[torch.Generator().manual_seed(item.seed) for item in items], output_type="np",
+        ).images
     if not np.isfinite(images).all():
         raise UserError(f"the model produced NaN/inf pixels under --mixed_precision {cfg.mixed_precision} "
                         "(fp16 overflow?): use --mixed_precision bf16 or no")

@@ -36,7 +36,8 @@ from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, 
 from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
-from sdtune.models import COMPILE_MODES, check_compile_backend, check_compile_mode, current_model_id, load_components
+from sdtune.models import (COMPILE_MODES, SDPA_BACKENDS, check_compile_backend, check_compile_mode, current_model_id,
+                           load_components, sdpa_preference)
 from sdtune.processes import launched_without_cuda
 from sdtune.provenance import package_versions
 from sdtune.strategies import COMPONENTS, STRATEGIES, Strategy, apply_strategy, count_parameters, resolve_strategy
@@ -118,6 +119,9 @@ class TrainConfig:
     torch_compile: bool = field(False, "torch.compile the U-Net with static shapes (the last partial batch of each "
                                 "epoch is dropped, so nothing recompiles)")
     torch_compile_backend: str = field("inductor", "torch.compile backend")
+    sdpa_backend: str = field("auto", "attention kernel PyTorch's SDPA tries first: cudnn, flash, efficient or math "
+                              "(the rest stay as fallbacks); auto keeps torch's order (flash first, cuDNN last)",
+                              choices=SDPA_BACKENDS)
     torch_compile_mode: str | None = field(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)",
                                            choices=COMPILE_MODES)
     dataloader_num_workers: int | None = field(None, "data loading worker processes (default: 0 on CPU, "
@@ -394,6 +398,13 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     Returns (summary, models): the summary dict and the in-memory components as trained
     (adapter not merged), for callers that go on to sample or evaluate.
     """
+    # The attention backend's order is process-wide: set for this run (compiling and backward passes
+    # included) and undone after it, for callers that go on in the same process.
+    with sdpa_preference(cfg.sdpa_backend):
+        return _train(cfg, data, adapter_cfg)
+
+
+def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     # ---------------------------------------------------------------- resolve every option once
     check_bounds(cfg, data, adapter_cfg)  # every number out of range, in one line
     try:
@@ -708,7 +719,8 @@ def train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "optimizer": optimizer_name,
             "encoded_once": encoded_once,
             "speed": {"cudnn_benchmark": cudnn_benchmark, "channels_last": cfg.channels_last,
-                      "torch_compile": cfg.torch_compile_backend if cfg.torch_compile else None},
+                      "torch_compile": cfg.torch_compile_backend if cfg.torch_compile else None,
+                      "sdpa_backend": cfg.sdpa_backend},
             "versions": library_versions(),
         }
         write_summary(output_dir, summary)

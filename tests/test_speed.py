@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from sdtune.caching import sample_latents
-from sdtune.models import load_components
+from sdtune.errors import UserError
+from sdtune.models import load_components, sdpa_preference
 from sdtune.phantom import render_chest_xray
 from sdtune.train import main, parse_args, train
 
@@ -251,6 +252,30 @@ def test_fused_adamw_and_cudnn_benchmark_follow_the_device_unless_asked(tiny_mod
     assert made == [False, True]  # default: both on GPUs only (this is a CPU)
     assert (default["speed"]["cudnn_benchmark"], asked["speed"]["cudnn_benchmark"]) == (False, True)
     assert default["optimizer"] == "torch AdamW" and asked["optimizer"] == "torch AdamW (fused)"
+
+
+def test_sdpa_backend_goes_first_in_every_forward_and_backward_of_the_run_then_torchs_order_returns(
+        tiny_model, folder, tmp_path, monkeypatch):
+    import sdtune.train as training
+    from torch.nn.attention import SDPBackend
+
+    first = lambda: torch._C._get_sdp_priority_order()[0]  # noqa: E731
+    forward, backward, loss = [], [], training.diffusion_loss
+
+    def spy(*args, **kwargs):
+        forward.append(first())
+        value = loss(*args, **kwargs)
+        value.register_hook(lambda grad: backward.append(first()))  # runs in autograd's backward pass
+        return value
+
+    monkeypatch.setattr(training, "diffusion_loss", spy)
+    before = torch._C._get_sdp_priority_order()
+    summary, _ = _run(tiny_model, folder, tmp_path, "--strategy", "lora", "--sdpa_backend", "cudnn", steps=2)
+    assert forward == backward == [int(SDPBackend.CUDNN_ATTENTION)] * 2  # on the CPU torch falls back to its own
+    assert summary["speed"]["sdpa_backend"] == "cudnn" and torch._C._get_sdp_priority_order() == before
+    with pytest.raises(UserError, match="unknown --sdpa_backend 'fa3'"):
+        with sdpa_preference("fa3"):
+            pass
 
 
 @pytest.mark.parametrize("strategy, extra", [("lora", []), ("dora", []), ("difffit", []), ("bitfit", []),

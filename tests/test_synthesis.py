@@ -271,7 +271,8 @@ def _fused(module):
 def test_speed_options_default_on_with_cuda_and_off_on_the_cpu(tiny_model, monkeypatch):
     pipeline = load_pipeline(resolve_model(str(tiny_model)))  # speed_settings only reads it
     auto = SynthesisConfig(model_path=str(tiny_model), prompts="a")
-    off = {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
+    off = {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None,
+           "sdpa_backend": "auto"}
     assert speed_settings(pipeline, auto, "cpu") == off
     probed = []
     monkeypatch.setattr(synthesis, "group_norm_keeps_channels_last", lambda device: probed.append(device) or True)
@@ -288,10 +289,23 @@ def test_speed_options_default_on_with_cuda_and_off_on_the_cpu(tiny_model, monke
     assert speed_settings(pipeline, asked, "cuda")["channels_last"] is True
     chosen = SynthesisConfig(model_path="m", prompts="a", channels_last=True, fuse_qkv=False, torch_compile=True)
     assert speed_settings(pipeline, chosen, "cuda") == {
-        "channels_last": True, "fuse_qkv": False, "cudnn_benchmark": True,
+        "channels_last": True, "fuse_qkv": False, "cudnn_benchmark": True, "sdpa_backend": "auto",
         "torch_compile": {"modules": ["unet", "vae.decoder"], "backend": "inductor", "mode": "default", "dynamic": False}}
     eager = SynthesisConfig(model_path="m", prompts="a", torch_compile=True, torch_compile_backend="eager")
     assert speed_settings(pipeline, eager, "cpu")["torch_compile"]["mode"] is None  # modes are inductor's
+
+
+def test_sdpa_backend_goes_first_while_the_pipeline_samples_and_torchs_order_returns_after(tiny_model):
+    cfg = SynthesisConfig(model_path=str(tiny_model), prompts="a", steps=2, height=64, width=64, sdpa_backend="math")
+    pipeline = prepare_pipeline(load_pipeline(resolve_model(str(tiny_model))), cfg, "cpu")
+    first = []
+    pipeline.unet.register_forward_pre_hook(lambda module, args: first.append(torch._C._get_sdp_priority_order()[0]))
+    before = torch._C._get_sdp_priority_order()
+    images = render(pipeline, build_plan(cfg, None), cfg)
+    # every U-Net call (PNDM makes 3 of 2 steps)
+    assert first == [int(torch.nn.attention.SDPBackend.MATH)] * len(pipeline.scheduler.timesteps) == [0] * 3
+    assert np.isfinite(images).all()
+    assert torch._C._get_sdp_priority_order() == before
 
 
 def test_group_norm_probe_tells_whether_the_layout_survives(monkeypatch):
@@ -367,18 +381,21 @@ def test_torch_compile_gives_the_same_images_and_compiles_once_per_batch_shape(t
 
 
 def test_speed_options_are_recorded_and_do_not_block_a_resume(tiny_model, tmp_path, capsys):
-    synth(tmp_path, tiny_model, "--channels_last", "--fuse_qkv", "--cudnn_benchmark", "false")
+    synth(tmp_path, tiny_model, "--channels_last", "--fuse_qkv", "--cudnn_benchmark", "false", "--sdpa_backend", "cudnn")
     config = json.loads((tmp_path / "synthesis_config.json").read_text())
     settings, speed = config["settings"], config["resolved"]["speed"]
     assert (settings["channels_last"], settings["fuse_qkv"], settings["cudnn_benchmark"]) == (True, True, False)
     assert (settings["torch_compile"], settings["torch_compile_mode"], settings["torch_compile_backend"]) == \
         (False, "default", "inductor")
-    assert speed == {"channels_last": True, "fuse_qkv": True, "cudnn_benchmark": False, "torch_compile": None}
-    assert "speed: channels_last on, fuse_qkv on, cudnn_benchmark off, torch.compile off" in capsys.readouterr().out
-    assert not {"channels_last", "fuse_qkv", "torch_compile"} & set(config["fingerprint"])  # rounding only
+    assert speed == {"channels_last": True, "fuse_qkv": True, "cudnn_benchmark": False, "torch_compile": None,
+                     "sdpa_backend": "cudnn"}
+    assert ("speed: channels_last on, fuse_qkv on, cudnn_benchmark off, torch.compile off, attention: cudnn first"
+            in capsys.readouterr().out)
+    assert not {"channels_last", "fuse_qkv", "torch_compile", "sdpa_backend"} & set(config["fingerprint"])  # rounding only
     assert synth(tmp_path, tiny_model)["made"] == 0  # the set completes with other speed options
     resolved = json.loads((tmp_path / "synthesis_config.json").read_text())["resolved"]["speed"]
-    assert resolved == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
+    assert resolved == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None,
+                        "sdpa_backend": "auto"}
 
 
 # ------------------------------------------------------------------------------- labels CSV
