@@ -6,17 +6,17 @@
 #   task           what it measures                                                  measured, H200
 #   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
 #   profile        profile_step.py: the eager full-U-Net step of both sides, by kernel      (~1.5 min)
+#   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
 #   attention      train_speed.py: unet lora with --sdpa_backend cudnn (cuDNN's attention first) (~1.5 min)
+#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo    (~3 min)
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6.5 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~3 min)
 #   profile_compiled  profile_step.py: the compiled toolkit step, by kernel                  (~3 min)
 #   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none, cuDNN attention (~3.3 min)
 #   more           train_speed.py: difffit (vs the BitFit reference), unet+vae+text          (~1.5 min)
-#   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16             (~1 min)
 #   resume         paged_resume.py: a resumed low-profile run keeps its state paged          (~1 min)
 #   batch1         train_speed.py: unet lora dora bitfit at batch 1 (the issue's second size) (~2 min)
-#   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo    (~3 min)
 #   targets        train_speed.py: unet lora dora bitfit at batch 16 (issue 7's targets)     2 min
 #   synth          synth_speed.py: StableDiffusionPipeline, toolkit defaults, fast recipe    (~1.8 min)
 #   memory         train_memory.py: 11 strategies, batch 1, 512 px, --memory_profile low,
@@ -27,8 +27,9 @@
 # compiled rows were judged against references from another process, which now gives no verdict,
 # and its references decoded their images on the main thread (now in loader workers): so the
 # compiled full U-Net and LoRA, which issue 7's targets rest on, come first, then the profile of
-# both sides' steps (what to speed up next), then the other compiled rows and the rest; all stay,
-# to be measured again on an H100.
+# both sides' steps (what to speed up next), then the fp16 paths no CPU can run (the full U-Net's
+# grad scaler; lora.sh's default precision, end to end) and cuDNN's attention, then the other
+# compiled rows and the rest; all stay, to be measured again on an H100.
 #
 # A device call is short and its end is fixed, so each task runs with the time left (timeout) and
 # one without enough left is skipped, not started. Every script rewrites its JSON after each row:
@@ -45,7 +46,7 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(compiled profile attention compiled_peft synth_compile profile_compiled ablation more fp16 dora resume batch1 e2e
+all=(compiled profile fp16 attention e2e compiled_peft synth_compile profile_compiled ablation more dora resume batch1
      targets synth memory)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")

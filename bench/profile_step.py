@@ -35,7 +35,7 @@ import torch  # noqa: E402
 # First match wins; names are lowercased (CUDA kernels, or aten operators on the CPU).
 KINDS = (
     # CPU only: the host's own time outside any operator (Python, the loader), under its annotations
-    ("host (outside operators)", r"^profilerstep|#|^enumerate\(dataloader\)"),
+    (HOST := "host (outside operators)", r"^profilerstep|#|^enumerate\(dataloader\)"),
     # inductor's generated kernels are named after what they fused (triton_per_fused_native_group_norm_silu_3)
     ("fused (inductor triton)", r"^triton|triton_"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
@@ -59,7 +59,11 @@ def device_times(events, device: torch.device) -> dict[str, tuple[float, int]]:
     once on the device, so nothing is counted twice); CPU: each operator's self time."""
     times: dict[str, tuple[float, int]] = {}
     if device.type == "cuda":
-        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        # Annotations (ProfilerStep#N, record_function ranges) also appear on the GPU's timeline, as spans
+        # over the kernels they hold: counted, they would count those kernels twice.
+        annotation = lambda e: getattr(e, "is_user_annotation", False) or kind_of(e.key) == HOST  # noqa: E731
+        kernels = [e for e in events
+                   if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and not annotation(e)]
         # Older profilers list kernels only inside the operators that launched them: their self device time.
         chosen = kernels or list(events)
         seconds = lambda e: e.self_device_time_total / 1e6  # noqa: E731

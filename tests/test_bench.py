@@ -417,6 +417,21 @@ def test_profile_kinds_read_from_kernel_names(name, kind):
     assert profile_step.kind_of(name) == kind
 
 
+def test_profile_on_a_gpu_counts_kernels_once_not_the_operators_or_annotations_that_span_them():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda key, kind, us, count=1, note=False: SimpleNamespace(  # noqa: E731
+        key=key, device_type=kind, self_device_time_total=us, self_cpu_time_total=us, count=count,
+        is_user_annotation=note)
+    events = [event("nvjet_hsh_128x256_gemm", cuda, 300, count=2), event("triton_poi_fused_add_0", cuda, 100),
+              event("ProfilerStep*", cuda, 5000, note=True),  # the step's span on the GPU timeline
+              event("Optimizer.step#AdamW.step", cuda, 900),  # an annotation as older profilers mark it
+              event("aten::mm", cpu, 300)]  # the operator that launched the gemm: its kernel's time again
+    times = profile_step.device_times(events, torch.device("cuda"))
+    assert times == {"nvjet_hsh_128x256_gemm": (300e-6, 2), "triton_poi_fused_add_0": (100e-6, 1)}
+
+
 def test_profile_step_tiny_records_only_the_timed_steps_and_its_kinds_add_up(tiny_model, tmp_path):
     output = tmp_path / "profile.json"
     record = profile_step.main(["--tiny", "--model-dir", str(tiny_model), "--sides", "toolkit", "--steps", "3",
