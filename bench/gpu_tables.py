@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def target_cell(r: dict, se: float | None = None) -> str:
         return "-"
     ref, tk, reached = r["reference"], r["toolkit"], r["ratio"]
     if ref.get("reused_from") or r.get("meets_target") is None:
-        return NO_VERDICT
+        return r.get("no_verdict", NO_VERDICT)
     parts = [] if reached is None else [f"speed {reached / r['target_ratio']:.0%} of it"]
     memory_above = False
     for kind, key in (("allocated", "peak_gib"), ("reserved", "peak_reserved_gib")):
@@ -230,6 +231,18 @@ def dora_overhead_table(folder: Path) -> str | None:
 PROFILE_FILES = ("profile_step.json", "profile_step_compiled.json")
 
 
+def kernel_name(name: str, width: int = 100) -> str:
+    """A demangled kernel name, short enough for a table: namespaces and parameter lists dropped, the
+    template arguments (which tell elementwise kernels apart) kept, in code quotes so that Markdown
+    leaves its * and | alone."""
+    short = re.sub(r"\(anonymous namespace\)::|\b(void |at::native::|at::|c10::|std::)", "", name)
+    previous = None
+    while previous != short:  # parameter lists, innermost first
+        previous, short = short, re.sub(r"\([^()]*\)", "", short)
+    short = short if len(short) <= width else short[:width - 3] + "..."
+    return "`" + short.replace("`", "'").replace("|", "\\|") + "`"
+
+
 def profile_table(folder: Path) -> str | None:
     """profile_step.py's per-step breakdown: one column a side, a row a kind of kernel, then each side's
     costliest kernels (seconds a step, under the profiler: where the time goes, not how fast it is)."""
@@ -246,7 +259,7 @@ def profile_table(folder: Path) -> str | None:
                 ["device busy", *(f"{fmt(s['device_seconds_per_step'], '.4f')} ({fmt(s['busy_fraction'], '.0%')})"
                                   for s in sides.values())]]
         rows += [[kind, *(fmt(s["kinds"].get(kind), ".4f") for s in sides.values())] for kind in kinds]
-        top = [[side, t["name"][:80], t["kind"], f"{t['seconds_per_step']:.4f}"]
+        top = [[side, kernel_name(t["name"]), t["kind"], f"{t['seconds_per_step']:.4f}"]
                for side, s in sides.items() for t in s["top"][:5]]
         parts.append(f"- `{name}`: {settings['strategy']}, batch {settings['batch_size']}, {settings['resolution']} px, "
                      f"{settings['profiled_steps']} profiled steps; {origin(record)}{cut_short(record)}\n\n"

@@ -9,10 +9,12 @@ the profiler recording the timed steps only (after the warm-up). Per step it pri
 the time the device spent in kernels (on the CPU: in operators, self time), their ratio ("busy": well
 under 1 means the GPU waited for the host, e.g. for images decoded on the main thread), the time by
 kind of kernel (convolution, matmul, attention, normalisation, optimizer, inductor's fused Triton
-kernels, copies and casts, layout changes, the rest) and the costliest kernels. Kinds are read from
-kernel names, so they are a guide; the top-kernel list is exact. The profiler adds host time to
-every operator (more to eager runs than to compiled ones), so these wall times are not
-train_speed's figures and get no ratio or verdict: they say where to look, not how fast it is.
+kernels, random numbers, copies and casts, layout changes, the rest) and the costliest kernels.
+Kinds are read from kernel names, so they are a guide; the per-kernel times are the profiler's.
+On a GPU only kernels, copies and memsets count (the operators that launch them and the
+annotations that span them would count them twice). The profiler adds host time to every
+operator (more to eager runs than to compiled ones), so these wall times are not train_speed's
+figures and get no ratio or verdict: they say where to look, not how fast it is.
 """
 
 from __future__ import annotations
@@ -27,24 +29,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_speed  # noqa: E402
-from common import (StepClock, environment, fmt, model_folder, pick_device, quiet_libraries, table,  # noqa: E402
-                    write_image_folder, write_json)
+from common import (StepClock, environment, fmt, model_folder, pick_device, quiet_libraries, synchronize,  # noqa: E402
+                    table, write_image_folder, write_json)
 
 import torch  # noqa: E402
 
+# Annotations, not work: the step's and record_function's ranges (ProfilerStep#N, Optimizer.step#AdamW.step,
+# enumerate(DataLoader)#...). On the CPU their self time is the host's own (Python, the loader); on a GPU's
+# timeline they span kernels already counted. Anchored: demangled kernel names hold "{lambda(int)#1}".
+ANNOTATION = r"^(profilerstep|optimizer\.|enumerate\(dataloader\))"
 # First match wins; names are lowercased (CUDA kernels, or aten operators on the CPU).
 KINDS = (
-    # CPU only: the host's own time outside any operator (Python, the loader), under its annotations
-    (HOST := "host (outside operators)", r"^profilerstep|#|^enumerate\(dataloader\)"),
+    (HOST := "host (outside operators)", ANNOTATION),  # CPU only
     # inductor's generated kernels are named after what they fused (triton_per_fused_native_group_norm_silu_3)
     ("fused (inductor triton)", r"^triton|triton_"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
     ("layout", r"nchwtonhwc|nhwctonchw|transpose|permute"),
-    ("convolution", r"conv|dgrad|wgrad|fprop|implicit_gemm|winograd"),
-    ("matmul", r"gemm|cutlass|cublas|nvjet|xmma|matmul|\bmm\b|::mm|addmm|bmm|linear"),
+    ("random numbers", r"normal|distribution|random|philox|randperm"),  # noise, timesteps, latent samples
+    ("convolution", r"conv(?!ert)|dgrad|wgrad|fprop|implicit_gemm|winograd"),
+    ("matmul", r"gemm|cutlass|cublas|nvjet|xmma|matmul|\bmm\b|::mm|addmm|bmm|(?<!bi)linear"),
     ("optimizer and gradient clipping", r"adam|foreach|multi_tensor|vector_norm|lpnorm|clip"),
     ("normalisation", r"norm|rowwisemoments|computefusedparams|compute1d"),  # GroupNorm's CUDA kernels too
-    ("copy/cast", r"copy|memcpy|memset|cast|_to_|convert"),
+    ("copy/cast", r"copy|memcpy|memset|(?<!broad)(?<!no)cast|_to_|convert"),  # not gpu_kernel_impl_nocast
 )
 OTHER = "other (element-wise, reductions, ...)"
 
@@ -59,13 +65,11 @@ def device_times(events, device: torch.device) -> dict[str, tuple[float, int]]:
     once on the device, so nothing is counted twice); CPU: each operator's self time."""
     times: dict[str, tuple[float, int]] = {}
     if device.type == "cuda":
-        # Annotations (ProfilerStep#N, record_function ranges) also appear on the GPU's timeline, as spans
-        # over the kernels they hold: counted, they would count those kernels twice.
-        annotation = lambda e: getattr(e, "is_user_annotation", False) or kind_of(e.key) == HOST  # noqa: E731
-        kernels = [e for e in events
-                   if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and not annotation(e)]
-        # Older profilers list kernels only inside the operators that launched them: their self device time.
-        chosen = kernels or list(events)
+        # Kernels, copies and memsets only: an operator's device time is its kernels' again, and an
+        # annotation on the GPU's timeline spans kernels (none recorded: summarise says so).
+        annotation = lambda e: getattr(e, "is_user_annotation", False) or re.search(ANNOTATION, e.key.lower())  # noqa: E731
+        chosen = [e for e in events
+                  if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and not annotation(e)]
         seconds = lambda e: e.self_device_time_total / 1e6  # noqa: E731
     else:
         chosen, seconds = list(events), (lambda e: e.self_cpu_time_total / 1e6)
@@ -92,8 +96,13 @@ def profiling(device: torch.device, warmup: int, steps: int, found: dict):
     tick = StepClock.tick
     with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=ready) as prof:
         def ticking(self) -> None:
-            tick(self)
-            prof.step()
+            if len(self.times) + 1 == warmup:  # the warm-up's last step: tracing starts before the clock's mark
+                synchronize(self.device)
+                prof.step()
+                tick(self)
+            else:
+                tick(self)
+                prof.step()
 
         StepClock.tick = ticking
         try:
@@ -182,7 +191,8 @@ def main(argv=None) -> dict:
             rate = result.get("samples_per_second")
             wall = args.batch_size / rate if rate else None
             summary = summarise(found.get("times", {}), args.steps, wall, args.top)
-            summary.update(seconds=time.perf_counter() - started, error=result.get("error"))
+            recorded = None if found.get("times") else "the profiler recorded no kernels (is CUPTI there?)"
+            summary.update(seconds=time.perf_counter() - started, error=result.get("error") or recorded)
             record["sides"][side] = summary
             write_json(args.output, record)
             print(f"\n{side}: {fmt(wall, '.4f')} s a step (profiled), device busy {fmt(summary['device_seconds_per_step'], '.4f')} s "

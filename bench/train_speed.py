@@ -366,7 +366,8 @@ def ratio(a, b):
 def judge(row: dict, timed_steps: int, target: float | None) -> dict:
     """The ratio's standard error and, where a target applies, the verdict: speed, and peak memory both
     allocated and reserved. A reference measured in another process (--reuse-references) gets none:
-    the issue wants both sides measured in one process."""
+    the issue wants both sides measured in one process; nor does a toolkit run that skipped steps
+    (non-finite gradients, e.g. from an attention kernel gone wrong): skipped updates are cheaper."""
     ref, tk, speedup = row["reference"], row["toolkit"], row["ratio"]
     # the timed steps' times (the warm-up's come first in step_seconds)
     steps = lambda side: (side.get("step_seconds") or [])[-timed_steps:]  # noqa: E731
@@ -376,6 +377,10 @@ def judge(row: dict, timed_steps: int, target: float | None) -> dict:
     row["target_ratio"] = target
     if ref.get("reused_from"):
         row.update(meets_target=None, no_verdict=NO_VERDICT)
+        return row
+    if tk.get("skipped_steps"):  # steps without an update are cheaper: not the training that was asked for
+        row.update(meets_target=None, no_verdict=f"the toolkit skipped {tk['skipped_steps']} steps (non-finite "
+                                                 "gradients): no verdict")
         return row
     memory_missed = [kind for kind, key in (("allocated", "peak_gib"), ("reserved", "peak_reserved_gib"))
                      if tk.get(key) is None or ref.get(key) is None or tk[key] > ref[key]]
@@ -392,7 +397,7 @@ def verdict(row: dict) -> str:
     if "target_ratio" not in row:
         return ""
     if row.get("meets_target") is None or row["reference"].get("reused_from"):
-        return NO_VERDICT
+        return row.get("no_verdict", NO_VERDICT)
     text = f"{row['target_ratio']:.1f}x {'met' if row['meets_target'] else 'missed'}"
     missed = (["speed"] if row.get("speed_met") is False else []) + [f"{m} peak" for m in row.get("memory_missed", [])]
     if missed and not row["meets_target"]:

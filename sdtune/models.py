@@ -39,28 +39,35 @@ def check_compile_mode(mode: str | None) -> None:
                         "max-autotune-no-cudagraphs")
 
 
-# torch's scaled_dot_product_attention tries its backends in this order; --sdpa_backend puts one first.
-SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
+# --sdpa_backend's names for torch's SDPA backends (auto: torch's own order, flash first and cuDNN last)
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
+                 "cudnn": "CUDNN_ATTENTION"}
 
 
 @contextlib.contextmanager
 def sdpa_preference(name: str):
-    """Within it, torch's SDPA (every diffusers attention) tries backend `name` first; the others
-    stay behind it, in torch's order, for inputs it cannot take. torch puts cuDNN's attention last,
-    though its 2.5 release notes report it up to 75% faster than flash attention on an H100 (not
-    measured here yet). The choice is global to the process, the backward pass included, and
-    undone on leaving; a compiled model keeps the backend it was traced with. "auto": torch's order."""
+    """Within it, torch's SDPA (every diffusers attention) tries backend `name` first; the other enabled
+    backends stay behind it, in their order, for inputs it cannot take. torch puts cuDNN's attention
+    last, though its 2.5 release notes report it up to 75% faster than flash attention on an H100 (not
+    measured here yet). The choice is global to the process, the backward pass included, and undone
+    on leaving; a compiled model keeps the backend it was traced with. "auto": torch's order."""
     if name not in SDPA_BACKENDS:
         raise UserError(f"unknown --sdpa_backend {name!r}: use one of {', '.join(SDPA_BACKENDS)}")
     if name == "auto":
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch
+    from torch.nn import attention
 
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
-    first = order[SDPA_BACKENDS.index(name) - 1]
-    with sdpa_kernel([first, *(b for b in order if b is not first)], set_priority=True):
-        yield
+    first = getattr(attention.SDPBackend, SDPA_BACKENDS[name])
+    enabled = attention._cur_sdpa_kernel_backends(with_priority=True)  # in their order
+    # sdpa_kernel restores the enabled backends and their order, not where the disabled ones stood
+    saved = torch._C._get_sdp_priority_order()
+    try:
+        with attention.sdpa_kernel([first, *(b for b in enabled if b != first)], set_priority=True):
+            yield
+    finally:
+        torch._C._set_sdp_priority_order(saved)
 
 
 @dataclass

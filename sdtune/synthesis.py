@@ -137,7 +137,7 @@ class SynthesisConfig:
                                                    "for tests)")
     sdpa_backend: str = field("auto", "attention kernel PyTorch's SDPA tries first: cudnn, flash, efficient or math "
                                       "(the rest stay as fallbacks); auto keeps torch's order (flash first, cuDNN last)",
-                              choices=SDPA_BACKENDS)
+                              choices=tuple(SDPA_BACKENDS))
 
 
 def check_config(cfg: SynthesisConfig) -> None:

@@ -121,7 +121,7 @@ class TrainConfig:
     torch_compile_backend: str = field("inductor", "torch.compile backend")
     sdpa_backend: str = field("auto", "attention kernel PyTorch's SDPA tries first: cudnn, flash, efficient or math "
                               "(the rest stay as fallbacks); auto keeps torch's order (flash first, cuDNN last)",
-                              choices=SDPA_BACKENDS)
+                              choices=tuple(SDPA_BACKENDS))
     torch_compile_mode: str | None = field(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's)",
                                            choices=COMPILE_MODES)
     dataloader_num_workers: int | None = field(None, "data loading worker processes (default: 0 on CPU, "

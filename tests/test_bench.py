@@ -130,6 +130,17 @@ def test_a_verdict_needs_both_sides_in_one_process_both_peaks_and_says_when_it_i
     noisy = train_speed.judge(_row([0.9, 1.1, 0.9, 1.1], [0.38, 0.42, 0.38, 0.42]), 4, 2.5)
     assert noisy["ratio"] == pytest.approx(2.5) and noisy["within_noise"]
     assert train_speed.verdict(noisy) == "2.5x met within noise"
+    # the toolkit skipped updates (non-finite gradients): cheaper steps, no verdict; the reference's fp16
+    # grad scaler skipping its first steps is the recipe's own behaviour and changes nothing
+    skipping = _row(steady_ref, steady_tk, skipped_steps=2)
+    skipping["toolkit"]["skipped_steps"] = 3
+    skipped = train_speed.judge(skipping, 4, 2.5)
+    assert skipped["meets_target"] is None
+    assert train_speed.verdict(skipped) == "the toolkit skipped 3 steps (non-finite gradients): no verdict"
+    import gpu_tables
+
+    assert gpu_tables.target_cell(skipped) == train_speed.verdict(skipped)
+    assert train_speed.judge(_row(steady_ref, steady_tk, skipped_steps=2), 4, 2.5)["meets_target"] is True
 
 
 def test_reference_moves_fp32_pixels_to_the_device_then_casts_them_there(tiny_model, tmp_path, monkeypatch):
@@ -412,6 +423,17 @@ def test_train_speed_dataset_holds_every_step_of_the_largest_batch_in_one_epoch(
     ("aten::mkldnn_convolution", "convolution"),
     ("ProfilerStep*", "host (outside operators)"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", profile_step.OTHER),
+    # demangled kernels carry "#" in their lambdas: work, not annotations
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::CUDAFunctor_add"
+     "<float> >(at::TensorIteratorBase&, at::native::CUDAFunctor_add<float> const&)::{lambda(int)#1}>(int, "
+     "at::native::gpu_kernel_impl_nocast<...>::{lambda(int)#1})", profile_step.OTHER),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::"
+     "{lambda()#3}::operator()() const::{lambda()#10}::operator()() const::{lambda(float)#1}>", "copy/cast"),
+    ("void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float, 4, "
+     "at::native::templates::cuda::normal_and_transform<float, float>>", "random numbers"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::convert_kernel<float>>", "copy/cast"),
+    ("void at::native::upsample_bilinear2d_out_frame<float, float>", profile_step.OTHER),
+    ("Optimizer.step#AdamW.step", "host (outside operators)"),
 ])
 def test_profile_kinds_read_from_kernel_names(name, kind):
     assert profile_step.kind_of(name) == kind
@@ -427,9 +449,25 @@ def test_profile_on_a_gpu_counts_kernels_once_not_the_operators_or_annotations_t
     events = [event("nvjet_hsh_128x256_gemm", cuda, 300, count=2), event("triton_poi_fused_add_0", cuda, 100),
               event("ProfilerStep*", cuda, 5000, note=True),  # the step's span on the GPU timeline
               event("Optimizer.step#AdamW.step", cuda, 900),  # an annotation as older profilers mark it
-              event("aten::mm", cpu, 300)]  # the operator that launched the gemm: its kernel's time again
+              event("aten::mm", cpu, 300),  # the operator that launched the gemm: its kernel's time again
+              event("void at::native::elementwise_kernel<128, 2, ...::{lambda(int)#1}>", cuda, 50)]  # a kernel
     times = profile_step.device_times(events, torch.device("cuda"))
-    assert times == {"nvjet_hsh_128x256_gemm": (300e-6, 2), "triton_poi_fused_add_0": (100e-6, 1)}
+    assert times == {"nvjet_hsh_128x256_gemm": (300e-6, 2), "triton_poi_fused_add_0": (100e-6, 1),
+                     "void at::native::elementwise_kernel<128, 2, ...::{lambda(int)#1}>": (50e-6, 1)}
+    assert profile_step.device_times(events[2:4], torch.device("cuda")) == {}  # annotations only: nothing
+
+
+def test_gpu_tables_shorten_kernel_names_but_keep_what_tells_elementwise_kernels_apart():
+    import gpu_tables
+
+    add = ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::CUDAFunctor_add"
+           "<float> >(at::TensorIteratorBase&, at::native::CUDAFunctor_add<float> const&)::{lambda(int)#1}>(int, "
+           "at::native::gpu_kernel_impl_nocast<...>::{lambda(int)#1})")
+    assert gpu_tables.kernel_name(add) == "`elementwise_kernel<128, 2, gpu_kernel_impl_nocast<CUDAFunctor_add<float> >::{lambda#1}>`"
+    assert gpu_tables.kernel_name("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16, "
+                                  "float>(long, float, c10::BFloat16 const*, float*, float*)") == \
+        "`RowwiseMomentsCUDAKernel<BFloat16, float>`"
+    assert gpu_tables.kernel_name("a|b") == "`a\\|b`" and len(gpu_tables.kernel_name("k" * 300)) == 102
 
 
 def test_profile_step_tiny_records_only_the_timed_steps_and_its_kinds_add_up(tiny_model, tmp_path):

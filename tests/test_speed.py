@@ -278,6 +278,19 @@ def test_sdpa_backend_goes_first_in_every_forward_and_backward_of_the_run_then_t
             pass
 
 
+def test_sdpa_preference_reorders_the_enabled_backends_and_switches_on_no_other():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION]):  # flash and cuDNN switched off by a caller
+        with sdpa_preference("cudnn"):
+            assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+            assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    with sdpa_preference("auto"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)  # torch's own
+
+
 @pytest.mark.parametrize("strategy, extra", [("lora", []), ("dora", []), ("difffit", []), ("bitfit", []),
                                              ("unet", ["--gradient_checkpointing"])])
 def test_torch_compile_makes_one_graph_and_never_recompiles(strategy, extra, tiny_model, folder, tmp_path):
