@@ -21,6 +21,9 @@ python3 -m sdtune.phantom "$work/phantom" --n 24 --size "$resolution"
 MODEL_NAME=$model TRAIN_CSV="$work/phantom/CheXpert-v1.0-small/train.csv" OUTPUT_DIR="$work/lora" \
   MAX_TRAIN_STEPS=2 RESOLUTION=$resolution CHECKPOINTING_STEPS=1000 "$root/lora.sh" --report_to none
 ls "$work/lora/final_model"
+# fp16's grad scaler starts at 65536 and skips overflowing steps: with 2 steps, say whether the adapter trained at all
+python3 -c "import json, sys; s = json.load(open(sys.argv[1])); print('lora.sh: steps', s['steps'], 'skipped (non-finite)', \
+s['skipped_nonfinite_steps'], 'final loss', s['final_loss'], 'optimizer', s['optimizer'])" "$work/lora/training_summary.json"
 MODEL_PATH="$work/lora" OUTPUT_DIR="$work/synthetic" NUM_INFERENCE_STEPS=10 BATCH_SIZE=2 HEIGHT=$resolution \
   WIDTH=$resolution PROMPTS="Chest x-ray of a patient with Pleural Effusion, Chest x-ray of a patient with Cardiomegaly" \
   "$root/synthesis_lora.sh"

@@ -365,7 +365,8 @@ def test_synth_speed_tiny_compares_every_toolkit_row_and_not_the_fast_recipe(tin
         assert (row["unet_calls"], row["unet_samples"]) == (reference["unet_calls"], reference["unet_samples"]) == (12, 48)
         assert row["same_work"]
     speeds = [row["speed"] for row in rows]  # the options each row ran with, as synthesize() records them
-    assert speeds[0] == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None}
+    assert speeds[0] == {"channels_last": False, "fuse_qkv": False, "cudnn_benchmark": False, "torch_compile": None,
+                         "sdpa_backend": "auto"}
     assert speeds[1]["channels_last"] and speeds[1]["fuse_qkv"]
     assert speeds[2]["torch_compile"]["backend"] == "eager"
     # fp32 on the CPU, same weights, noise and scheduler: the defaults' images are the pipeline's, exactly;

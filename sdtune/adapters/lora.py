@@ -181,7 +181,9 @@ def fast_dora_variant() -> type:
             scaling, dora = module.scaling[active_adapter], module.lora_magnitude_vector[active_adapter]
             base = module.get_base_layer()
             dtype = lora_A.weight.dtype  # peft uses x's, which its Linear.forward has cast to this one
-            with torch.no_grad():  # no gradient through the norm, as in peft
+            # No gradient through the norm, as in peft; and no autocast: its cached half copy of a weight cast
+            # under no_grad would carry no grad_fn into lora_B(lora_A(x)) below (pytorch#112583: torch 2.10 and older).
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 lora_weight = (lora_B.weight @ lora_A.weight).to(dtype)
                 # A plain base weight is used as it is: peft's dequantize check is a torch.compile graph break.
                 weight = base.weight if type(base.weight) is torch.nn.Parameter else dequantize_module_weight(base)
