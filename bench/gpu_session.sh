@@ -12,6 +12,8 @@
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6.5 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~3 min)
 #   profile_compiled  profile_step.py: the compiled toolkit step, by kernel                  (~3 min)
+#   compiled_cudnn train_speed.py: unet compiled with cuDNN's attention first               (~3 min)
+#   synth_compile_cudnn  synth_speed.py: +compile with cuDNN's attention first              (~3 min)
 #   ablation       synth_speed.py: defaults, + channels_last, fused q/k/v alone, none, cuDNN attention (~3.3 min)
 #   more           train_speed.py: difffit (vs the BitFit reference), unet+vae+text          (~1.5 min)
 #   dora           dora_overhead.py: peft's DoRA against the toolkit's, batch 16             (~1 min)
@@ -46,8 +48,8 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(compiled profile fp16 attention e2e compiled_peft synth_compile profile_compiled ablation more dora resume batch1
-     targets synth memory)
+all=(compiled profile fp16 attention e2e compiled_peft synth_compile profile_compiled compiled_cudnn synth_compile_cudnn
+     ablation more dora resume batch1 targets synth memory)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
 for t in "${tasks[@]}"; do
@@ -123,6 +125,12 @@ for t in "${tasks[@]}"; do
     e2e) task e2e 120 "${e2e[@]}" bash bench/gpu_e2e.sh "$model" "$state/e2e" "$resolution" ;;
     synth_compile) task synth_compile 150 "${synth[@]}" --fast-recipe "" --toolkit-configs +compile=--torch_compile \
                      --output "$out/synth_speed_compiled.json" ;;
+    compiled_cudnn) task compiled_cudnn 200 "${speed[@]}" --strategies unet \
+                      --toolkit-args "--torch_compile --channels_last --sdpa_backend cudnn" \
+                      --output "$out/train_speed_compiled_cudnn.json" ;;
+    synth_compile_cudnn) task synth_compile_cudnn 150 "${synth[@]}" --fast-recipe "" \
+                           --toolkit-configs "+compile_cudnn=--torch_compile --sdpa_backend cudnn" \
+                           --output "$out/synth_speed_compiled_cudnn.json" ;;
     batch1) task batch1 60 python3 bench/train_speed.py --model-dir "$model" "${batch1[@]}" --reuse "$state" \
               --strategies unet lora dora bitfit --output "$out/train_speed_batch1.json" ;;
     # where the eager step's time goes on both sides (is the reference host-bound? which kernels lead?)

@@ -24,7 +24,8 @@ from common import NO_VERDICT, fmt, ratio_se  # noqa: E402
 NAMES = {"unet": "full U-Net", "lora": "LoRA", "dora": "DoRA", "bitfit": "BitFit", "difffit": "DiffFit",
          "unet+vae+text": "U-Net+VAE+text"}
 TRAIN_FILES = ("train_speed.json", "train_speed_more.json", "train_speed_compiled.json", "train_speed_compiled_peft.json",
-               "train_speed_attention.json", "train_speed_fp16.json", "train_speed_batch1.json")
+               "train_speed_attention.json", "train_speed_compiled_cudnn.json", "train_speed_fp16.json",
+               "train_speed_batch1.json")
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
@@ -146,7 +147,8 @@ def warmup_seconds(side: dict) -> str:
 
 def synth_speed_table(folder: Path) -> str | None:
     rows, heads = [], []
-    for name in ("synth_speed.json", "synth_speed_compiled.json", "synth_speed_ablation.json"):
+    for name in ("synth_speed.json", "synth_speed_compiled.json", "synth_speed_compiled_cudnn.json",
+                 "synth_speed_ablation.json"):
         record = load(folder, name)
         if record is None or record.get("reference") is None:
             continue
