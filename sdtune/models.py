@@ -56,9 +56,14 @@ def sdpa_preference(name: str):
     if name == "auto":
         yield
         return
+    import inspect
+
     import torch
     from torch.nn import attention
 
+    if "set_priority" not in inspect.signature(attention.sdpa_kernel).parameters:
+        raise UserError(f"--sdpa_backend {name} needs torch's sdpa_kernel(set_priority=...), which torch "
+                        f"{torch.__version__} lacks: upgrade torch, or leave --sdpa_backend auto")
     first = getattr(attention.SDPBackend, SDPA_BACKENDS[name])
     enabled = attention._cur_sdpa_kernel_backends(with_priority=True)  # in their order
     # sdpa_kernel restores the enabled backends and their order, not where the disabled ones stood

@@ -291,6 +291,15 @@ def test_sdpa_preference_reorders_the_enabled_backends_and_switches_on_no_other(
         assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)  # torch's own
 
 
+def test_sdpa_preference_on_a_torch_without_priorities_says_so_in_one_line(monkeypatch):
+    import torch.nn.attention
+
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", lambda backends: contextlib.nullcontext())  # torch < 2.6
+    with pytest.raises(UserError, match="--sdpa_backend cudnn needs torch's sdpa_kernel.*leave --sdpa_backend auto"):
+        with sdpa_preference("cudnn"):
+            pass
+
+
 @pytest.mark.parametrize("strategy, extra", [("lora", []), ("dora", []), ("difffit", []), ("bitfit", []),
                                              ("unet", ["--gradient_checkpointing"])])
 def test_torch_compile_makes_one_graph_and_never_recompiles(strategy, extra, tiny_model, folder, tmp_path):
