@@ -7,7 +7,7 @@
 #   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
 #   profile        profile_step.py: the eager full-U-Net step of both sides, by kernel      (~1.5 min)
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
-#   attention      train_speed.py: unet lora with --sdpa_backend cudnn (cuDNN's attention first) (~1.5 min)
+#   attention      train_speed.py: unet lora eager, torch's attention order and cuDNN's first  (~2 min)
 #   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo    (~3 min)
 #   compiled_peft  train_speed.py: dora bitfit with --torch_compile --channels_last          (~6.5 min)
 #   synth_compile  synth_speed.py: the +compile row                                          (~3 min)
@@ -136,8 +136,8 @@ for t in "${tasks[@]}"; do
     # where the eager step's time goes on both sides (is the reference host-bound? which kernels lead?)
     profile) task profile 75 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" --strategy unet \
                --output "$out/profile_step.json" ;;
-    # cuDNN's attention first (torch tries it last): the eager rows to set beside targets' (the same rows with flash)
-    attention) task attention 90 "${speed[@]}" --strategies unet lora --toolkit-args "--sdpa_backend cudnn" \
+    # cuDNN's attention first (torch tries it last) beside torch's order, eager, against one reference each
+    attention) task attention 120 "${speed[@]}" --strategies unet lora --toolkit-args "" "--sdpa_backend cudnn" \
                  --output "$out/train_speed_attention.json" ;;
     # the compiled toolkit step (inductor's cache from the compiled task, if it ran, shortens compiling)
     profile_compiled) task profile_compiled 200 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" \

@@ -108,10 +108,10 @@ def train_speed_table(folder: Path) -> str | None:
         heads.append(f"`{name}`: {settings['resolution']} px, {settings['warmup_steps']} warm-up + "
                      f"{settings['timed_steps']} timed steps, reference {settings['reference_precision']}, {loading}; "
                      f"{origin(record)}{cut_short(record)}")
-        flags = settings.get("toolkit_args") or ""
         rank = record["settings"].get("lora_rank")
         for r in record["results"]:
             ref, tk = r["reference"], r["toolkit"]
+            flags = r.get("toolkit_args", settings.get("toolkit_args") or "")  # a row's own (several sets a run), or its run's
             strategy = NAMES.get(r["strategy"], r["strategy"]) + (f" r{rank}" if r["strategy"] in ("lora", "dora") else "")
             if ref.get("recipe") != r["strategy"]:
                 strategy += f" (vs {NAMES.get(ref['recipe'], ref['recipe'])} reference)"

@@ -359,6 +359,15 @@ def encoded(result: dict) -> str:
     return f"; encoded once in {once['seconds']:.1f} s ({once['latents']})" if "seconds" in once else ""
 
 
+def named(extra: str) -> str:
+    return f" [{extra}]" if extra else ""
+
+
+def toolkit_args_of(row: dict, record: dict) -> str:
+    """The flags a row's toolkit ran with: its own (several sets a run), else its run's one set (older JSON)."""
+    return row.get("toolkit_args", record["settings"].get("toolkit_args") or "")
+
+
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -423,8 +432,7 @@ def earlier_measurements(paths: list[str] | None, record: dict) -> tuple[dict, d
             if "error" not in ref and ref.get("samples_per_second") is not None:
                 references.setdefault((ref["recipe"], row["batch_size"]), {"reused_from": path, **ref})
             if "error" not in tk and tk.get("samples_per_second") is not None:
-                key = (row["strategy"], row["batch_size"], row["toolkit_mixed_precision"],
-                       earlier["settings"].get("toolkit_args", ""))
+                key = (row["strategy"], row["batch_size"], row["toolkit_mixed_precision"], toolkit_args_of(row, earlier))
                 rows.setdefault(key, {**row, "reused_from": path})
     return references, rows
 
@@ -463,8 +471,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-workers", type=int, default=None,
                    help="the reference's --dataloader_num_workers (default 4 on a GPU, so that decoding images does "
                         "not hold up its GPU; 0 is the script's default, images decoded on the main thread)")
-    p.add_argument("--toolkit-args", default="", help="extra train_text_to_image.py flags for the toolkit side, "
-                                                      "e.g. \"--allow_tf32 --dataloader_num_workers 4\"")
+    p.add_argument("--toolkit-args", nargs="+", default=[""],
+                   help="extra train_text_to_image.py flags for the toolkit side, e.g. \"--allow_tf32 true\"; several "
+                        "sets, one toolkit row each against the same reference (\"\" for the defaults). A set that is "
+                        "one flag alone needs its value (\"--channels_last true\"): argparse reads a lone --flag as "
+                        "an option of this script")
     p.add_argument("--model-dir", default=None, help="SD1.5-architecture folder to reuse, or to write once and keep")
     p.add_argument("--reuse", nargs="+", default=None, metavar="JSON_OR_DIR",
                    help="earlier train_speed JSON files (a folder: its train_speed*.json): their finished rows measured on "
@@ -549,15 +560,15 @@ def main(argv=None) -> dict:
         for n, (batch, strategy) in enumerate(order, 1):
             recipe = REFERENCE_RECIPE.get(strategy, strategy)
             todo = []
-            for precision in precisions:
-                row = done.get((strategy, batch, precision, args.toolkit_args))
+            for extra, precision in [(extra, precision) for extra in args.toolkit_args for precision in precisions]:
+                row = done.get((strategy, batch, precision, extra))
                 if row is None:
-                    todo.append(precision)
+                    todo.append((extra, precision))
                     continue
                 # judged again by this version's rules (an older row may have been judged against a reused reference)
                 row = judge(dict(row), args.steps, TARGETS[strategy] if "target_ratio" in row else None)
                 record["results"].append(row)
-                print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}: "
+                print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}{named(extra)}: "
                       f"{fmt(row['toolkit'].get('samples_per_second'))} samples/s, x{fmt(row['ratio'], '.2f')} the "
                       f"reference (reused from {row['reused_from']})", flush=True)
                 write_json(args.output, record)
@@ -576,18 +587,18 @@ def main(argv=None) -> dict:
                       f"{fmt(ref.get('samples_per_second'))} samples/s (reused from {ref['reused_from']})", flush=True)
             announced.add((recipe, batch))
             ref = references[(recipe, batch)]
-            for precision in todo:
-                out_dir = scratch / f"toolkit-{strategy}-{batch}-{precision}"
+            for k, (extra, precision) in enumerate(todo):
+                out_dir = scratch / f"toolkit-{strategy}-{batch}-{precision}-{k}"
                 tk = measure(toolkit_run, device, args.warmup, batch, flags, strategy=strategy, precision=precision,
-                             out_dir=out_dir, extra=shlex.split(args.toolkit_args), **common)
+                             out_dir=out_dir, extra=shlex.split(extra), **common)
                 speedup = ratio(tk.get("samples_per_second"), ref.get("samples_per_second"))
                 row = {"strategy": strategy, "batch_size": batch, "toolkit_mixed_precision": precision,
-                       "reference": ref, "toolkit": tk, "ratio": speedup,
+                       "toolkit_args": extra, "reference": ref, "toolkit": tk, "ratio": speedup,
                        "memory_ratio": ratio(tk.get("peak_gib"), ref.get("peak_gib"))}
                 targeted = batch == 16 and strategy in TARGETS and not args.tiny
                 judge(row, args.steps, TARGETS[strategy] if targeted else None)
                 record["results"].append(row)
-                print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}: "
+                print(f"[{n}/{len(order)}] toolkit   {strategy:13s} batch {batch:2d} {precision}{named(extra)}: "
                       f"{fmt(tk.get('samples_per_second'))} samples/s, peak {fmt(tk.get('peak_gib'), '.2f')} GiB, "
                       f"x{fmt(speedup, '.2f')} (se {fmt(row['ratio_se'], '.2f')}) the reference" + encoded(tk)
                       + (f"; {verdict(row)}" if verdict(row) else "") + note(tk), flush=True)
@@ -607,7 +618,8 @@ def print_table(record: dict) -> None:
         ref, tk = r["reference"], r["toolkit"]
         name = r["strategy"] + (f" (vs {ref['recipe']})" if ref["recipe"] != r["strategy"] else "")
         peaks = lambda side: f"{fmt(side.get('peak_gib'), '.2f')}/{fmt(side.get('peak_reserved_gib'), '.2f')}"  # noqa: E731
-        rows.append([name, r["batch_size"], r["toolkit_mixed_precision"], fmt(ref.get("samples_per_second")),
+        rows.append([name, r["batch_size"], r["toolkit_mixed_precision"] + named(toolkit_args_of(r, record)),
+                     fmt(ref.get("samples_per_second")),
                      fmt(tk.get("samples_per_second")), fmt(r["ratio"], ".2f"), fmt(r.get("ratio_se"), ".3f"),
                      peaks(ref), peaks(tk), fmt(ref.get("data_wait_seconds_per_step"), ".3f"),
                      fmt(ref.get("first_step_seconds")), fmt(tk.get("first_step_seconds")), verdict(r),

@@ -327,6 +327,29 @@ def test_train_speed_reuses_earlier_measurements_only_for_the_same_device_and_se
     assert train_speed.earlier_measurements([str(tmp_path / "absent.json")], record) == ({}, {})
 
 
+def test_train_speed_measures_several_toolkit_flag_sets_against_one_reference_and_reuses_each(tiny_model, tmp_path,
+                                                                                             monkeypatch):
+    runs = {"reference": 0, "toolkit": []}
+    reference_run, toolkit_run = train_speed.reference_run, train_speed.toolkit_run
+    monkeypatch.setattr(train_speed, "reference_run", lambda **kw: runs.update(reference=runs["reference"] + 1)
+                        or reference_run(**kw))
+    monkeypatch.setattr(train_speed, "toolkit_run", lambda **kw: runs["toolkit"].append(kw["extra"]) or toolkit_run(**kw))
+    first = tmp_path / "first" / "train_speed.json"
+    # (a set that is one flag alone needs its value: argparse would read a lone --channels_last as an option)
+    argv = ["--tiny", "--model-dir", str(tiny_model), "--strategies", "bitfit", "--toolkit-args", "", "--channels_last true"]
+    record = train_speed.main([*argv, "--output", str(first)])
+    assert runs == {"reference": 1, "toolkit": [[], ["--channels_last", "true"]]}
+    plain, channels_last = record["results"]
+    assert (plain["toolkit_args"], channels_last["toolkit_args"]) == ("", "--channels_last true")
+    assert plain["reference"] is channels_last["reference"] and "error" not in channels_last["toolkit"]
+    # --reuse: both rows finished, so nothing runs again; a third set is measured, beside a new reference
+    again = train_speed.main([*argv, "--cudnn_benchmark true", "--reuse", str(first.parent), "--output",
+                              str(tmp_path / "b.json")])
+    assert runs == {"reference": 2, "toolkit": [[], ["--channels_last", "true"], ["--cudnn_benchmark", "true"]]}
+    assert [r["toolkit_args"] for r in again["results"]] == ["", "--channels_last true", "--cudnn_benchmark true"]
+    assert [bool(r.get("reused_from")) for r in again["results"]] == [True, True, False]
+
+
 def test_synth_speed_rows_are_named_flag_sets_checked_before_anything_runs(capsys):
     assert synth_speed.toolkit_configs(["defaults=", "+compile=--torch_compile --torch_compile_mode default"]) == {
         "defaults": "", "+compile": "--torch_compile --torch_compile_mode default"}
