@@ -6,6 +6,7 @@
 #   task           what it measures                                                  measured, H200
 #   compiled       train_speed.py: unet lora with --torch_compile --channels_last           5.7 min
 #   profile        profile_step.py: the eager full-U-Net step of both sides, by kernel      (~1.5 min)
+#   profile_main_thread  profile_step.py: the reference decoding on its main thread (session 10's way) (~1 min)
 #   fp16           train_speed.py: unet with fp16 (grad scaler + fused AdamW)                 (~1 min)
 #   attention      train_speed.py: unet lora eager, torch's attention order and cuDNN's first  (~2 min)
 #   e2e            gpu_e2e.sh: ./lora.sh (fp16) + ./synthesis_lora.sh on SD1.5, the demo    (~3 min)
@@ -48,7 +49,7 @@
 set -uo pipefail
 budget=480
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then budget=$1; shift; fi
-all=(compiled profile fp16 attention e2e compiled_peft synth_compile profile_compiled compiled_cudnn synth_compile_cudnn
+all=(compiled profile profile_main_thread fp16 attention e2e compiled_peft synth_compile profile_compiled compiled_cudnn synth_compile_cudnn
      ablation more dora resume batch1 targets synth memory)
 tasks=("$@")
 (( ${#tasks[@]} )) || tasks=("${all[@]}")
@@ -139,6 +140,11 @@ for t in "${tasks[@]}"; do
     # cuDNN's attention first (torch tries it last) beside torch's order, eager, against one reference each
     attention) task attention 120 "${speed[@]}" --strategies unet lora --toolkit-args "" "--sdpa_backend cudnn" \
                  --output "$out/train_speed_attention.json" ;;
+    # the same reference with its images decoded on the main thread (the script's default, session 10's
+    # reference): its busy fraction beside profile's says how host-bound that reference was
+    profile_main_thread) task profile_main_thread 60 python3 bench/profile_step.py --model-dir "$model" \
+                          "${profile_batch[@]}" --strategy unet --sides reference --reference-workers 0 \
+                          --output "$out/profile_step_main_thread.json" ;;
     # the compiled toolkit step (inductor's cache from the compiled task, if it ran, shortens compiling)
     profile_compiled) task profile_compiled 200 python3 bench/profile_step.py --model-dir "$model" "${profile_batch[@]}" \
                         --strategy unet --sides toolkit --toolkit-args "--torch_compile --channels_last" \

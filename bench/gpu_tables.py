@@ -230,7 +230,7 @@ def dora_overhead_table(folder: Path) -> str | None:
             + markdown(["shape", "LoRA ms", "peft DoRA / LoRA", "toolkit DoRA / LoRA", "max rel. difference"], rows))
 
 
-PROFILE_FILES = ("profile_step.json", "profile_step_compiled.json")
+PROFILE_FILES = ("profile_step.json", "profile_step_main_thread.json", "profile_step_compiled.json")
 
 
 def kernel_name(name: str, width: int = 100) -> str:
@@ -264,7 +264,9 @@ def profile_table(folder: Path) -> str | None:
         top = [[side, kernel_name(t["name"]), t["kind"], f"{t['seconds_per_step']:.4f}"]
                for side, s in sides.items() for t in s["top"][:5]]
         parts.append(f"- `{name}`: {settings['strategy']}, batch {settings['batch_size']}, {settings['resolution']} px, "
-                     f"{settings['profiled_steps']} profiled steps; {origin(record)}{cut_short(record)}\n\n"
+                     f"{settings['profiled_steps']} profiled steps, the reference's images decoded "
+                     + (f"by {settings['reference_workers']} loader workers" if settings.get("reference_workers")
+                        else "on its main thread") + f"; {origin(record)}{cut_short(record)}\n\n"
                      + markdown(header, rows) + "\n\n" + markdown(["side", "costliest kernels", "kind", "s a step"], top))
     return "### Where a step's time goes (torch.profiler)\n\n" + "\n\n".join(parts) if parts else None
 
