@@ -49,6 +49,13 @@ def origin(record: dict) -> str:
     return f"{record.get('device', record.get('device_name', '?'))}; {names}; {record.get('date', 'date not recorded')}"
 
 
+def reference_loading(settings: dict) -> str:
+    """How the reference's images were loaded (records before session 12: on its main thread)."""
+    workers = settings.get("reference_workers")
+    return (f"the reference's images decoded by {workers} loader workers" if workers
+            else "the reference's images decoded on its main thread (the script's default)")
+
+
 def row_se(r: dict, timed_steps: int | None) -> float | None:
     """The ratio's standard error as the row recorded it, or (older records) from both sides' timed step times."""
     if "ratio_se" in r or not timed_steps:
@@ -102,11 +109,9 @@ def train_speed_table(folder: Path) -> str | None:
         if record is None:
             continue
         settings = record["settings"]
-        workers = settings.get("reference_workers")
-        loading = ("images decoded on the reference's main thread (the script's default)"
-                   if not workers else f"the reference's images decoded by {workers} loader workers")
         heads.append(f"`{name}`: {settings['resolution']} px, {settings['warmup_steps']} warm-up + "
-                     f"{settings['timed_steps']} timed steps, reference {settings['reference_precision']}, {loading}; "
+                     f"{settings['timed_steps']} timed steps, reference {settings['reference_precision']}, "
+                     f"{reference_loading(settings)}; "
                      f"{origin(record)}{cut_short(record)}")
         rank = record["settings"].get("lora_rank")
         for r in record["results"]:
@@ -264,9 +269,8 @@ def profile_table(folder: Path) -> str | None:
         top = [[side, kernel_name(t["name"]), t["kind"], f"{t['seconds_per_step']:.4f}"]
                for side, s in sides.items() for t in s["top"][:5]]
         parts.append(f"- `{name}`: {settings['strategy']}, batch {settings['batch_size']}, {settings['resolution']} px, "
-                     f"{settings['profiled_steps']} profiled steps, the reference's images decoded "
-                     + (f"by {settings['reference_workers']} loader workers" if settings.get("reference_workers")
-                        else "on its main thread") + f"; {origin(record)}{cut_short(record)}\n\n"
+                     f"{settings['profiled_steps']} profiled steps, {reference_loading(settings)}; "
+                     f"{origin(record)}{cut_short(record)}\n\n"
                      + markdown(header, rows) + "\n\n" + markdown(["side", "costliest kernels", "kind", "s a step"], top))
     return "### Where a step's time goes (torch.profiler)\n\n" + "\n\n".join(parts) if parts else None
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)  # as train_speed --tiny: one thread, so operator self times add up to the wall time
     precision = "no" if cpu else args.mixed_precision or "bf16"
     reference_precision = "no" if cpu else args.reference_precision or "fp16"
-    workers = args.reference_workers if args.reference_workers is not None else (0 if cpu else 4)
+    workers = args.reference_workers if args.reference_workers is not None else train_speed.default_reference_workers(device)
     quiet_libraries()
     total = args.warmup + args.steps
     record = {"benchmark": "profile_step", "tiny": args.tiny, **environment(device),
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
                                                               precision=reference_precision, workers=workers)
             else:
                 run, kwargs = train_speed.toolkit_run, dict(strategy=args.strategy, precision=precision,
-                                                            out_dir=scratch / "toolkit", extra=args.toolkit_args.split())
+                                                            out_dir=scratch / "toolkit", extra=shlex.split(args.toolkit_args))
             found: dict = {}
             started = time.perf_counter()
             with profiling(device, args.warmup, args.steps, found):

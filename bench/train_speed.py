@@ -69,6 +69,13 @@ PUBLISHED = {"unet": (48.7, 30.5), "lora": (56.4, 19.5), "dora": (43.7, 23.8), "
 TARGETS = {"unet": 2.5, "lora": 2.5, "bitfit": 2.5, "dora": 2.0}
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def default_reference_workers(device: torch.device) -> int:
+    """Loader workers for the reference: 4 on a GPU, so that decoding does not hold it up; none on the CPU."""
+    return 4 if device.type == "cuda" else 0
+
+
 DISTINCT_IMAGES = {False: 32, True: 8}  # phantoms drawn (GPU run, --tiny); the rest of --images are copies
 
 
@@ -117,8 +124,7 @@ def reference_run(model_dir: Path, recipe: str, images: Path, batch_size: int, r
 
     workers: the script's --dataloader_num_workers (its default is 0: images decoded on the main thread,
     while the GPU, done with the step the grad scaler waited for, idles). With workers they stay up
-    across epochs (the script restarts them each epoch, every 2 steps on 32 images: a cost the reference
-    is spared)."""
+    across epochs (the script restarts them each epoch: a cost the reference is spared)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -519,7 +525,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)
     args.reference_precision = args.reference_precision or "fp16"
     if args.reference_workers is None:
-        args.reference_workers = 4 if device.type == "cuda" else 0
+        args.reference_workers = default_reference_workers(device)
     order = run_order(args.strategies, args.batch_sizes)
     flags = _backend_flags()
     quiet_libraries()
