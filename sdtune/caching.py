@@ -8,7 +8,7 @@ prompt of caption dropout) is encoded once. The VAE costs about 30% of a full-U-
 512 px (the reference recipe's H100 figures, BENCHMARKS.md); after caching it leaves the GPU.
 
 Latents live in memory, or on disk with `--latent_cache_dir`: one safetensors file per image,
-named by a hash of (file, size, mtime, preprocessing, VAE), so later runs on the same data
+named by a hash of (file, size, mtime, preprocessing, VAE, the decoding code), so later runs on the same data
 (the other strategies of a study) reuse them and no file name carries a patient identifier.
 """
 
@@ -25,7 +25,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sdtune.data.records import file_stamp
 from sdtune.errors import UserError
+from sdtune.provenance import code_digest
 
+# The code between an image file and its latent moments: a cache on disk outlives the toolkit version
+# that wrote it, so an update that decodes, crops or encodes differently must not read it.
+LATENT_CODE = ("sdtune.data.images", "sdtune.data.dataset", "sdtune.caching")
 MEMORY_LIMIT_BYTES = 8 * 2**30  # above this, latents go to disk (OUTPUT_DIR/latent_cache) instead of RAM,
 # and caption embeddings (one per distinct caption, e.g. free-text reports) are encoded every step instead
 
@@ -74,7 +78,7 @@ def cache_latents(vae, dataset, accelerator, dtype, batch_size: int, workers: in
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"{preprocessing}|{vae_fingerprint(vae)}|{dtype}"
+        tag = f"{preprocessing}|{vae_fingerprint(vae)}|{dtype}|{code_digest(*LATENT_CODE)}"
         paths = [cache_dir / f"{image_key(ex.image, tag)}.safetensors" for ex in dataset.examples]
         missing = [i for i in range(len(paths)) if i % world == rank and not paths[i].is_file()]
         bad = []

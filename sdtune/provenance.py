@@ -25,6 +25,18 @@ def package_versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def code_digest(*modules: str) -> str:
+    """A hash of these modules' source files: a cache keyed by it is never read by code that would now
+    compute its entries differently (any edit re-computes; stale numbers are worse than a slow run)."""
+    import hashlib
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def synthetic_file(path: str) -> Path:
     """The metadata.csv of a synthetic set given as its folder or the file itself."""
     source = Path(path).expanduser()

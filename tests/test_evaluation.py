@@ -457,6 +457,25 @@ def test_feature_cache_is_reused_and_never_stale(tmp_path, pool_module, monkeypa
     assert compute_metrics(bmps, fake, **settings)["features"]["cache"]["real"] == "computed"
 
 
+def test_feature_cache_is_keyed_by_the_code_that_decodes_the_images(tmp_path, monkeypatch):
+    """Features decoded by an older toolkit are never read once the decoding code changes."""
+    from sdtune.data.images import load_image
+    from sdtune.evaluation import cache, features
+
+    # The modules the key covers hold the decoder and the resizes that turn a file into features.
+    assert {load_image.__module__, features.resize_tf1_bilinear.__module__} <= set(cache.FEATURE_CODE)
+    module = tmp_path / "decoder_stand_in.py"
+    module.write_text("ROTATE = 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cache, "FEATURE_CODE", (*cache.FEATURE_CODE, "decoder_stand_in"))
+    files = [write_folder(tmp_path / "real", noise_images(1, 0)) / "000.png"]
+    before = cache.cache_key(files, {"name": "x"})
+    assert cache.cache_key(files, {"name": "x"}) == before
+    module.write_text("ROTATE = 90\n")  # the toolkit updated: same files, same extractor
+    assert cache.cache_key(files, {"name": "x"}) != before
+    sys.modules.pop("decoder_stand_in", None)
+
+
 def test_per_condition_fid_uses_the_labelled_subsets(tmp_path, phantom_chexpert, pool_module):
     table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
     labels = [{"Cardiomegaly": float(i % 2), "Pleural Effusion": float(i % 3 == 0), "No Finding": float(i % 5 == 4),
@@ -897,6 +916,11 @@ def test_max_real_and_max_fake_limit_their_own_set(tmp_path):
     only_real = compute_metrics(real, fake, max_real=2, **settings)
     assert only_real["samples"] == {"real": 2, "fake": 5}
     assert only_real["metrics"]["ms_ssim"]["pairs"] == 10
+    # Each subset is named by its draw, so `compare` tells runs against other real subsets apart.
+    other_seed = compute_metrics(real, fake, max_real=2, seed=1, **settings)
+    assert only_real["real"]["source"] == f"{real.resolve()}, 2 of its 6 images drawn with seed 0"
+    assert other_seed["real"]["source"] == f"{real.resolve()}, 2 of its 6 images drawn with seed 1"
+    assert only_fake["real"]["source"] == str(real.resolve())  # the whole set keeps its plain name
 
 
 def test_an_unreadable_table_image_is_named_by_its_row_not_its_path(tmp_path, pool_module):

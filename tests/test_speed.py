@@ -114,6 +114,15 @@ def test_latent_cache_on_disk_is_reused_and_keyed_by_preprocessing(tiny_model, f
         torch.testing.assert_close(again[k], first[k], rtol=0, atol=0)
     _run(tiny_model, folder, tmp_path / "c", "--strategy", "lora", "--latent_cache_dir", cache, "--resolution", "32")
     assert encodes.n == 3 and len(list(cache.glob("*.safetensors"))) == 10  # other preprocessing, other entries
+    # A toolkit whose decoding code differs (an update) encodes again rather than read old latents.
+    import sdtune.caching
+    from sdtune.data.dataset import ImageCaptionDataset
+    from sdtune.data.images import load_image
+
+    assert {load_image.__module__, ImageCaptionDataset.__module__} <= set(sdtune.caching.LATENT_CODE)
+    monkeypatch.setattr(sdtune.caching, "code_digest", lambda *modules: "another version")
+    _run(tiny_model, folder, tmp_path / "d", "--strategy", "lora", "--latent_cache_dir", cache)
+    assert encodes.n == 6 and len(list(cache.glob("*.safetensors"))) == 15
 
 
 def test_a_latent_cache_key_changes_when_a_file_is_replaced_keeping_size_and_time(tmp_path):

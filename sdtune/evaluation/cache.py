@@ -1,9 +1,10 @@
 """Features of file-based image sets, cached on disk so that eleven runs read the real set once.
 
-The key hashes the extractor (name, version, resize) and every file's path, size, modification
-and change times and inode (sdtune.data.records.file_stamp): change, add, remove, touch or replace
-any file, even keeping its size and modification time, and the key changes, so a stale
-entry is never read (it is simply never looked up again). Entries are written to a temporary
+The key hashes the extractor (name, version, resize), the source of the modules that decode and
+resize the images (a toolkit update that changes them never reads old features), and every file's
+path, size, modification and change times and inode (sdtune.data.records.file_stamp): change, add,
+remove, touch or replace any file, even keeping its size and modification time, and the key
+changes, so a stale entry is never read (it is simply never looked up again). Entries are written to a temporary
 name and renamed, so an interrupted run never leaves a half-written one.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from sdtune.data.records import file_stamp
+from sdtune.provenance import code_digest
 
 CACHE_FORMAT = 1  # bump when what an entry holds changes
 
@@ -27,8 +29,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sdtune" / "features"
 
 
+# The code between a file and its features: decoding, cropping and resizing (and the extractor's own).
+FEATURE_CODE = ("sdtune.data.images", "sdtune.evaluation.images", "sdtune.evaluation.features")
+
+
 def cache_key(files: list[Path], extractor_info: dict) -> str:
-    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **extractor_info}, sort_keys=True).encode())
+    head = {"format": CACHE_FORMAT, "code": code_digest(*FEATURE_CODE), **extractor_info}
+    digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     for file in files:
         digest.update(f"{file_stamp(file)}\n".encode())
     return digest.hexdigest()

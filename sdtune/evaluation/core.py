@@ -376,7 +376,10 @@ def _limit(image_set: ImageSet, limit: int | None, seed: int, stream: int) -> Im
     if limit < 1:
         raise UserError(f"--max_real/--max_fake must be at least 1, got {limit}")
     chosen = np.random.default_rng([seed, stream]).choice(len(image_set), limit, replace=False)
-    return image_set.subset(sorted(chosen.tolist()))
+    subset = image_set.subset(sorted(chosen.tolist()))
+    # Named with its draw: `compare` then tells runs measured against different subsets apart.
+    subset.source = f"{image_set.source}, {limit} of its {len(image_set)} images drawn with seed {seed}"
+    return subset
 
 
 def versions() -> dict:
