@@ -17,6 +17,13 @@ def sample_seeds(seed: int, step: int, indices: list[int]) -> list[int]:
     return [int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]) for i in indices]
 
 
+def drops_caption(seed: int, probability: float) -> bool:
+    """Caption dropout's draw for a sample, from a stream of its own, on the CPU (reading a GPU draw would
+    stall the GPU's queue). Not torch's CPU generator from the same seed: on a CPU that generator also
+    draws the sample's noise, and the dropout would follow the first noise value."""
+    return np.random.default_rng([seed, 1]).random() < probability
+
+
 def _randn(shape, generators, device, dtype) -> torch.Tensor:
     if generators is None:
         return torch.randn(shape, device=device, dtype=dtype)

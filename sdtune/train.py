@@ -35,7 +35,7 @@ from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore
 from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, modality_of, split_examples
 from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
-from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
+from sdtune.loss import LatentEncoder, diffusion_loss, drops_caption, reconstruction_loss, sample_seeds
 from sdtune.models import (COMPILE_MODES, SDPA_BACKENDS, check_compile_backend, check_compile_mode, current_model_id,
                            load_components, sdpa_preference)
 from sdtune.processes import launched_without_cuda
@@ -429,7 +429,8 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         # CPU autocast leaves GroupNorm alone, so a half weight beside an fp32 trained bias fails there.
         raise UserError(f"--mixed_precision {cfg.mixed_precision} with {strategy.peft} needs a GPU: use --mixed_precision no on CPU")
     if accelerator.is_main_process:
-        prepare_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
+        prepare_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir,
+                           logging_dir=cfg.logging_dir)
     run_record = {"status": "running", "strategy": asdict(strategy),
                   # resolved, so that downstream.py can tell whether a classifier's test patients trained this model
                   "data_source": str(Path(data.source).expanduser().resolve()) if data.source else None,
@@ -592,9 +593,8 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                     # Every random draw of a sample comes from its own generator (see sample_seeds).
                     seeds = sample_seeds(cfg.seed, global_step, batch["indices"])
                     generators = [torch.Generator(accelerator.device).manual_seed(seed) for seed in seeds]
-                    # Caption dropout is drawn on the CPU: reading a GPU draw would stall the GPU's queue.
-                    captions = [c if torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
-                                >= cfg.caption_dropout_prob else "" for c, seed in zip(batch["captions"], seeds)]
+                    captions = ["" if drops_caption(seed, cfg.caption_dropout_prob) else c
+                                for c, seed in zip(batch["captions"], seeds)]
                     with accelerator.autocast():
                         # Frozen encoders ran once, before the loop (sdtune.caching); trained ones run here,
                         # and the diffusion loss reaches them only when they train.
@@ -791,7 +791,7 @@ class StopOnSignal:
         self.previous = {}
 
 
-def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, logging_dir: str = "logs") -> None:
     """Refuse to mix a new run into an old one; check the folder is writable before any work."""
     existing = [p for p in (output_dir / "final_model", output_dir / "training_summary.json") if p.exists()]
     existing += [output_dir / f"checkpoint-{s}" for s in checkpoint_steps(output_dir)]
@@ -799,8 +799,19 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> Non
         raise UserError(f"{output_dir} already holds a run ({existing[0].name}): pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to replace it, or another --output_dir")
     if existing and overwrite and not resuming:
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # All the old run wrote, not just its model: its adapter file beside a new run's final_model would be
+        # loaded as the new run's (load_lora_weights(OUTPUT_DIR)), its FID rows and logs would join the new
+        # curves. The latent cache stays: its entries are keyed by what made them.
+        old = [*existing, *(output_dir / name for name in (
+            *(adapter.weights_name for adapter in ADAPTERS.values()), "data_problems.txt", "held_out.txt", "validation"))]
+        logs = (output_dir / logging_dir).resolve()
+        if output_dir.resolve() in logs.parents:  # never a --logging_dir outside the run (or the run itself)
+            old.append(logs)
+        for path in old:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / ".sdtune-write-test"

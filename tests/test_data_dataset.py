@@ -99,6 +99,10 @@ def test_skip_bad_files_keeps_the_good_and_lists_the_rest(messy_folder, tmp_path
     assert logged[0].startswith("data: 2 images; 3 skipped (--skip_bad_files), e.g. ") and str(report) in logged[0]
     lines = report.read_text().splitlines()
     assert sorted(line.split(":")[0] for line in lines) == ["nocaption.png", "truncated.jpg", "white.png"]
+    # the data fixed (only its good files left): the old list goes, it would name problems this run has not
+    for name in ("nocaption.png", "truncated.jpg", "truncated.txt", "white.png", "white.txt"):
+        (messy_folder / "images" / name).unlink()
+    assert len(load_examples(cfg, report_path=report)) == 2 and not report.exists()
 
 
 def test_dataset_items_are_vae_ready(messy_folder):

@@ -158,6 +158,27 @@ def test_an_occupied_output_dir_is_not_overwritten_by_accident(tiny_model, phant
     assert json.loads((tmp_path / "training_summary.json").read_text())["arguments"]["train"]["seed"] == 7
 
 
+def test_overwriting_a_run_removes_all_it_wrote_but_nothing_outside_it(tiny_model, phantom_chexpert, tmp_path):
+    run, outside_logs = tmp_path / "run", tmp_path / "shared_logs"
+    main(_argv(tiny_model, phantom_chexpert, run, steps=1))  # BitFit: bitfit_weights.safetensors beside final_model
+    assert (run / "bitfit_weights.safetensors").is_file()
+    # what other runs leave: validation FID rows, tensorboard events, a data problem list; and a latent cache
+    for path in ("validation/fid.csv", "logs/events.out", "data_problems.txt", "latent_cache/abc.safetensors",
+                 "notes.txt"):
+        (run / path).parent.mkdir(parents=True, exist_ok=True)
+        (run / path).write_text("old")
+    main(_argv(tiny_model, phantom_chexpert, run, "--overwrite_output_dir", "--strategy", "lora", steps=1))
+    left = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and "final_model" not in p.parts}
+    assert "bitfit_weights.safetensors" not in left and "pytorch_lora_weights.safetensors" in left
+    assert not {"validation/fid.csv", "logs/events.out", "data_problems.txt"} & left  # never mixed into the new run's
+    assert {"latent_cache/abc.safetensors", "notes.txt"} <= left  # keyed by what made them; not the run's
+    # a --logging_dir outside the run (or the run folder itself) is never removed
+    (outside_logs / "other_run").mkdir(parents=True)
+    for logging_dir in (str(outside_logs), "."):
+        main(_argv(tiny_model, phantom_chexpert, run, "--overwrite_output_dir", "--logging_dir", logging_dir, steps=1))
+        assert (outside_logs / "other_run").is_dir() and (run / "notes.txt").is_file()
+
+
 def test_unwritable_output_dir_is_reported_before_training(tiny_model, phantom_chexpert, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(UserError, match="cannot write to --output_dir"):

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from sdtune.loss import LatentEncoder, diffusion_loss, reconstruction_loss, sample_seeds
+from sdtune.loss import LatentEncoder, diffusion_loss, drops_caption, reconstruction_loss, sample_seeds
 from sdtune.train import main
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -177,3 +177,16 @@ def test_vae_reconstruction_term_is_weighted_by_vae_recon_weight(tiny_model, pha
     (d,), (r,) = seen["diffusion"], seen["reconstruction"]
     assert r > 1e-3  # large enough for its weight to show
     assert summary["final_loss"] == pytest.approx(d + 0.25 * r, rel=1e-5)
+
+
+def test_caption_dropout_is_independent_of_the_samples_noise_on_a_cpu():
+    """On a CPU the noise generator is torch's Mersenne Twister from the sample's seed; a dropout draw from
+    the same generator and seed dropped a caption exactly when the first noise value was small."""
+    seeds = sample_seeds(0, 0, list(range(2000)))
+    first_noise = torch.tensor([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s))[0, 0, 0, 0].item()
+                                for s in seeds])
+    dropped = torch.tensor([drops_caption(s, 0.5) for s in seeds])
+    assert 0.45 < dropped.float().mean() < 0.55
+    # tied draws would split |noise| at 1.18 (dropped below it); independent ones spread both groups alike
+    assert first_noise[dropped].abs().max() > 2 and first_noise[~dropped].abs().min() < 0.01
+    assert abs(first_noise[dropped].abs().mean() - first_noise[~dropped].abs().mean()) < 0.1

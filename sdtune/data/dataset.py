@@ -146,6 +146,8 @@ def load_examples(cfg: DataConfig, report_path: str | Path | None = None, tokeni
     errors = errors_only(problems)
     if errors and not cfg.skip_bad_files:
         raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
+    if report_path is not None and not problems and Path(report_path).exists():
+        Path(report_path).unlink()  # an earlier run's list (a resume after the data was fixed) is not this one's
     if report_path is not None and problems:
         write_report(problems, report_path)
         if log is not None:
