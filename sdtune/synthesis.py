@@ -77,7 +77,11 @@ METADATA_COLUMNS = ["file_name", "prompt", "negative_prompt", "seed", "steps", "
 # Columns of clinical tables that name a patient, study or image (CheXpert, MIMIC-CXR, HAM10000, ISIC,
 # metadata files): a labels CSV cut from such a table must not carry them into metadata.csv.
 IDENTIFIER_COLUMNS = {"path", "patient", "patient_id", "subject_id", "study_id", "dicom_id", "lesion_id", "image_id",
-                      "image", "group", "file", "filename"}
+                      "image", "group", "file", "filename", "name", "mrn", "accession"}
+# ... and any other spelling of an id, a patient's or an accession number (PatientID, Accession Number)
+# (not any name ending in "id": Thyroid, Pleural Fluid)
+IDENTIFIER_PATTERN = re.compile(r"patient|accession|mrn|(^|_)u?id($|_)|(study|subject|dicom|image|lesion|series|exam|"
+                                r"case|record)_?u?id$")
 # Settings that change pixels, as given: a resumed run must match them (batch size and device do not count;
 # the speed options change pixels by float rounding only). The model and the scheduler join them as resolved.
 IMAGE_SETTINGS = ("base_model", "fuse_lora", "steps", "guidance_scale", "height", "width", "mixed_precision")
@@ -161,10 +165,18 @@ def check_config(cfg: SynthesisConfig) -> None:
         check_compile_backend(cfg.torch_compile_backend)
         check_compile_mode(cfg.torch_compile_mode)
     out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file: pass a folder for the synthetic images")
     if (out / "training_summary.json").is_file() or (out / "final_model").is_dir():
         # e.g. OUTPUT_DIR exported for a training wrapper, then read by a synthesis wrapper too
         raise UserError(f"--output_dir {out} holds a training run: pick another folder for the synthetic images "
                         "(the synthesis wrappers' OUTPUT_DIR defaults to synthetic/<strategy>)")
+    if out.is_dir() and not (out / "synthesis_config.json").is_file() and any(
+            p.name != "images" or any(p.iterdir()) for p in out.iterdir()):
+        # Not a set this toolkit started (it writes synthesis_config.json before any image, into an empty
+        # images/): its PNGs would be counted as made and its metadata.csv replaced, e.g. a real dataset's.
+        raise UserError(f"--output_dir {out} already holds files that synthesize_images.py did not write (no "
+                        "synthesis_config.json): pick an empty or new folder")
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -195,7 +207,8 @@ def read_prompts(cfg: SynthesisConfig) -> list[str]:
         if not path.is_file():
             raise UserError(f"prompts file {path} does not exist")
         try:
-            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            # utf-8-sig: a byte-order mark (Windows editors) would otherwise become tokens of the first prompt
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
         except UnicodeDecodeError as err:
             raise UserError(f"prompts file {path} is not UTF-8 text: {err}") from None
     prompts = [p for p in prompts if p]
@@ -210,13 +223,19 @@ def caption_settings(cfg: SynthesisConfig, summary: dict | None):
     from sdtune.data.tables import CHEXPERT_LABELS, DEFAULT_TEMPLATE, MIMIC_LABELS, detect_format
 
     data = (summary or {}).get("arguments", {}).get("data", {})
-    fmt = data.get("data_format")
-    source = data.get("train_csv") or data.get("train_data_dir")
-    if fmt in (None, "auto") and source and Path(source).is_file():
+    fmt = (summary or {}).get("data_format") or data.get("data_format")  # the first: as training detected it
+    # a run from before data_format was recorded: its table, by the absolute path (the arguments' may be relative)
+    source = (summary or {}).get("data_source") or data.get("train_csv") or data.get("train_data_dir")
+    if fmt in (None, "auto") and data.get("train_csv"):
+        fmt = None
         try:
-            fmt = detect_format(source)
+            fmt = detect_format(source) if source and Path(source).is_file() else None
         except UserError:
-            fmt = None
+            pass
+        if fmt is None:
+            print(f"note: the run's training table {source} cannot be read to tell its format: prompts use the "
+                  "chexpert template unless --caption_template says otherwise, and label columns are not checked "
+                  "against its labels")
     if cfg.caption_template and data.get("caption_template") not in (None, cfg.caption_template):
         print(f"note: --caption_template {cfg.caption_template} differs from the run's "
               f"{data['caption_template']}: prompts will not read like its training captions")
@@ -226,6 +245,12 @@ def caption_settings(cfg: SynthesisConfig, summary: dict | None):
     return template, findings, data.get("uncertainty", "ignore"), data.get("demographics") if data else None, order
 
 
+def is_identifier(column: str) -> bool:
+    """Whether a column's name says it identifies a patient, study or image."""
+    name = column.strip().lower().replace(" ", "_")
+    return name in IDENTIFIER_COLUMNS or bool(IDENTIFIER_PATTERN.search(name))
+
+
 def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[str, dict]]:
     """(prompt, labels) for every image the labels CSV asks for, row by row.
 
@@ -233,7 +258,7 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     run's template, findings, uncertainty policy and demographics (training_summary.json).
     """
     from sdtune.data.captions import apply_uncertainty, build_caption
-    from sdtune.data.tables import read_csv
+    from sdtune.data.tables import CHEXPERT_LABELS, read_csv
 
     path = Path(cfg.labels_csv).expanduser()
     if not path.is_file():
@@ -250,7 +275,7 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     if clash:
         raise UserError(f"labels CSV {path}: column(s) {', '.join(clash)} clash with metadata.csv's own columns")
     # Every other column is copied into metadata.csv: ids of patients or images must not ride along.
-    ids = [c for c in labels if c.lower().replace(" ", "_") in IDENTIFIER_COLUMNS]
+    ids = [c for c in labels if is_identifier(c)]
     if ids:
         raise UserError(f"labels CSV {path}: column(s) {', '.join(ids)} identify patients or images and would be copied "
                         "into metadata.csv: remove them (a labels CSV holds label columns, count, and optionally age "
@@ -276,6 +301,7 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     if findings and unknown:
         raise UserError(f"labels CSV {path} lacks finding column(s) {', '.join(unknown)} named by --findings or the run")
 
+    known_labels = set(order or CHEXPERT_LABELS)
     planned, problems = [], []
     for line, row in zip(df.index, df.to_dict("records")):
         # Every row is checked before any is refused: all problems in one report.
@@ -283,7 +309,9 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
         if not re.fullmatch(r"\d+", count):
             problems.append(Problem(where, f"count {count!r} is not a whole number >= 0"))
         values = {name: _label_value(row[name]) for name in labels}
-        bad = [f"{name} = {row[name].strip()!r}" for name, value in values.items() if value is None]
+        # The value is shown only for a column known to be a label: an unknown one may hold identifiers.
+        bad = [f"{name} = {row[name].strip()!r}" if name in known_labels else name
+               for name, value in values.items() if value is None]
         if bad:  # 2 or 0.5 would be prompted as negative and recorded as written in metadata.csv
             problems.append(Problem(where, f"{', '.join(bad)}: a label is 1 (positive), 0 (negative), -1 "
                                            "(uncertain) or blank (unknown)"))

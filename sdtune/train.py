@@ -32,7 +32,8 @@ from sdtune.checkpoints import StepCounters, checkpoint_steps, register_checkpoi
 from sdtune.config import ArgumentParser, check_bounds, field
 from sdtune.caching import (MEMORY_LIMIT_BYTES, CachedLatentDataset, LatentStore, TextEmbeddingCache, cache_latents,
                             sample_latents)
-from sdtune.data.dataset import DataConfig, ImageCaptionDataset, load_examples, modality_of, split_examples
+from sdtune.data.dataset import (DataConfig, ImageCaptionDataset, load_examples, modality_of, split_examples,
+                                 table_format)
 from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
 from sdtune.loss import LatentEncoder, diffusion_loss, drops_caption, reconstruction_loss, sample_seeds
@@ -434,6 +435,8 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     run_record = {"status": "running", "strategy": asdict(strategy),
                   # resolved, so that downstream.py can tell whether a classifier's test patients trained this model
                   "data_source": str(Path(data.source).expanduser().resolve()) if data.source else None,
+                  # synthesis builds its prompts as these captions were built, wherever it runs from
+                  "data_format": table_format(data),
                   "arguments": {"train": asdict(cfg), "data": asdict(data), "adapter": asdict(adapter_cfg)}}
     if profile_changes:
         accelerator.print(f"--memory_profile {cfg.memory_profile}: " + ", ".join(f"--{k} {v}" for k, v in profile_changes.items()))

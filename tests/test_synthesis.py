@@ -101,6 +101,33 @@ def test_plan_from_prompts_and_prompts_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("first, with a comma\n\n  second  \n\n")
     plan = build_plan(SynthesisConfig(model_path="m", prompts_file=str(tmp_path / "prompts.txt")), None)
     assert [p.prompt for p in plan] == ["first, with a comma", "second"]
+    # a byte-order mark (Windows editors) is not part of the first prompt: it would be tokenised
+    (tmp_path / "prompts.txt").write_bytes("\ufefffirst\r\nsecond\r\n".encode("utf-8"))
+    plan = build_plan(SynthesisConfig(model_path="m", prompts_file=str(tmp_path / "prompts.txt")), None)
+    assert [p.prompt for p in plan] == ["first", "second"]
+
+
+def test_an_output_folder_synthesis_did_not_start_is_refused(tmp_path):
+    from sdtune.synthesis import check_config
+
+    def check(out):
+        check_config(SynthesisConfig(model_path="m", prompts="a", output_dir=str(out)))
+
+    check(tmp_path / "new")  # a new folder
+    (tmp_path / "killed" / "images").mkdir(parents=True)
+    check(tmp_path / "killed")  # a run killed before it wrote synthesis_config.json leaves an empty images/
+    real = tmp_path / "real"  # a real dataset: its PNGs would count as made, its metadata.csv be replaced
+    (real / "images").mkdir(parents=True)
+    (real / "images" / "000000.png").write_bytes(b"png")
+    (real / "metadata.csv").write_text("file_name,patient_id\nimages/000000.png,patient00017\n")
+    with pytest.raises(UserError, match=r"already holds files that synthesize_images.py did not write"):
+        check(real)
+    (real / "synthesis_config.json").write_text("{}")  # one of its own: resumed (its settings are checked later)
+    check(real)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="is a file: pass a folder"):
+        check(tmp_path / "a_file")
+    assert (real / "metadata.csv").read_text().endswith("patient00017\n")
 
 
 def test_hyphen_and_underscore_flags_give_the_same_settings():
@@ -420,6 +447,7 @@ def test_labels_csv_counts_are_exact_and_prompts_are_the_training_captions(capti
     assert any("-1.0" in row for row in csv_rows[labels].to_numpy())  # uncertain labels are exercised
 
     out = tmp_path / "synthetic"
+    assert json.loads((run / "training_summary.json").read_text())["data_format"] == "chexpert"  # as detected
     summary = synth(out, run, "--labels_csv", tmp_path / "labels.csv", "--batch_size", "4", prompts=None)
     meta = metadata(out)
     assert summary["num_images"] == len(meta) == sum(counts)
@@ -448,6 +476,20 @@ def test_labels_csv_counts_are_exact_and_prompts_are_the_training_captions(capti
     assert not problems and [e.caption for e in synthetic] == expected
 
 
+def test_the_runs_table_format_is_found_wherever_synthesis_runs_from(table, tmp_path, monkeypatch, capsys):
+    """Training records the format it detected; an older run's is detected from its table's absolute path."""
+    from sdtune.synthesis import caption_settings
+
+    cfg = SynthesisConfig(model_path="m")
+    monkeypatch.chdir(tmp_path)  # not where training ran: the relative train_csv leads nowhere
+    relative = {"arguments": {"data": {"train_csv": "CheXpert-v1.0-small/train.csv", "data_format": "auto"}}}
+    assert caption_settings(cfg, {**relative, "data_format": "chexpert"})[4] == CHEXPERT_LABELS
+    assert caption_settings(cfg, {**relative, "data_source": str(table)})[4] == CHEXPERT_LABELS
+    assert capsys.readouterr().out == ""
+    assert caption_settings(cfg, relative)[4] is None  # nothing to read it from: said, not silently assumed
+    assert "training table CheXpert-v1.0-small/train.csv cannot be read to tell its format" in capsys.readouterr().out
+
+
 def test_labels_csv_problems_of_every_row_are_reported_at_once(tmp_path):
     path = tmp_path / "labels.csv"
     cfg = SynthesisConfig(model_path="m", labels_csv=str(path))
@@ -464,6 +506,17 @@ def test_labels_csv_problems_of_every_row_are_reported_at_once(tmp_path):
         "labels.csv line 8: count '2.5' is not a whole number >= 0",
     ]
     assert str(err.value).startswith(f"5 problem(s) in labels CSV {path}")
+
+    # a column of a run whose labels are unknown is named without its values, which may identify someone
+    path.write_text("Cardiomegaly,Ward code,count\n1,CX-0047,1\n")
+    with pytest.raises(DatasetError) as err:
+        build_plan(cfg, None)
+    assert "Ward code: a label is" in str(err.value) and "CX-0047" not in str(err.value)
+    for column in ("PatientID", "Patient ID", "MRN", "Accession Number", "StudyID", "SOP Instance UID"):
+        path.write_text(f"Cardiomegaly,{column},count\n1,CX-0047,1\n")
+        with pytest.raises(UserError, match=rf"column\(s\) {column} identify patients") as err:
+            build_plan(cfg, None)
+        assert "CX-0047" not in str(err.value)
 
     path.write_text("Cardiomegaly,Edema,count\n1,0,1\n1.0,-1.0,2\n,0.0,0\n")  # every accepted spelling
     assert [p.labels for p in build_plan(cfg, None)] == [{"Cardiomegaly": "1", "Edema": "0"}] + \

@@ -90,12 +90,17 @@ def read_examples(cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
     )
 
 
+def table_format(cfg: DataConfig) -> str | None:
+    """The table format given or detected (chexpert, mimic, ham10000, isic, metadata); None for an image folder."""
+    fmt, source = cfg.data_format, Path(cfg.source).expanduser() if cfg.source else None
+    if fmt == "auto":
+        fmt = detect_format(source) if source is not None and source.is_file() else None
+    return fmt
+
+
 def modality_of(cfg: DataConfig) -> str:
     """"dermoscopy" for skin-lesion tables (the format given or detected), else "chest_xray"."""
-    fmt, source = cfg.data_format, Path(cfg.source).expanduser() if cfg.source else None
-    if fmt == "auto" and source is not None and source.is_file():
-        fmt = detect_format(source)
-    return "dermoscopy" if fmt in ("ham10000", "isic") else "chest_xray"
+    return "dermoscopy" if table_format(cfg) in ("ham10000", "isic") else "chest_xray"
 
 
 def check_images(images: list[tuple[str, str | Path]], resolution: int | None, min_size: int | None,
