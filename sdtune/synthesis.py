@@ -171,8 +171,12 @@ def check_config(cfg: SynthesisConfig) -> None:
         # e.g. OUTPUT_DIR exported for a training wrapper, then read by a synthesis wrapper too
         raise UserError(f"--output_dir {out} holds a training run: pick another folder for the synthetic images "
                         "(the synthesis wrappers' OUTPUT_DIR defaults to synthetic/<strategy>)")
+    # This run's own prompts file may sit there (evaluate.py --generate-samples puts it there), and hidden
+    # files (another process' half-written copy of it) say nothing of a dataset.
+    inputs = {Path(f).expanduser().resolve() for f in (cfg.prompts_file, cfg.labels_csv) if f}
     if out.is_dir() and not (out / "synthesis_config.json").is_file() and any(
-            p.name != "images" or any(p.iterdir()) for p in out.iterdir()):
+            (p.name != "images" or any(p.iterdir())) and p.resolve() not in inputs and not p.name.startswith(".")
+            for p in out.iterdir()):
         # Not a set this toolkit started (it writes synthesis_config.json before any image, into an empty
         # images/): its PNGs would be counted as made and its metadata.csv replaced, e.g. a real dataset's.
         raise UserError(f"--output_dir {out} already holds files that synthesize_images.py did not write (no "

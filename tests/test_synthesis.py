@@ -116,6 +116,12 @@ def test_an_output_folder_synthesis_did_not_start_is_refused(tmp_path):
     check(tmp_path / "new")  # a new folder
     (tmp_path / "killed" / "images").mkdir(parents=True)
     check(tmp_path / "killed")  # a run killed before it wrote synthesis_config.json leaves an empty images/
+    (tmp_path / "killed" / "prompts.txt").write_text("a\n")  # this run's own prompts (--generate-samples)
+    (tmp_path / "killed" / ".prompts.txt.123").write_text("a\n")  # another process writing its copy
+    check_config(SynthesisConfig(model_path="m", prompts_file=str(tmp_path / "killed" / "prompts.txt"),
+                                 output_dir=str(tmp_path / "killed")))
+    with pytest.raises(UserError, match="did not write"):  # someone else's prompts are not this run's
+        check(tmp_path / "killed")
     real = tmp_path / "real"  # a real dataset: its PNGs would count as made, its metadata.csv be replaced
     (real / "images").mkdir(parents=True)
     (real / "images" / "000000.png").write_bytes(b"png")
