@@ -310,6 +310,30 @@ def test_a_table_not_in_utf8_names_its_first_bad_line(tmp_path, monkeypatch):
         read_table(path)
 
 
+def test_rows_cut_short_or_too_long_are_all_reported_not_padded(tmp_path):
+    """pandas pads a short row with blanks: a row cut off after its first labels would train as negative."""
+    import gzip
+
+    table = write_csv(tmp_path / "train.csv", CHEXPERT_COLUMNS, [chexpert_row(n, Edema=1) for n in range(1, 4)])
+    lines = table.read_text().splitlines()
+    short = lines[2].split(",")[:6]  # Path..AP/PA and No Finding: the findings are gone
+    long = lines[3] + ",1,0"
+    quoted = '"' + lines[1].split(",")[0] + '",' + ",".join(lines[1].split(",")[1:])  # quoted: one field still
+    table.write_text("\n".join([lines[0], quoted, ",".join(short), "", long]) + "\n")
+    for path in (table, tmp_path / "train.csv.gz"):
+        if path.suffix == ".gz":
+            path.write_bytes(gzip.compress(table.read_bytes()))
+        with pytest.raises(DatasetError) as err:
+            read_table(path, format="chexpert")
+        n = len(CHEXPERT_COLUMNS)
+        assert [str(p) for p in err.value.problems] == [f"{path.name} line 3: 6 fields where the header has {n}",
+                                                        f"{path.name} line 5: {n + 2} fields where the header has {n}"]
+        assert "a cell with a comma must be quoted" in str(err.value)
+    table.write_text("\n".join([lines[0], quoted, lines[2]]) + "\n")
+    examples, problems = read_table(table, format="chexpert", check_files=False)
+    assert len(examples) == 2 and not problems
+
+
 @pytest.mark.parametrize("sep, name", [(";", "';'"), ("\t", "tabs")])
 def test_a_table_separated_by_semicolons_or_tabs_says_so(tmp_path, sep, name):
     table = tmp_path / "train.csv"

@@ -15,6 +15,7 @@ exist here; decoding is images.py's job.
 
 from __future__ import annotations
 
+import csv
 import gc
 import gzip
 import json
@@ -317,6 +318,11 @@ def is_label_column(column: pd.Series) -> bool:
 
 def read_csv(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
     """The table with index = file line number (header = 1); all-blank lines dropped."""
+    if "nrows" not in kwargs:  # a whole table: rows with too few or too many fields, all of them, first
+        uneven = _uneven_rows(Path(path))
+        if uneven:
+            raise DatasetError(uneven, context=str(path), hint="fix or remove these rows (a cell with a comma "
+                               "must be quoted)")
     try:
         df = pd.read_csv(path, skip_blank_lines=False, low_memory=False, **kwargs)
     except UnicodeDecodeError:  # its position counts from the start of pandas' chunk, not the file
@@ -335,6 +341,27 @@ def read_csv(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
         raise DatasetError([Problem(str(path), what)], context=str(path))
     df.index = df.index + 2
     return df.dropna(how="all")
+
+
+def _uneven_rows(path: Path) -> list[Problem]:
+    """Rows whose field count is not the header's. pandas pads a short row with blanks (a row cut short
+    would train with its missing findings read as negative) and stops at the first long one."""
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.suffix == ".gz"
+              else open(path, encoding="utf-8-sig", newline="")) as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            if _separator(header):
+                return []  # read_csv says how to save it
+            problems, line = [], reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(header):
+                    problems.append(Problem(f"{path.name} line {line}", f"{len(row)} fields where the header has "
+                                                                        f"{len(header)}"))
+                line = reader.line_num + 1
+            return problems
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []  # pandas' read reports these
 
 
 def _header(path: Path) -> list:
