@@ -130,7 +130,7 @@ for s in $STRATEGIES; do
       read -r -a extra <<< "$EVAL_ARGS"
       step "evaluate-$s-${features##*/}" "$PYTHON" "$ROOT/evaluate.py" --real "$REAL" --fake "$synthetic" \
         --metrics "$metrics" --fid-features "$features" --fid-bootstrap "$FID_BOOTSTRAP" ${per_condition[@]+"${per_condition[@]}"} \
-        --output "$run/evaluation/${features##*/}.json" ${extra[@]+"${extra[@]}"} || true
+        --output "$run/evaluation/${features##*/}.json" --overwrite ${extra[@]+"${extra[@]}"} || true
       # CLIP score and MS-SSIM do not depend on the features: computed with the first network only.
       metrics=$(echo ",$METRICS," | sed -e 's/,clip,/,/; s/,ms_ssim,/,/; s/^,//; s/,$//')
       [[ -n "$metrics" ]] || break

@@ -804,9 +804,11 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, loggin
     if existing and overwrite and not resuming:
         # All the old run wrote, not just its model: its adapter file beside a new run's final_model would be
         # loaded as the new run's (load_lora_weights(OUTPUT_DIR)), its FID rows and logs would join the new
-        # curves. The latent cache stays: its entries are keyed by what made them.
+        # curves, its evaluation would be compared as the new model's (evaluate.py compare reads RUN/results.json
+        # and RUN/evaluation/). The latent cache stays: its entries are keyed by what made them.
         old = [*existing, *(output_dir / name for name in (
-            *(adapter.weights_name for adapter in ADAPTERS.values()), "data_problems.txt", "held_out.txt", "validation"))]
+            *(adapter.weights_name for adapter in ADAPTERS.values()), "data_problems.txt", "held_out.txt", "validation",
+            "results.json", "evaluation", "samples"))]
         logs = (output_dir / logging_dir).resolve()
         if output_dir.resolve() in logs.parents:  # never a --logging_dir outside the run (or the run itself)
             old.append(logs)

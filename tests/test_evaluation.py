@@ -382,6 +382,16 @@ def test_clip_missing_offline_warns_and_keeps_the_other_metrics(tmp_path, pool_m
           "--fid-bootstrap", "0", "--cache", "false", "--output", str(out)])
     results = json.loads(out.read_text())
     assert set(results["metrics"]) == {"fid", "vendi"}
+    # results already there are not replaced unasked, and the refusal comes before any work
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sdtune.evaluation.cli.compute_metrics", lambda **kw: calls.append(kw))
+        with pytest.raises(UserError, match=rf"--output {out} already exists: pass --overwrite to replace it"):
+            main(["--fake", str(fake), "--metrics", "vendi", "--output", str(out)])
+    assert not calls and json.loads(out.read_text()) == results
+    main(["--fake", str(fake), "--metrics", "vendi", "--fid-features", str(pool_module), "--fid-input-size", "32",
+          "--cache", "false", "--output", str(out), "--overwrite"])
+    assert set(json.loads(out.read_text())["metrics"]) == {"vendi"}
     (warning,) = [w for w in results["warnings"] if w.startswith("clip skipped")]
     assert "HF_HUB_OFFLINE" in warning and "--clip_model" in warning
 

@@ -164,13 +164,14 @@ def test_overwriting_a_run_removes_all_it_wrote_but_nothing_outside_it(tiny_mode
     assert (run / "bitfit_weights.safetensors").is_file()
     # what other runs leave: validation FID rows, tensorboard events, a data problem list; and a latent cache
     for path in ("validation/fid.csv", "logs/events.out", "data_problems.txt", "latent_cache/abc.safetensors",
-                 "notes.txt"):
+                 "notes.txt", "results.json", "evaluation/inception.json", "samples/edema/images/000000.png"):
         (run / path).parent.mkdir(parents=True, exist_ok=True)
         (run / path).write_text("old")
     main(_argv(tiny_model, phantom_chexpert, run, "--overwrite_output_dir", "--strategy", "lora", steps=1))
     left = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and "final_model" not in p.parts}
     assert "bitfit_weights.safetensors" not in left and "pytorch_lora_weights.safetensors" in left
-    assert not {"validation/fid.csv", "logs/events.out", "data_problems.txt"} & left  # never mixed into the new run's
+    assert not {"validation/fid.csv", "logs/events.out", "data_problems.txt", "results.json", "evaluation/inception.json",
+                "samples/edema/images/000000.png"} & left  # never mixed into, or compared as, the new run's
     assert {"latent_cache/abc.safetensors", "notes.txt"} <= left  # keyed by what made them; not the run's
     # a --logging_dir outside the run (or the run folder itself) is never removed
     (outside_logs / "other_run").mkdir(parents=True)

@@ -139,6 +139,11 @@ def test_markdown_and_csv_agree(two_runs, tmp_path):
     assert [(r["run"], r["condition"], r["fid"]) for r in per_condition] == [("unet", "Cardiomegaly", "50.5"),
                                                                               ("unet", "Edema", "")]
     assert "| unet | 50.50 ± 2.50 | — |" in report["markdown"] and "| lora | — | — |" in report["markdown"]
+    # compared again without the run that had per-condition FIDs: its old table does not stay behind
+    (tmp_path / "cmp" / "notes.txt").write_text("mine")
+    again = run_compare([two_runs[1]], tmp_path / "cmp")
+    assert "per_condition_csv" not in again["files"] and not (tmp_path / "cmp" / "comparison_per_condition.csv").exists()
+    assert (tmp_path / "cmp" / "notes.txt").read_text() == "mine"  # files compare does not own stay
 
 
 def test_numbers_made_differently_are_flagged_as_not_comparable(two_runs, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """train_text_to_image.py on the tiny model and phantom X-rays: what trains, what is saved, resume, overfit."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from sdtune.adapters import ADAPTERS
+from sdtune.data.dataset import DataConfig, read_examples
+from sdtune.data.splits import held_out_name
 from sdtune.errors import UserError
 from sdtune.loss import diffusion_loss
 from sdtune.models import load_components
@@ -497,16 +500,20 @@ def test_missing_table_is_one_clear_error(tiny_model, tmp_path):
 
 def test_a_held_out_split_without_patient_ids_warns(tiny_model, table, tmp_path, capsys):
     folder = tmp_path / "images"
-    folder.mkdir()
     for i, path in enumerate(sorted((table.parent / "train").rglob("*.jpg"))[:4]):
-        shutil.copy(path, folder / f"{i}.jpg")
-        (folder / f"{i}.txt").write_text(PROMPT)
+        (folder / f"patient0000{i}").mkdir(parents=True)  # folders named by patient, as is common
+        shutil.copy(path, folder / f"patient0000{i}" / "view1.jpg")
+        (folder / f"patient0000{i}" / "view1.txt").write_text(PROMPT)
     argv = _argv(tiny_model, table, tmp_path / "run", "--strategy", "bitfit", "--validation_fraction", "0.25", steps=1)
     at = argv.index("--train_csv")
     argv[at:at + 2] = ["--train_data_dir", str(folder)]
     main(argv)
     out = capsys.readouterr().out
     assert "has no patient ids (e.g. an images folder), so the held-out split is by image" in out
+    # held_out.txt names the held-out file by a digest of its path, never by its (patient) folder
+    held = (tmp_path / "run" / "held_out.txt").read_text().splitlines()
+    assert len(held) == 1 and re.fullmatch(r"file [0-9a-f]{16}", held[0])
+    assert held[0] in {held_out_name(ex) for ex in read_examples(DataConfig(train_data_dir=str(folder)))[0]}
     main(_argv(tiny_model, table, tmp_path / "table-run", "--strategy", "bitfit", "--validation_fraction", "0.25", steps=1))
     assert "no patient ids" not in capsys.readouterr().out  # CheXpert's paths name the patient
 

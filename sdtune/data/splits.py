@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 
 import numpy as np
 
@@ -38,6 +40,9 @@ def split_examples(
 
 
 def held_out_name(ex: Example) -> str:
-    """How held_out.txt names an example: its row or file, never a patient id. Training writes it;
-    downstream.py matches --real against it."""
-    return ex.source or str(ex.image)
+    """How held_out.txt names an example, never by a patient id: a table's row ("train.csv line 12"); a
+    folder's file by a digest of its path (folders are often named by patient). Training writes it;
+    evaluate.py and downstream.py match --real against it."""
+    if re.fullmatch(r".+ line \d+", ex.source):
+        return ex.source
+    return "file " + hashlib.sha256((ex.source or str(ex.image)).encode()).hexdigest()[:16]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdtune.config import ArgumentParser, add_arguments, from_args
+from sdtune.errors import UserError
 from sdtune.evaluation.core import EvalConfig, compute_metrics
 from sdtune.processes import process_state
 
@@ -71,6 +72,9 @@ def build_parser() -> ArgumentParser:
 
 def evaluate_main(argv: list[str]) -> dict:
     cfg = from_args(EvalConfig, build_parser().parse_args(argv))
+    if cfg.output and Path(cfg.output).expanduser().exists() and not cfg.overwrite:
+        # checked first: an hour of features must not end in a refusal, nor replace earlier results unasked
+        raise UserError(f"--output {cfg.output} already exists: pass --overwrite to replace it, or another --output")
     state = process_state()
     results = compute_metrics(cfg=cfg, log=state.print)
     if not state.is_main_process:

@@ -80,6 +80,7 @@ class EvalConfig:
     cache_dir: str | None = field(None, "feature cache folder (default: $XDG_CACHE_HOME or ~/.cache, then sdtune/features)")
     seed: int = field(0, "seed of subsets, KID subsets, bootstrap resamples and MS-SSIM pairs")
     output: str | None = field(None, "write the results JSON here")
+    overwrite: bool = field(False, "replace an existing --output file (default: refuse, before computing anything)")
 
 
 def metric_names(metrics: str | list[str]) -> list[str]:

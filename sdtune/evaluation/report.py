@@ -599,6 +599,11 @@ def compare(run_dirs: list[str], cfg: CompareConfig) -> dict:
     cond_rows = per_condition(runs, extractors)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # What an earlier comparison wrote and this one may not (a per-condition table, a plot): never left
+    # beside the new table as if it were of these runs.
+    for name in ("comparison.csv", "comparison_per_condition.csv", "comparison.md", "sample_grid.png",
+                 *(name for _, _, name in FID_PLOTS.values())):
+        (out / name).unlink(missing_ok=True)
     written = {"csv": out / "comparison.csv"}
     written["csv"].write_text(to_csv(records))
     if cond_rows:
