@@ -511,6 +511,26 @@ def test_per_condition_fid_uses_the_labelled_subsets(tmp_path, phantom_chexpert,
     assert results["metrics"]["fid"]["n_real"] == len(frontal) and results["metrics"]["fid"]["n_fake"] == 24
 
 
+def test_per_condition_names_are_checked_before_any_work(tmp_path, phantom_chexpert, pool_module, monkeypatch):
+    from sdtune.evaluation import core
+
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "valid.csv"
+    fake = write_synthesis(tmp_path / "fake", [{"Cardiomegaly": float(i % 2), "Edema": 1.0} for i in range(4)])
+    monkeypatch.setattr(core, "extract_features", lambda *a, **k: pytest.fail("features extracted before the check"))
+    settings = dict(metrics="fid", per_condition=True, fid_bootstrap=0, cache=False, log=lambda _: None,
+                    extractor=get_extractor(str(pool_module), input_size=32))
+    with pytest.raises(UserError, match=r"--conditions Cardiomegally \(did you mean Cardiomegaly\?\): no such label"):
+        compute_metrics(table, fake, conditions=["Cardiomegally,Edema"], **settings)  # commas split, as in downstream
+    monkeypatch.undo()
+    unlabelled = write_folder(tmp_path / "unlabelled", noise_images(4, 0))
+    warned = compute_metrics(unlabelled, unlabelled, **settings)["warnings"]
+    assert [w for w in warned if "per_condition" in w or "skipped" in w] == [
+        "--per_condition: neither set has label columns (a table, or a synthesis folder made from a labels CSV): no "
+        "per-condition FID"]  # one line, not one per condition
+    per = compute_metrics(table, fake, conditions=["Cardiomegaly, Edema"], **settings)["metrics"]["fid_per_condition"]
+    assert list(per) == ["Cardiomegaly", "Edema"]
+
+
 def test_per_condition_real_positives_follow_the_generators_uncertainty_policy(tmp_path, phantom_chexpert, pool_module):
     # Under U-Ones a labels CSV's -1 rows are prompted, and written, as positive: the real subset must count alike.
     table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"

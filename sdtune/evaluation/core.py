@@ -102,6 +102,7 @@ def check_config(cfg: EvalConfig, have_real: bool, have_fake: bool) -> list[str]
     check_bounds(cfg)
     if cfg.per_condition and "fid" not in names:
         raise UserError("--per_condition computes FID per condition: add fid to --metrics")
+
     if cfg.real_uncertainty is not None:
         from sdtune.data.captions import UNCERTAINTY_POLICIES
 
@@ -128,6 +129,8 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     real = real if real is not None else cfg.real
     fake = fake if fake is not None else cfg.fake
     names = check_config(cfg, real is not None, fake is not None)
+    # "A,B" as downstream.py's --labels takes them, or "A B" as a list
+    cfg = dataclasses.replace(cfg, conditions=[c.strip() for item in cfg.conditions for c in item.split(",") if c.strip()])
     device = _device(cfg)
     if cfg.real_patients == "held_out":
         real_set = held_out_by_generator(real, fake)  # read as its run read it: that run's policy
@@ -143,6 +146,9 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     def warn(message: str) -> None:
         warnings.append(message)
         log(f"warning: {message}")
+
+    if cfg.per_condition and real_set is not None:
+        cfg = dataclasses.replace(cfg, conditions=check_conditions(cfg.conditions, real_set, fake_set, warn))
 
     results: dict = {"metrics": {}, "samples": {"real": len(real_set) if real_set else 0, "fake": len(fake_set)}}
     for label, image_set in (("real", real_set), ("fake", fake_set)):
@@ -261,6 +267,31 @@ def _feature_metrics(names, feats, real_set: ImageSet | None, fake_set: ImageSet
         if real is not None:
             out["vendi"].update(real=vendi_score(real), n_real=len(real))  # the diversity to aim for
     return out
+
+
+def check_conditions(conditions: list[str], real_set: ImageSet, fake_set: ImageSet, warn) -> list[str]:
+    """The conditions to compute, checked before any feature pass: one that is no label of either set is a
+    misspelling (an error, with the nearest name), or, among the study's defaults, a label this data lacks
+    (a warning); sets without labels (a prompts-made set) get one warning and no per-condition FID."""
+    import difflib
+
+    known = {name for image_set in (real_set, fake_set) for item in image_set.items for name in item.labels}
+    if not known:
+        warn("--per_condition: neither set has label columns (a table, or a synthesis folder made from a labels "
+             "CSV): no per-condition FID")
+        return []
+    unknown = [c for c in conditions if c not in known]
+    if unknown and conditions == STUDY_CONDITIONS:  # not asked for by name: e.g. a dermoscopy set's labels
+        warn(f"--per_condition: the study's conditions {', '.join(unknown)} are no labels of these sets (their "
+             f"labels: {', '.join(sorted(known))}): pass --conditions to choose")
+    elif unknown:
+        def name(condition: str) -> str:
+            close = difflib.get_close_matches(condition, sorted(known), n=1)
+            return f"{condition} (did you mean {close[0]}?)" if close else condition
+
+        raise UserError(f"--conditions {', '.join(map(name, unknown))}: no such label column in --real or --fake "
+                        f"(their labels: {', '.join(sorted(known))})")
+    return [c for c in conditions if c in known]
 
 
 def _per_condition(real, fake, real_set: ImageSet, fake_set: ImageSet, cfg: EvalConfig, warn) -> dict:
