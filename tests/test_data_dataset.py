@@ -181,6 +181,29 @@ def test_check_prints_counts_and_every_problem_without_traceback(messy_folder):
     assert PATIENT_NAME not in result.stdout and PATIENT_ID not in result.stdout
 
 
+def test_check_lists_every_error_first_and_counts_repeated_warnings(phantom_chexpert, tmp_path):
+    """CheXpert-small's images are under 512 px: one upscaling warning an image would bury the errors."""
+    table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
+    lines = table.read_text().splitlines()
+    table_with_errors = tmp_path / "train.csv"
+    for line in [n for n, text in enumerate(lines) if ",Frontal," in text][:2]:  # their images missing: errors
+        fields = lines[line].split(",")
+        fields[0] = fields[0].replace(".jpg", "-missing.jpg")
+        lines[line] = ",".join(fields)
+    table_with_errors.write_text("\n".join(lines) + "\n")
+    result = _cli("check", "--train_csv", table_with_errors, "--image_root", phantom_chexpert, "--resolution", 512,
+                  "--report", tmp_path / "report.txt")
+    shown = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ") and ":" in line
+             and ("warning" in line or "line" in line) and " x " not in line]
+    report = (tmp_path / "report.txt").read_text().splitlines()
+    upscaled = [r for r in report if "will be upscaled" in r]
+    errors = [r for r in report if ": warning: " not in r]
+    assert len(errors) == 2 and len(upscaled) > 10  # every phantom is under 512 px
+    assert shown[:2] == errors  # every error, first
+    assert shown[2:5] == upscaled[:3] and f"... and {len(upscaled) - 3} more warning(s) like these" in result.stdout
+    assert f"all {len(report)} problem(s) listed in {tmp_path / 'report.txt'}" in result.stdout
+
+
 def test_check_on_phantom_reports_label_distribution(phantom_chexpert):
     table = phantom_chexpert / "CheXpert-v1.0-small" / "train.csv"
     result = _cli("check", "--train-data-dir", table, "--resolution", 64)

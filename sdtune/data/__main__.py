@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,13 +20,31 @@ from PIL import Image
 from sdtune.config import ArgumentParser, add_arguments, from_args
 from sdtune.data.dataset import DataConfig, inspect_dataset, summarize, write_report
 from sdtune.data.images import load_image
-from sdtune.data.records import DatasetError, Example, errors_only
+from sdtune.data.records import DatasetError, Example, Problem, errors_only
 from sdtune.data.splits import split_examples
 from sdtune.errors import UserError, run_cli, writable_folder
 
 
-def check(cfg: DataConfig) -> int:
-    """Print counts, label distribution, caption examples and every problem; 1 if any error."""
+def problem_lines(problems: list[Problem], shown: int = 3) -> list[str]:
+    """Every error, then the warnings of each kind (same text but for its numbers): the first `shown`
+    and a count of the rest. CheXpert-small's images are all under 512 px: one upscaling warning an
+    image would bury the errors."""
+    errors = errors_only(problems)
+    kinds: dict[str, list[Problem]] = {}
+    for p in problems:
+        if p not in errors:
+            kinds.setdefault(re.sub(r"\d+", "N", p.what), []).append(p)
+    lines = [str(p) for p in errors]
+    for same in kinds.values():
+        lines += [str(p) for p in same[:shown]]
+        if len(same) > shown:
+            lines.append(f"... and {len(same) - shown} more warning(s) like these")
+    return lines
+
+
+def check(cfg: DataConfig, report: Path | None = None) -> int:
+    """Print counts, label distribution, caption examples and the problems (every error; repeated warnings
+    counted, all listed in `report`); 1 if any error."""
     from sdtune.tiny import build_clip_tokenizer
 
     examples, problems = inspect_dataset(cfg, tokenizer=build_clip_tokenizer())  # SD1.5's: CLIP's vocabulary
@@ -42,8 +61,10 @@ def check(cfg: DataConfig) -> int:
         train, held = split_examples(examples, cfg.validation_fraction, cfg.split_seed, by=cfg.split)
         trainable = len(train)
         print(split_line(train, held, cfg))
-    for p in problems:
-        print(f"  {p}")
+    for line in problem_lines(problems):
+        print(f"  {line}")
+    if report and problems:
+        print(f"all {len(problems)} problem(s) listed in {write_report(problems, report)}")
     if not trainable:  # what training would refuse, check refuses too
         print("error: no image is left to train on" + (" after the held-out split" if examples else ""))
     return 1 if errors or not trainable else 0
@@ -123,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="counts, label distribution, caption examples and every problem")
     add_arguments(check_parser, DataConfig)
+    check_parser.add_argument("--report", type=Path, default=None,
+                              help="also write every problem here, one a line (the screen counts repeated warnings)")
     export_parser = commands.add_parser("export", help="write images + .txt captions, or images + metadata.jsonl")
     add_arguments(export_parser, DataConfig)
     export_parser.add_argument("--output_dir", "--output-dir", required=True, help="folder to write the export to")
@@ -131,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = from_args(DataConfig, args)
     if args.command == "check":
-        return check(cfg)
+        return check(cfg, args.report)
     return export(cfg, Path(args.output_dir), args.layout)
 
 
