@@ -11,6 +11,11 @@ if [[ -n "${NUM_GPUS:-}" ]]; then
 elif [[ -z "${ACCELERATE_CONFIG:-}" ]]; then
   LAUNCH_ARGS+=(--num_processes 1)
 fi
+if [[ -z "${ACCELERATE_CONFIG:-}" ]]; then
+  # What a config file would say; left out, accelerate prints four lines about its defaults every run.
+  # Precision is the scripts' own flag (an explicit Accelerator setting wins over the launcher's).
+  LAUNCH_ARGS+=(--num_machines 1 --mixed_precision no --dynamo_backend no)
+fi
 if [[ -n "${ACCELERATE_ARGS:-}" ]]; then
   read -r -a EXTRA_LAUNCH_ARGS <<< "$ACCELERATE_ARGS"
   LAUNCH_ARGS+=("${EXTRA_LAUNCH_ARGS[@]}")

@@ -61,11 +61,18 @@ class ArgumentParser(argparse.ArgumentParser):
         unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
         if unknown:
             flags = [option for action in self._actions for option in action.option_strings]
-            words = []
+            groups: list[list[str]] = []  # a flag with the values after it
             for arg in unknown.group(1).split():
-                close = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg.startswith("--") else []
-                words.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
-            message = f"unrecognized arguments: {' '.join(words)}"
+                if arg.startswith("--") or not groups:
+                    groups.append([arg])
+                else:
+                    groups[-1].append(arg)
+            words = []
+            for group in groups:
+                flag = group[0]
+                close = difflib.get_close_matches(flag.split("=")[0], flags, n=1) if flag.startswith("--") else []
+                words.append(" ".join(group) + (f" (did you mean {close[0]}?)" if close else ""))
+            message = f"unrecognized arguments: {', '.join(words)}"
         self.exit(2, f"error: {message} ({self.prog} --help lists every flag)\n")
 
 

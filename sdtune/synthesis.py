@@ -262,7 +262,7 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     run's template, findings, uncertainty policy and demographics (training_summary.json).
     """
     from sdtune.data.captions import apply_uncertainty, build_caption
-    from sdtune.data.tables import CHEXPERT_LABELS, read_csv
+    from sdtune.data.tables import CHEXPERT_LABELS, _separator, read_csv
 
     path = Path(cfg.labels_csv).expanduser()
     if not path.is_file():
@@ -270,6 +270,8 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     # Cells as written (only an empty cell is missing); index = file line, so messages name the right line.
     df = read_csv(path, [], dtype=str, keep_default_na=False, na_values=[""]).fillna("")
     df.columns = [str(c).strip() for c in df.columns]
+    if COUNT not in df.columns and (sep := _separator(df.columns)):
+        raise UserError(f"labels CSV {path}: its columns look separated by {sep}, not commas: save it comma-separated")
     if COUNT not in df.columns:
         raise UserError(f"labels CSV {path} has no '{COUNT}' column: add one saying how many images each row asks "
                         f"for (columns now: {', '.join(df.columns)})")

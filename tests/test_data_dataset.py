@@ -167,6 +167,15 @@ def test_missing_source_is_one_clear_error(tmp_path):
         load_examples(DataConfig(train_data_dir=str(tmp_path / "nowhere")))
 
 
+def test_skip_bad_files_is_suggested_only_when_it_would_leave_images(messy_folder, tmp_path):
+    with pytest.raises(DatasetError, match=r"\(fix them, or pass --skip_bad_files to leave them out\)"):
+        load_examples(DataConfig(train_data_dir=str(messy_folder), resolution=64))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"no images found") as err:
+        load_examples(DataConfig(train_data_dir=str(tmp_path / "empty")))
+    assert "--skip_bad_files" not in str(err.value)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "sdtune.data", *map(str, args)], capture_output=True, text=True)
 

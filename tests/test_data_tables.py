@@ -292,6 +292,10 @@ def test_unreadable_table_and_unknown_format(tmp_path):
         read_table(table)  # a renamed Path column
     with pytest.raises(UserError, match="unsupported table format 'dicom'"):
         read_table(table, format="dicom")
+    table.write_text("image,caption\na.png,Chest x-ray\n")  # not "a isic table without MEL"
+    with pytest.raises(UserError, match=r"it looks like a metadata table \(image, caption\) whose columns must be "
+                                        r"named file_name and text"):
+        read_table(table)
 
 
 

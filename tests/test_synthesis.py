@@ -513,6 +513,9 @@ def test_labels_csv_problems_of_every_row_are_reported_at_once(tmp_path):
     ]
     assert str(err.value).startswith(f"5 problem(s) in labels CSV {path}")
 
+    path.write_text("Cardiomegaly;Edema;count\n1;0;2\n")
+    with pytest.raises(UserError, match="look separated by ';', not commas: save it comma-separated"):
+        build_plan(cfg, None)
     # a column of a run whose labels are unknown is named without its values, which may identify someone
     path.write_text("Cardiomegaly,Ward code,count\n1,CX-0047,1\n")
     with pytest.raises(DatasetError) as err:

@@ -149,8 +149,9 @@ def load_examples(cfg: DataConfig, report_path: str | Path | None = None, tokeni
     then `log` gets one line counting what was skipped and warned about, and where it is listed."""
     examples, problems = inspect_dataset(cfg, tokenizer)
     errors = errors_only(problems)
-    if errors and not cfg.skip_bad_files:
-        raise DatasetError(problems, context=str(cfg.source), hint="fix them, or pass --skip_bad_files to leave them out")
+    if errors and not cfg.skip_bad_files:  # (skipping cannot help when nothing would be left)
+        raise DatasetError(problems, context=str(cfg.source),
+                           hint="fix them" + (", or pass --skip_bad_files to leave them out" if examples else ""))
     if report_path is not None and not problems and Path(report_path).exists():
         Path(report_path).unlink()  # an earlier run's list (a resume after the data was fixed) is not this one's
     if report_path is not None and problems:

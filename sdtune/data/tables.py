@@ -120,6 +120,8 @@ def detect_format(path: str | Path) -> str:
     # Half a signature is most likely that format with a column renamed or dropped: say which.
     near = [f"a {fmt} table without {', '.join(sorted(needs - columns))}" for fmt, needs in signatures
             if needs & columns]
+    if columns & {"caption", "text", "prompt", "captions"}:  # an image-and-caption table under other names
+        near = ["a metadata table (image, caption) whose columns must be named file_name and text"]
     raise UserError(f"cannot tell the format of {path} from its columns ({', '.join(sorted(columns)) or 'none'})"
                     + (f"; it looks like {' or '.join(near)}" if near else "")
                     + f": fix its header, or pass the format (--data_format), one of {', '.join(TABLE_FORMATS)}")
