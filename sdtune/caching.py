@@ -8,8 +8,9 @@ prompt of caption dropout) is encoded once. The VAE costs about 30% of a full-U-
 512 px (the reference recipe's H100 figures, BENCHMARKS.md); after caching it leaves the GPU.
 
 Latents live in memory, or on disk with `--latent_cache_dir`: one safetensors file per image,
-named by a hash of (file, size, mtime, preprocessing, VAE, the decoding code), so later runs on the same data
-(the other strategies of a study) reuse them and no file name carries a patient identifier.
+named by a hash of (file, size, mtime, preprocessing, VAE, the decoding code), so later runs on
+the same data (the other strategies of a study) reuse them and no file name carries a patient
+identifier.
 """
 
 from __future__ import annotations

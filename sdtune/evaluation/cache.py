@@ -4,8 +4,8 @@ The key hashes the extractor (name, version, resize), the source of the modules 
 resize the images (a toolkit update that changes them never reads old features), and every file's
 path, size, modification and change times and inode (sdtune.data.records.file_stamp): change, add,
 remove, touch or replace any file, even keeping its size and modification time, and the key
-changes, so a stale entry is never read (it is simply never looked up again). Entries are written to a temporary
-name and renamed, so an interrupted run never leaves a half-written one.
+changes, so a stale entry is never read (it is simply never looked up again). Entries are written
+to a temporary name and renamed, so an interrupted run never leaves a half-written one.
 """
 
 from __future__ import annotations

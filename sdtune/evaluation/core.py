@@ -102,7 +102,6 @@ def check_config(cfg: EvalConfig, have_real: bool, have_fake: bool) -> list[str]
     check_bounds(cfg)
     if cfg.per_condition and "fid" not in names:
         raise UserError("--per_condition computes FID per condition: add fid to --metrics")
-
     if cfg.real_uncertainty is not None:
         from sdtune.data.captions import UNCERTAINTY_POLICIES
 
