@@ -289,13 +289,14 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     template, findings, uncertainty, run_demographics, order = caption_settings(cfg, summary)
     # A misspelt column would prompt the model with a word it never trained on, and reach metadata.csv.
     strangers = [c for c in labels if order and c not in order]
+    problems = []  # the header's, then every row's: all in one report
     if strangers:
         def name(column: str) -> str:
             close = difflib.get_close_matches(column, order, n=1)
             return f"{column} (did you mean {close[0]}?)" if close else column
 
-        raise UserError(f"labels CSV {path}: column(s) {', '.join(map(name, strangers))} are not labels of the "
-                        f"run's training table: fix the names (its labels: {', '.join(order)})")
+        problems.append(Problem(f"{path.name} line 1", f"column(s) {', '.join(map(name, strangers))} are not labels "
+                                f"of the run's training table: fix the names (its labels: {', '.join(order)})"))
     demographics = len(people) == 2
     if run_demographics is not None and demographics != run_demographics:
         want = "needs 'age' and 'sex' columns" if run_demographics else "must not have 'age'/'sex' columns"
@@ -304,11 +305,11 @@ def read_labels_csv(cfg: SynthesisConfig, summary: dict | None) -> list[tuple[st
     if findings is None and template.findings is None and order and set(labels) <= set(order):
         findings = [name for name in order if name in labels]  # the training table's caption order
     unknown = [f for f in (findings or template.findings or []) if f not in labels]
-    if findings and unknown:
+    if findings and unknown and not strangers:  # (a misspelt finding is named above, with its nearest name)
         raise UserError(f"labels CSV {path} lacks finding column(s) {', '.join(unknown)} named by --findings or the run")
 
     known_labels = set(order or CHEXPERT_LABELS)
-    planned, problems = [], []
+    planned = []
     for line, row in zip(df.index, df.to_dict("records")):
         # Every row is checked before any is refused: all problems in one report.
         where, count = f"{path.name} line {line}", row[COUNT].strip()
