@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -28,10 +29,29 @@ class StepCounters:
     def __init__(self):
         self.skipped_steps = 0  # optimizer steps skipped for NaN/inf gradients
         self.nonfinite_in_a_row = 0
+        self.resumes = 0
+        # Training seconds of the run's earlier segments (before each resume): GPU-hours count the whole run.
+        self.earlier_seconds = 0.0
+        self.started = time.time()  # this segment's loop start (the loop sets it)
 
     def count(self, finite: bool) -> None:
         self.skipped_steps += not finite
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+
+    def seconds(self) -> float:
+        """The run's training time so far, over every segment (not the time lost after a kill's last checkpoint)."""
+        return self.earlier_seconds + time.time() - self.started
+
+    def state(self) -> dict:
+        return {"skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "resumes": self.resumes, "train_seconds": self.seconds()}
+
+    def restore(self, saved: dict) -> None:
+        """A checkpoint's counters, as a resume continues them (checkpoints from before a counter was saved: 0)."""
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
+        self.resumes = int(saved.get("resumes", 0)) + 1
+        self.earlier_seconds = float(saved.get("train_seconds", 0.0))
 
 
 def trained_file(folder: str | Path, component: str) -> Path:
@@ -118,7 +138,7 @@ def register_checkpoint_hooks(accelerator, models, ema=None, counters: StepCount
             if ema is not None:
                 save_ema(ema, Path(folder) / EMA_FILE)
             if counters is not None:
-                (Path(folder) / COUNTERS_FILE).write_text(json.dumps(vars(counters)))
+                (Path(folder) / COUNTERS_FILE).write_text(json.dumps(counters.state()))
         weights.clear()  # nothing else of the models is saved
 
     def load_hook(hook_models, folder):
@@ -129,8 +149,8 @@ def register_checkpoint_hooks(accelerator, models, ema=None, counters: StepCount
         if ema is not None:
             load_ema(ema, Path(folder) / EMA_FILE)
         saved = Path(folder) / COUNTERS_FILE
-        if counters is not None and saved.is_file():  # (checkpoints from before it was saved start at 0)
-            vars(counters).update({k: int(v) for k, v in json.loads(saved.read_text()).items() if k in vars(counters)})
+        if counters is not None:
+            counters.restore(json.loads(saved.read_text()) if saved.is_file() else {})
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

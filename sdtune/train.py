@@ -565,6 +565,11 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         "trainable: " + ", ".join(f"{c} {n:,} (lr {lrs[c]:g})" for c, n in counts.items() if n)
         + f"; total {sum(counts.values()):,} = {sum(counts.values()) / SD15_TOTAL_PARAMETERS:.3%} of SD1.5"
     )
+    per_epoch = cfg.train_batch_size * accelerator.num_processes
+    if accelerator.num_processes > 1 and not cfg.torch_compile and len(dataset) % per_epoch:
+        accelerator.print(f"note: {len(dataset)} images are not a multiple of {per_epoch} (per-device batch x "
+                          "processes): accelerate fills each epoch's last batches with images from its start, so "
+                          "those are seen twice that epoch, which one process with the whole batch would not do")
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("sdtune", config={k: str(v) if isinstance(v, (list, type(None))) else v
                                                     for k, v in {**asdict(cfg), **asdict(data)}.items()})
@@ -582,6 +587,7 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps",
                     **({} if accelerator.is_local_main_process else {"disable": True}))
     start, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+    counters.started = start  # (a resume's earlier segments are in counters.earlier_seconds)
     last_loss = None  # None: no step taken in this run
     stop = StopOnSignal()  # SIGTERM (SLURM preemption) or Ctrl-C: checkpoint, then exit cleanly
     batches = dataloader
@@ -650,7 +656,9 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
                         "or check the data (python -m sdtune.data check); nothing was saved from these steps")
                 if ema is not None and finite:
                     ema.step(all_trainable)
-                last_loss, loss_sum, loss_count = float(loss_sum) / loss_count, 0.0, 0
+                # the mean over every process's samples (one scalar all-reduce), not process 0's alone
+                last_loss = float(accelerator.reduce(loss_sum, reduction="mean")) / loss_count
+                loss_sum, loss_count = 0.0, 0
                 rates = {g["name"]: rate for g, rate in zip(groups, lr_scheduler.get_last_lr())}  # in the groups' order
                 logs = {"loss": last_loss, "lr": next(rate for name, rate in rates.items() if "/" not in name),
                         "grad_norm": float(grad_norm), "skipped_steps": counters.skipped_steps,
@@ -688,7 +696,8 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         module.to(accelerator.device)
     for module in (models.unet, models.vae, models.text_encoder):
         module.eval()  # sampling needs no adapter dropout
-    wall_time = time.time() - start
+    wall_time = time.time() - start  # this segment's: its samples/s
+    run_seconds = counters.seconds()  # every segment's: the run's GPU-hours
     if stop.name:
         if accelerator.is_main_process:
             write_summary(output_dir, {**run_record, "status": f"interrupted by {stop.name}", "steps": global_step,
@@ -717,7 +726,8 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
             "skipped_nonfinite_steps": counters.skipped_steps,
             "samples_per_second": samples_seen / wall_time if wall_time > 0 else None,
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "wall_time_seconds": wall_time,
+            "wall_time_seconds": run_seconds,
+            "resumes": counters.resumes,
             "global_batch_size": total_batch,
             "optimizer": optimizer_name,
             "encoded_once": encoded_once,
@@ -998,10 +1008,14 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
     accelerator.log({"validation_fid": fid}, step=step)
     path = output_dir / "validation" / "fid.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("step,fid,real_images,generated_images\n")
-    with open(path, "a") as f:
-        f.write(f"{step},{fid},{results['samples']['real']},{len(images)}\n")
+    # Rows from this step on are of a segment that a resume from an earlier checkpoint (or a kill after
+    # them) left behind: this run's curve replaces them.
+    rows = path.read_text().splitlines()[1:] if path.exists() else []
+    rows = [row for row in rows if int(row.split(",")[0]) < step]
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(f"{row}\n" for row in ["step,fid,real_images,generated_images", *rows,
+                                                       f"{step},{fid},{results['samples']['real']},{len(images)}"]))
+    partial.replace(path)
 
 
 SETTINGS = (TrainConfig, DataConfig, AdapterConfig)

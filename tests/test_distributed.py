@@ -88,6 +88,9 @@ def test_two_processes_match_one_process_with_twice_the_batch(strategy, disk_cac
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
     assert summary["global_batch_size"] == 2
+    # the logged loss is of both processes' samples, as one process's is of its whole batch
+    one_summary = json.loads((tmp_path / "one" / "training_summary.json").read_text())
+    assert summary["final_loss"] == pytest.approx(one_summary["final_loss"], rel=1e-4)
     assert summary["speed"]["torch_compile"] == ("eager" if extra else None)
     images = int(summary["encoded_once"]["latents"].split()[0])
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == (images if disk_cache else 0)

@@ -132,13 +132,20 @@ def test_nan_steps_are_skipped_and_counted(tiny_model, phantom_chexpert, tmp_pat
 
 def test_a_resumed_run_counts_the_steps_skipped_before_its_checkpoint(tiny_model, phantom_chexpert, tmp_path, monkeypatch):
     monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on({2}))
-    main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 2, steps=2))
-    assert json.loads((tmp_path / "checkpoint-2" / "counters.json").read_text()) == {"skipped_steps": 1,
-                                                                                      "nonfinite_in_a_row": 1}
+    first = main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 2, steps=2))
+    counters_file = tmp_path / "checkpoint-2" / "counters.json"
+    counters = json.loads(counters_file.read_text())
+    assert {k: counters[k] for k in ("skipped_steps", "nonfinite_in_a_row", "resumes")} == {
+        "skipped_steps": 1, "nonfinite_in_a_row": 1, "resumes": 0}
+    assert 0 < counters["train_seconds"] <= first["wall_time_seconds"]  # saved at the checkpoint, before the end
+    # The first segment's training time joins the resumed one's: GPU-hours (evaluate.py compare) are the run's.
+    counters_file.write_text(json.dumps({**counters, "train_seconds": 1000.0}))  # as if it had taken long
     monkeypatch.setattr(sdtune.train, "diffusion_loss", _nan_on(set()))
+    start = time.time()
     summary = main(_argv(tiny_model, phantom_chexpert, tmp_path, "--checkpointing_steps", 2,
                          "--resume_from_checkpoint", "latest", steps=4))
-    assert summary["steps"] == 4 and summary["skipped_nonfinite_steps"] == 1
+    assert summary["steps"] == 4 and summary["skipped_nonfinite_steps"] == 1 and summary["resumes"] == 1
+    assert 1000 < summary["wall_time_seconds"] < 1000 + (time.time() - start)
 
 
 def test_too_many_nan_steps_stop_with_advice_and_save_nothing(tiny_model, phantom_chexpert, tmp_path, monkeypatch):

@@ -564,13 +564,18 @@ def test_a_resume_with_other_adapter_settings_or_parts_is_one_line(tiny_model, t
 
 def test_validation_fid_is_logged_during_training(tiny_model, table, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real set's feature cache
-    main(_argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
-               "--validation_real", table.parent / "valid.csv", "--validation_prompts", PROMPT, "Chest x-ray",
-               "--validation_fid_images", "4", "--validation_inference_steps", "2"))
+    argv = _argv(tiny_model, table, tmp_path / "run", "--strategy", "lora", "--validation_fid_steps", "1",
+                 "--validation_real", table.parent / "valid.csv", "--validation_prompts", PROMPT, "Chest x-ray",
+                 "--validation_fid_images", "4", "--validation_inference_steps", "2", "--checkpointing_steps", "1")
+    main(argv)
     lines = (tmp_path / "run" / "validation" / "fid.csv").read_text().splitlines()
     assert lines[0] == "step,fid,real_images,generated_images"
     rows = [line.split(",") for line in lines[1:]]
     assert [r[0] for r in rows] == ["1", "2"] and all(float(r[1]) > 0 and r[3] == "4" for r in rows)
+    # resumed from the earlier checkpoint: step 2's row is replaced, not repeated
+    main([*argv, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1")])
+    again = (tmp_path / "run" / "validation" / "fid.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in again[1:]] == ["1", "2"] and again[1] == lines[1]
 
 
 def test_a_bad_validation_real_set_stops_the_run_before_its_first_step(tiny_model, table, tmp_path, monkeypatch):
