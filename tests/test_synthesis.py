@@ -709,7 +709,9 @@ def test_synthesis_wrapper_runs_with_environment_overrides(strategy, runs, tmp_p
     argv = _recorded_launch(tmp_path, SYNTH_WRAPPERS[strategy], runs.root, **WRAPPER_ENV,
                             PROMPTS_FILE=str(tmp_path / "prompts.txt"))
     script = argv.index(str(ROOT / "synthesize_images.py"))
-    assert argv[:script] == ["launch", "--quiet", "--num_processes", "1", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
+    # accelerate's defaults spelt out (no notice about them each run), then the user's ACCELERATE_ARGS
+    assert argv[:script] == ["launch", "--quiet", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", *WRAPPER_ENV["ACCELERATE_ARGS"].split()]
     monkeypatch.chdir(runs.root)  # MODEL_PATH and OUTPUT_DIR default to paths relative to where it runs
     main(argv[script + 1:])
     _check_wrapper_output(runs.root / "synthetic" / strategy, strategy)  # the default OUTPUT_DIR
