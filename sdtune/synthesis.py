@@ -231,11 +231,10 @@ def caption_settings(cfg: SynthesisConfig, summary: dict | None):
     # a run from before data_format was recorded: its table, by the absolute path (the arguments' may be relative)
     source = (summary or {}).get("data_source") or data.get("train_csv") or data.get("train_data_dir")
     if fmt in (None, "auto") and data.get("train_csv"):
-        fmt = None
         try:
             fmt = detect_format(source) if source and Path(source).is_file() else None
         except UserError:
-            pass
+            fmt = None
         if fmt is None:
             print(f"note: the run's training table {source} cannot be read to tell its format: prompts use the "
                   "chexpert template unless --caption_template says otherwise, and label columns are not checked "

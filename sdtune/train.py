@@ -565,9 +565,9 @@ def _train(cfg: TrainConfig, data: DataConfig, adapter_cfg: AdapterConfig):
         "trainable: " + ", ".join(f"{c} {n:,} (lr {lrs[c]:g})" for c, n in counts.items() if n)
         + f"; total {sum(counts.values()):,} = {sum(counts.values()) / SD15_TOTAL_PARAMETERS:.3%} of SD1.5"
     )
-    per_epoch = cfg.train_batch_size * accelerator.num_processes
-    if accelerator.num_processes > 1 and not cfg.torch_compile and len(dataset) % per_epoch:
-        accelerator.print(f"note: {len(dataset)} images are not a multiple of {per_epoch} (per-device batch x "
+    per_round = cfg.train_batch_size * accelerator.num_processes  # one batch on every process
+    if accelerator.num_processes > 1 and not cfg.torch_compile and len(dataset) % per_round:
+        accelerator.print(f"note: {len(dataset)} images are not a multiple of {per_round} (per-device batch x "
                           "processes): accelerate fills each epoch's last batches with images from its start, so "
                           "those are seen twice that epoch, which one process with the whole batch would not do")
     if accelerator.is_main_process and cfg.report_to != "none":
@@ -993,6 +993,7 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
     if not accelerator.is_main_process:
         return
     from sdtune.evaluation import compute_metrics
+    from sdtune.synthesis import write_atomic
 
     images = []
     with validation_pipeline(accelerator, models, cfg, ema, params) as pipeline:
@@ -1012,10 +1013,8 @@ def log_validation_fid(accelerator, models, cfg: TrainConfig, output_dir: Path, 
     # them) left behind: this run's curve replaces them.
     rows = path.read_text().splitlines()[1:] if path.exists() else []
     rows = [row for row in rows if int(row.split(",")[0]) < step]
-    partial = path.with_suffix(".partial")
-    partial.write_text("".join(f"{row}\n" for row in ["step,fid,real_images,generated_images", *rows,
+    write_atomic(path, "".join(f"{row}\n" for row in ["step,fid,real_images,generated_images", *rows,
                                                        f"{step},{fid},{results['samples']['real']},{len(images)}"]))
-    partial.replace(path)
 
 
 SETTINGS = (TrainConfig, DataConfig, AdapterConfig)

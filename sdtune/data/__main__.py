@@ -32,7 +32,7 @@ def problem_lines(problems: list[Problem], shown: int = 3) -> list[str]:
     errors = errors_only(problems)
     kinds: dict[str, list[Problem]] = {}
     for p in problems:
-        if p not in errors:
+        if p.severity != "error":
             kinds.setdefault(re.sub(r"\d+", "N", p.what), []).append(p)
     lines = [str(p) for p in errors]
     for same in kinds.values():

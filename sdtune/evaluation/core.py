@@ -128,8 +128,6 @@ def compute_metrics(real=None, fake=None, cfg: EvalConfig | None = None, *, extr
     real = real if real is not None else cfg.real
     fake = fake if fake is not None else cfg.fake
     names = check_config(cfg, real is not None, fake is not None)
-    # "A,B" as downstream.py's --labels takes them, or "A B" as a list
-    cfg = dataclasses.replace(cfg, conditions=[c.strip() for item in cfg.conditions for c in item.split(",") if c.strip()])
     device = _device(cfg)
     if cfg.real_patients == "held_out":
         real_set = held_out_by_generator(real, fake)  # read as its run read it: that run's policy
@@ -274,6 +272,7 @@ def check_conditions(conditions: list[str], real_set: ImageSet, fake_set: ImageS
     (a warning); sets without labels (a prompts-made set) get one warning and no per-condition FID."""
     import difflib
 
+    conditions = [c.strip() for item in conditions for c in item.split(",") if c.strip()]  # "A,B" or "A B"
     known = {name for image_set in (real_set, fake_set) for item in image_set.items for name in item.labels}
     if not known:
         warn("--per_condition: neither set has label columns (a table, or a synthesis folder made from a labels "
